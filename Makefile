@@ -1,0 +1,35 @@
+# cxr-lightning: every target sets itself up; `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test sweep tensorboard bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, pinned to the builds this project is tested with; any torch>=2.2 works elsewhere.
+	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install torch torchvision
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cxr_lightning.train experiment=demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+sweep: $(STAMP)
+	$(PY) -m cxr_lightning.train -m experiment=backbone_comparison_demo
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir outputs
+
+bench: $(STAMP)
+	$(PY) -m cxr_lightning.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,70 @@
+"""Turn a composed Hydra config into the objects a run needs: data module, model, callbacks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.errors import CheckpointError
+from cxr_lightning.models.module import CXRClassifier
+
+
+def build_datamodule(cfg: DictConfig) -> CXRDataModule:
+    """Instantiate and set up the data module: the model needs its label names and metadata width."""
+    dm: CXRDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_model(cfg: DictConfig, dm: CXRDataModule) -> CXRClassifier:
+    return CXRClassifier(
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        head=OmegaConf.to_container(cfg.head, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        label_names=dm.label_names,
+        meta_names=dm.meta_names,
+        pos_frac=dm.label_stats["pos_frac"].tolist(),
+        image_size=dm.image_size,
+        mean=dm.mean,
+        std=dm.std,
+        channels_last=bool(cfg.get("channels_last", False)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
+    if cfg.backbone.get("freeze") and unfreeze_at is not None:
+        # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).
+        callbacks.append(
+            pl.callbacks.BackboneFinetuning(
+                unfreeze_backbone_at_epoch=int(unfreeze_at),
+                lambda_func=_keep_lr,
+                backbone_initial_ratio_lr=float(cfg.backbone.get("finetune_lr_scale", 0.1)),
+                should_align=False,
+                train_bn=True,
+            )
+        )
+    return callbacks
+
+
+def _keep_lr(epoch: int) -> float:
+    return 1.0
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """``auto`` resumes from the run directory's ``last.ckpt`` when there is one."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "auto":
+        last = out_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; pass an existing .ckpt file or ckpt_path=auto.")
+    return ckpt_path

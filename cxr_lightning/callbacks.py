@@ -1,0 +1,65 @@
+"""Lightning callbacks that Lightning itself does not provide."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from cxr_lightning import io
+
+
+class EpochHistory(pl.Callback):
+    """One CSV row per epoch with every epoch-level metric: the run's training history.
+
+    Lightning's CSVLogger deletes its file when a run resumes into the same directory; this one
+    keeps the epochs before the resume point, so a resumed run ends with its whole history.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: _scalar(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        history = pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+        if not history.empty:
+            history = history[history["epoch"] < trainer.current_epoch]
+        history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+        io.write_text(self.path, history.to_csv(index=False))
+
+
+class LogSampleImages(pl.Callback):
+    """Log a grid of the first validation batch, as the model sees it, to TensorBoard once."""
+
+    def __init__(self, n: int = 8) -> None:
+        self.n = n
+        self.done = False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.done or trainer.sanity_checking or batch_idx != 0:
+            return
+        self.done = True
+        writer = _tensorboard(trainer)
+        if writer is None:
+            return
+        images = batch["image"][: self.n].detach().float().cpu()
+        grid = torchvision.utils.make_grid(images, nrow=min(self.n, 8), normalize=True, scale_each=True)
+        writer.add_image("samples/val", grid, global_step=trainer.global_step)
+
+
+def _tensorboard(trainer: pl.Trainer):
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _scalar(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)

@@ -1,0 +1,94 @@
+"""Train, test and save a model: ``python -m cxr_lightning.train [group=option ...]``.
+
+Example: ``python -m cxr_lightning.train backbone=efficientnet_b3 head=fusion_residual``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from cxr_lightning import io
+from cxr_lightning.build import build_callbacks, build_datamodule, build_model, resolve_ckpt_path
+from cxr_lightning.validate import validate_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg),
+        logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
+    )
+    if trainer.is_global_zero:
+        dm.save_split(out)
+        io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
+    fit_seconds = time.perf_counter() - started
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test_after_fit", True):
+        results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
+        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+
+    epochs = trainer.current_epoch  # epochs completed
+    n_train = len(dm.split_table("train"))
+    metrics = {
+        **{k.replace("/", "."): v for k, v in test_metrics.items()},
+        "best_checkpoint": best,
+        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+        "epochs": epochs,
+        "fit_seconds": fit_seconds,
+        "seconds_per_epoch": fit_seconds / max(epochs, 1),
+        "train_images_per_second": n_train * epochs / fit_seconds if fit_seconds > 0 else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "label_table": dm.label_table_name,
+        "label_names": dm.label_names,
+        "meta_names": dm.meta_names,
+        "n_images": {s: len(dm.split_table(s)) for s in ("train", "val", "test")},
+        "n_patients": {s: int(dm.split_table(s)["Patient ID"].nunique()) for s in ("train", "val", "test")},
+        "backbone": cfg.backbone.name,
+        "head": cfg.head.name,
+        "loss": cfg.loss.name,
+        "seed": cfg.seed,
+        "image_size": dm.image_size,
+        "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
+    }
+    if trainer.is_global_zero:
+        io.write_json(out / "metrics.json", metrics)
+        log.info("Run directory: %s", out)
+        log.info("  metrics:     %s", out / "metrics.json")
+        log.info("  checkpoint:  %s", best or out / "checkpoints")
+        log.info("  TensorBoard: tensorboard --logdir %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Returned for Hydra sweepers (Optuna) that optimise one number.
+    return metrics.get("best_val_loss")
+
+
+if __name__ == "__main__":
+    main()

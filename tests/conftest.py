@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny generated demo dataset and a composer for small training configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A 40-patient, 64-pixel demo dataset in the NIH layout, generated once per test session."""
+    from cxr_lightning.data import demo
+
+    out = tmp_path_factory.mktemp("demo") / "nih"
+    demo.generate(out, patients=40, image_size=64, seed=0)
+    return out
+
+
+def tiny_overrides(root: Path, out: Path) -> list[str]:
+    """Overrides that make any training config run in seconds on a CPU."""
+    return [
+        "data=nih",
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "backbone=tiny",
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={out}/cache",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null",
+    ]
+
+
+def compose_config(overrides: list[str], config_name: str = "train"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
