@@ -8,16 +8,26 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.errors import CheckpointError
+from cxr_lightning.errors import CheckpointError, CXRError
 from cxr_lightning.models.module import CXRClassifier
 
 
 def build_datamodule(cfg: DictConfig) -> CXRDataModule:
     """Instantiate and set up the data module: the model needs its label names and metadata width."""
-    dm: CXRDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm: CXRDataModule = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def instantiate(cfg, **kwargs):
+    """``hydra.utils.instantiate`` that lets the framework's own errors through unwrapped."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except hydra.errors.InstantiationException as exc:
+        if isinstance(exc.__cause__, CXRError):
+            raise exc.__cause__ from None
+        raise
 
 
 def build_model(cfg: DictConfig, dm: CXRDataModule) -> CXRClassifier:
@@ -38,7 +48,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule) -> CXRClassifier:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
     if cfg.backbone.get("freeze") and unfreeze_at is not None:
         # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).

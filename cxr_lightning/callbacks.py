@@ -12,18 +12,20 @@ import torchvision
 from cxr_lightning import io
 
 
-class EpochHistory(pl.Callback):
+class EpochHistory(pl.callbacks.Checkpoint):
     """One CSV row per epoch with every epoch-level metric: the run's training history.
 
     Lightning's CSVLogger deletes its file when a run resumes into the same directory; this one
     keeps the epochs before the resume point, so a resumed run ends with its whole history.
+    It is a ``Checkpoint`` because Lightning runs those epoch-end hooks after the
+    LightningModule's, when the epoch's training metrics exist.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({k: _scalar(v) for k, v in trainer.callback_metrics.items() if "/" in k})

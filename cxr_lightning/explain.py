@@ -188,7 +188,7 @@ def compute_cams(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
-    with torch.enable_grad(), _cam_mode(model):
+    with torch.inference_mode(False), torch.enable_grad(), _cam_mode(model):
         device = next(model.parameters()).device
         # clone(): tensors made under inference mode cannot enter autograd.
         images = images.detach().clone().to(device)
@@ -449,6 +449,10 @@ def localization_scores(
         raise ValueError(
             f"heatmaps {heatmaps.shape} must be (len(pairs)={len(pairs)}, {height}, {width})"
         )
+    if len(pairs) and (pairs[:, 0].max() >= len(image_names) or pairs[:, 1].max() >= len(label_names)):
+        raise ValueError(
+            f"pairs index beyond the {len(image_names)} image names or {len(label_names)} label names"
+        )
     boxes = _checked_bbox_table(bbox_table)
     pair_table = pd.DataFrame(
         {
@@ -586,12 +590,16 @@ def render_overlay(
     font_size = max(10, picture.width // 20)
     font = ImageFont.load_default(size=font_size)
     chars_per_line = max(8, int(picture.width / (0.6 * font_size)))
-    lines = textwrap.wrap(overlay_title(title, heatmap, zero_gradient), chars_per_line)[:title_lines]
+    marked = overlay_title(title, heatmap, zero_gradient)
+    alarm = NO_GRADIENT in marked or EMPTY_HEATMAP in marked
+    lines = textwrap.wrap(marked, chars_per_line)
+    if len(lines) > title_lines:
+        lines = lines[:title_lines]
+        lines[-1] = lines[-1][: chars_per_line - 1] + "…"
     banner_h = title_lines * (font_size + 4) + 4
     canvas = Image.new("RGB", (picture.width, picture.height + banner_h), "black")
     canvas.paste(picture, (0, banner_h))
     draw = ImageDraw.Draw(canvas)
-    alarm = NO_GRADIENT in lines[0] or EMPTY_HEATMAP in lines[0] if lines else False
     for i, line in enumerate(lines):
         draw.text((4, 2 + i * (font_size + 4)), line, fill="red" if alarm else "white", font=font)
     return np.array(canvas)

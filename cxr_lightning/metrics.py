@@ -145,7 +145,7 @@ class LabelMetrics(WrapperMetric):
             raw = self.collection.compute()
         has_pos, has_neg = _has_pos_neg(raw["stats"])
         nan = torch.tensor(float("nan"), device=raw["auroc"].device)
-        auroc = raw["auroc"].float()
+        auroc = torch.where(has_pos & has_neg, raw["auroc"].float(), nan)
         auprc = torch.where(has_pos, raw["auprc"].float(), nan)
         f1 = torch.where(has_pos, raw["f1"].float(), nan)
         out = {f"auroc/{name}": auroc[i] for i, name in enumerate(self.label_names)}

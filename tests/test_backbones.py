@@ -27,6 +27,15 @@ FEATURE_WIDTH = {
 TINY = "test_resnet"  # timm's 0.4M-parameter ResNet
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two threads on a shared two-core machine spend more time waiting than computing.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def built():
     """Build each (name, pool) once per module: the big backbones cost seconds on this CPU."""
@@ -100,7 +109,7 @@ def test_cam_layer_is_the_spatial_map_that_feeds_the_pool(built, yaml_path):
 
     handle = layer.register_forward_hook(keep_output)
     try:
-        size = 160 if cfg.min_input_size > 32 else 96  # inception's valid convolutions need more pixels
+        size = 107 if cfg.min_input_size > 32 else 64  # inception's valid convolutions need more pixels
         x = torch.randn(1, 1, size, size)
         backbone(x).sum().backward()
     finally:
@@ -140,15 +149,11 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def _assert_loaded(backbone: nn.Module, source: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    """Every backbone tensor equals the file's (classifier ``fc`` dropped); ``skip`` is checked by the caller."""
     loaded = backbone.model.state_dict()
-    compared = 0
-    for key, value in source.items():
-        if key.startswith("fc.") or key in skip:
-            continue
-        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
-        compared += 1
-    assert compared == len(loaded)
-    assert not any(k.startswith("fc.") for k in loaded)
+    assert set(loaded) == {k for k in source if not k.startswith("fc.")}
+    for key in set(loaded) - set(skip):
+        torch.testing.assert_close(loaded[key], source[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -207,7 +212,7 @@ def test_unreadable_or_foreign_weights_are_checkpoint_errors(tmp_path):
         create_backbone(TINY, weights=wrong_suffix)
 
     other = _save(timm.create_model("test_efficientnet", in_chans=1).state_dict(), tmp_path / "effnet.pth")
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(other))} lacks \d+ of the tensors of {TINY}"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(other))} does not fit {TINY}.*size mismatch for bn1"):
         create_backbone(TINY, weights=other)
 
     partial_source = timm.create_model(TINY, in_chans=1).state_dict()

@@ -198,7 +198,7 @@ def test_each_sign_is_localised_in_its_box(finding: str, patient: int, view: str
     inside = diff[rows, cols].sum()
     assert (diff >= 8).sum() >= 3, f"{finding} is barely visible"
     assert inside >= 0.98 * diff.sum(), f"{finding} changes pixels outside its box"
-    assert box[2] * box[3] < 0.4 * 1024**2, f"{finding}'s box is not localised"
+    assert box[2] * box[3] < 0.5 * 1024**2, f"{finding}'s box is not localised"  # Emphysema: both lungs
 
 
 def test_signs_differ_between_findings() -> None:

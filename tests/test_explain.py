@@ -53,7 +53,8 @@ class TinyClassifier(nn.Module):
     """Stand-in for CXRClassifier: timm trunk, pooled features + metadata -> linear head.
 
     ``dead`` adds a side branch at ``self.side`` whose output reaches the logits multiplied by 0
-    (``"zero"``) or detached (``"detach"``): no gradient can reach it.
+    (``"zero"``) or detached (``"detach"``), so no gradient can reach it; ``"input"`` detaches the
+    image, so no gradient reaches any layer of a frozen model.
     """
 
     def __init__(self, dead: str | None = None, seed: int = 0) -> None:
@@ -69,9 +70,9 @@ class TinyClassifier(nn.Module):
             self.head.weight[:, :features].uniform_(0.5, 1.5)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        fmap = self.backbone.forward_features(image)
+        fmap = self.backbone.forward_features(image.detach() if self.dead == "input" else image)
         logits = self.head(torch.cat([fmap.mean(dim=(2, 3)), meta], dim=1))
-        if self.dead is not None:
+        if self.dead in ("zero", "detach"):
             side = self.side(fmap).mean(dim=(1, 2, 3))[:, None]
             logits = logits + (0 * side if self.dead == "zero" else side.detach())
         return logits
@@ -179,12 +180,12 @@ def test_restores_modes_requires_grad_and_accumulated_grads(batch):
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
-@pytest.mark.parametrize("dead", ["zero", "detach"])
-def test_zero_gradient_detector_fires_when_no_gradient_reaches_the_layer(batch, dead):
+@pytest.mark.parametrize("dead, layer", [("zero", "side"), ("detach", "side"), ("input", "backbone.layer3")])
+def test_zero_gradient_detector_fires_when_no_gradient_reaches_the_layer(batch, dead, layer):
     images, meta = batch
     model = TinyClassifier(dead=dead)
     with pytest.warns(CamWarning, match=r"4 of 4 CAMs got NO GRADIENT .*\(0, \d\), \(0, \d\), \(1, \d\)"):
-        result = compute_cams(model, images, meta, model.side, top_k=2)
+        result = compute_cams(model, images, meta, model.get_submodule(layer), top_k=2)
     assert result.zero_gradient.all() and result.empty.all()
     assert result.n_zero_gradient == 4
     assert not result.heatmaps.any()
@@ -451,6 +452,11 @@ def test_bbox_targets_and_bad_tables():
         localization_scores(heatmaps, pairs, ["a.png", "b.png"], LABELS, negative, SIZE)
     with pytest.raises(ValueError, match="must be"):
         localization_scores(heatmaps, pairs, ["a.png", "b.png"], LABELS, table, 32)
+    with pytest.raises(ValueError, match="beyond the 1 image names"):
+        localization_scores(heatmaps, pairs, ["a.png"], LABELS, table, SIZE)
+
+    other_images = localization_scores(heatmaps, pairs, ["y.png", "z.png"], LABELS, table, SIZE)
+    assert other_images.empty and list(other_images.columns[:3]) == ["n_images", "n_boxes", "pointing_game"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,10 +119,12 @@ def test_sigmoid_is_applied_even_when_logits_look_like_probabilities():
     # logits all in [0, 1]: torchmetrics' own rule would read them as probabilities and call
     # 0.2 negative; after the sigmoid every probability is >= 0.5, so every call is positive.
     logits = torch.tensor([[0.2], [0.3], [0.9], [0.1]])
-    targets = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    targets = torch.tensor([[1.0], [1.0], [1.0], [0.0]])
     metric = LabelMetrics(["A"])
     metric.update(logits, targets)
-    assert metric.compute()["f1_macro"].item() == pytest.approx(hand_f1(targets[:, 0].numpy(), np.ones(4)))
+    expected = hand_f1(targets[:, 0].numpy(), np.ones(4))
+    assert expected != hand_f1(targets[:, 0].numpy(), (logits[:, 0] >= 0.5).numpy())  # the case tells them apart
+    assert metric.compute()["f1_macro"].item() == pytest.approx(expected)
 
 
 def test_reset_forgets_everything_and_empty_compute_raises_clear_error():

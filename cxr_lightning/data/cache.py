@@ -34,7 +34,7 @@ from rich.progress import Progress
 
 from cxr_lightning import io
 from cxr_lightning.data import images
-from cxr_lightning.errors import DataError
+from cxr_lightning.errors import CXRError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -347,16 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cxr_lightning.data import nih
 
-    table_path = nih.find_label_table(args.root)
-    table = nih.attach_paths(nih.read_label_table(table_path), args.root, on_missing=args.on_missing)
-    cache = ImageCache.get_or_build(
-        paths=table["path"].tolist(),
-        names=table["Image Index"].tolist(),
-        size=args.size,
-        cache_root=args.cache_root or args.root / "cache",
-        fingerprint_extra=io.file_digest(table_path),
-        workers=args.workers,
-    )
+    try:
+        table_path = nih.find_label_table(args.root)
+        table = nih.attach_paths(nih.read_label_table(table_path), args.root, on_missing=args.on_missing)
+        cache = ImageCache.get_or_build(
+            paths=table["path"].tolist(),
+            names=table["Image Index"].tolist(),
+            size=args.size,
+            cache_root=args.cache_root or args.root / "cache",
+            fingerprint_extra=io.file_digest(table_path),
+            workers=args.workers,
+        )
+    except CXRError as exc:
+        log.error("%s", exc)
+        return 1
     print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
     return 0
 

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr_lightning import io, labels
-from cxr_lightning.data import augment, cohort, nih
+from cxr_lightning.data import augment as augmentation
+from cxr_lightning.data import cohort, nih
 from cxr_lightning.data.dataset import CXRDataset, find_unreadable
 from cxr_lightning.errors import ConfigError, DataError
 
@@ -55,8 +56,8 @@ class CXRDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         cache: bool = False,
         augment: Mapping[str, Any] | None = None,
-        mean: float = augment.DEFAULT_MEAN,
-        std: float = augment.DEFAULT_STD,
+        mean: float = augmentation.DEFAULT_MEAN,
+        std: float = augmentation.DEFAULT_STD,
     ) -> None:
         super().__init__()
         if source not in ("demo", "nih"):
@@ -91,7 +92,7 @@ class CXRDataModule(pl.LightningDataModule):
         self.mean, self.std = float(mean), float(std)
         aug = dict(augment or {})
         self.augment_enabled = bool(aug.pop("enabled", True))
-        self.augmenter = augment.BatchAugment(**aug)
+        self.augmenter = augmentation.BatchAugment(**aug)
         self._tables: dict[str, pd.DataFrame] | None = None
         self.label_table_name: str | None = None
         self.bbox_table: pd.DataFrame | None = None
@@ -258,7 +259,7 @@ class CXRDataModule(pl.LightningDataModule):
         images = batch["image"].float().div_(255.0)
         if self.augment_enabled and self.trainer is not None and self.trainer.training:
             images = self.augmenter.train()(images)
-        batch["image"] = augment.normalize(images, self.mean, self.std)
+        batch["image"] = augmentation.normalize(images, self.mean, self.std)
         return batch
 
 

@@ -315,6 +315,8 @@ class Anatomy:
 
 def chest_anatomy(seed: int, patient_id: int, follow_up: int, view: str = "PA") -> Anatomy:
     """The build is drawn per patient; position, inspiration and exposure per visit."""
+    if view not in ("PA", "AP"):
+        raise ConfigError(f"demo view={view!r}: expected 'PA' or 'AP'.")
     build = _rng(seed, _ANATOMY, patient_id)
     mid = 0.5 + build.normal(0, 0.015)
     s = build.uniform(0.93, 1.05)
@@ -547,7 +549,7 @@ def _nodule(a: Anatomy, r: SignRandom) -> Paint:
     # A small, bright, round spot.
     side = int(r.place.integers(2))
     x, y = _lung_spot(a, r, side, (-0.55, 0.55), (-0.6, 0.5))
-    spot = Ellipse(x, y, *(2 * (r.place.uniform(0.013, 0.02) * a.scale,)))
+    spot = Ellipse(x, y, *(2 * (r.place.uniform(0.016, 0.024) * a.scale,)))
     amp = 0.38 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * _plateau(spot.distance(c), 0.4)
 
@@ -712,7 +714,7 @@ def _sign(finding: str, anatomy: Anatomy, seed: int, patient_id: int, follow_up:
 # --------------------------------------------------------------------------------------------
 # Images and boxes
 
-BOX_REFERENCE_SIZE = 256  # boxes are measured on this grid, whatever size the PNGs are
+BOX_REFERENCE_SIZE = 240  # boxes are measured on this grid, whatever size the PNGs are
 _SUPPORT_EPS = 1e-3  # a quarter of a grey level
 
 
@@ -742,8 +744,8 @@ def finding_box(seed: int, patient_id: int, follow_up: int, finding: str, view: 
     canvas = Canvas(anatomy, BOX_REFERENCE_SIZE, (seed, patient_id, follow_up))
     touched = np.abs(_sign(finding, anatomy, seed, patient_id, follow_up)(canvas)) > _SUPPORT_EPS
     rows, cols = np.flatnonzero(touched.any(axis=1)), np.flatnonzero(touched.any(axis=0))
-    if not len(rows):
-        raise AssertionError(f"{finding} left no mark on patient {patient_id} visit {follow_up}")
+    if not len(rows):  # every sign is built to show; this would be a bug in its factory
+        raise RuntimeError(f"{finding} left no mark on patient {patient_id} visit {follow_up}")
     # Grow by one reference pixel so pixels of finer images near the edge stay inside.
     cell = ORIGINAL_SIZE / BOX_REFERENCE_SIZE
     x0, x1 = max(cols[0] - 1, 0) * cell, min(cols[-1] + 2, BOX_REFERENCE_SIZE) * cell
@@ -876,6 +878,8 @@ def ensure_demo(cache_dir: str | os.PathLike, workers: int | None = None, **para
     unknown = sorted(set(params) - set(DEMO_DEFAULTS))
     if unknown:
         raise ConfigError(f"demo parameter(s) {unknown} unknown; expected some of {sorted(DEMO_DEFAULTS)}.")
+    for name, value in params.items():
+        (_check_integer if name == "seed" else _check_positive)(name, value)
     full = {**DEMO_DEFAULTS, **{k: int(v) for k, v in params.items()}}
     marker = {**full, "version": DEMO_VERSION}
     digest = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:10]
@@ -909,8 +913,18 @@ def _is_complete(path: Path, marker: Mapping[str, Any]) -> bool:
         return False
 
 
-def _check_positive(name: str, value: int) -> None:
-    if int(value) != value or value < 1:
+def _check_integer(name: str, value: Any) -> None:
+    try:
+        integral = int(value) == value
+    except (TypeError, ValueError):
+        integral = False
+    if not integral:
+        raise ConfigError(f"demo {name}={value!r}: must be an integer.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    _check_integer(name, value)
+    if value < 1:
         raise ConfigError(f"demo {name}={value!r}: must be a positive integer.")
 
 

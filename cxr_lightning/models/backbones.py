@@ -168,7 +168,10 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches: the file is for another architecture or width
-        raise CheckpointError(f"backbone weights file {path} does not fit {_arch(model)}: {err}") from err
+        detail = " ".join(str(err).split())  # torch lists one mismatch per line
+        raise CheckpointError(
+            f"backbone weights file {path} does not fit {_arch(model)} (is it for another architecture?): {detail}"
+        ) from err
     # Old torchvision files predate BatchNorm's step counter; it is not a learned weight.
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing:

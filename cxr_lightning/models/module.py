@@ -73,7 +73,10 @@ class CXRClassifier(pl.LightningModule):
         pos = torch.tensor(list(pos_frac), dtype=torch.float32)
         loss_cfg = dict(loss)
         self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
-        self.metrics = nn.ModuleDict({s: LabelMetrics(self.label_names) for s in STAGES})
+        # Attributes, not a ModuleDict: "train" would shadow nn.Module.train.
+        self.train_metrics = LabelMetrics(self.label_names)
+        self.val_metrics = LabelMetrics(self.label_names)
+        self.test_metrics = LabelMetrics(self.label_names)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -99,7 +102,7 @@ class CXRClassifier(pl.LightningModule):
         loss = self.criterion(logits, batch["labels"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {stage} loss {loss.item()} at global step {self.global_step}")
-        self.metrics[stage].update(logits.detach().float(), batch["labels"].int())
+        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True)
         return loss
 
@@ -116,7 +119,7 @@ class CXRClassifier(pl.LightningModule):
         return torch.sigmoid(self(batch["image"], batch["meta"]))
 
     def _log_metrics(self, stage: str) -> None:
-        metric = self.metrics[stage]
+        metric = getattr(self, f"{stage}_metrics")
         values = metric.compute()
         skipped = metric.skipped_labels()
         if skipped and not self.trainer.sanity_checking:
