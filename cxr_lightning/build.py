@@ -5,17 +5,20 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.errors import CheckpointError, CXRError
+from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
 
 
 def build_datamodule(cfg: DictConfig) -> CXRDataModule:
-    """Instantiate and set up the data module: the model needs its label names and metadata width."""
+    """Instantiate and set up the data module: the model needs its label names and metadata width.
+
+    Its ``prepare_data`` (demo generation, image cache build) is left to ``Trainer.fit``, which runs
+    it on one process per node and makes the other DDP ranks wait for it."""
     dm: CXRDataModule = instantiate(cfg.data, _convert_="all")
-    dm.prepare_data()
     dm.setup("fit")
     return dm
 
@@ -31,7 +34,7 @@ def instantiate(cfg, **kwargs):
 
 
 def build_model(cfg: DictConfig, dm: CXRDataModule) -> CXRClassifier:
-    return CXRClassifier(
+    model = CXRClassifier(
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
         head=OmegaConf.to_container(cfg.head, resolve=True),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
@@ -42,9 +45,25 @@ def build_model(cfg: DictConfig, dm: CXRDataModule) -> CXRClassifier:
         image_size=dm.image_size,
         mean=dm.mean,
         std=dm.std,
-        channels_last=bool(cfg.get("channels_last", False)),
+        age_fill=dm.age_fill,
+        channels_last=use_channels_last(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    if cfg.get("compile", False) and model.backbone is not None:
+        # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
+        model.backbone.compile()
+    return model
+
+
+def use_channels_last(cfg: DictConfig) -> bool:
+    """The ``channels_last`` key: true, false, or auto (on when the trainer runs on a CUDA GPU)."""
+    value = cfg.get("channels_last", "auto")
+    if value == "auto":
+        accelerator = str(cfg.trainer.get("accelerator", "auto"))
+        return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if not isinstance(value, bool):
+        raise ConfigError(f"channels_last={value!r}: expected true, false or auto.")
+    return value
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

@@ -16,3 +16,7 @@ class ConfigError(CXRError):
 
 class CheckpointError(CXRError):
     """A checkpoint is missing, unreadable or does not fit the requested use."""
+
+
+class TrainingError(CXRError):
+    """Training cannot go on: the loss or the weights became NaN/inf."""

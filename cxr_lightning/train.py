@@ -12,9 +12,11 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cxr_lightning import io
-from cxr_lightning.build import build_callbacks, build_datamodule, build_model, resolve_ckpt_path
+from cxr_lightning.build import build_callbacks, build_datamodule, build_model
+from cxr_lightning.faults import EXIT_SIGTERM, AtomicCheckpointIO, resolve_resume
 from cxr_lightning.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,9 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
-    validate_config(cfg)
+    # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
+    cfg, ckpt_path = resolve_resume(cfg)
+    validate_config(cfg, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,13 +37,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=build_callbacks(cfg),
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
+        plugins=[AtomicCheckpointIO()],
     )
     if trainer.is_global_zero:
         dm.save_split(out)
         io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     started = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # CheckpointOnSigterm has saved last.ckpt; a non-zero status tells the scheduler the run is unfinished.
+        raise SystemExit(EXIT_SIGTERM) from None
     fit_seconds = time.perf_counter() - started
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 

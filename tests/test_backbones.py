@@ -187,6 +187,22 @@ def test_torchvision_state_dict_is_loaded(tmp_path):
     _assert_loaded(backbone, source, skip=("conv1.weight",))
 
 
+def test_legacy_torchvision_densenet_keys_are_converted(tmp_path):
+    tv_densenet121 = pytest.importorskip("torchvision.models").densenet121
+    torch.manual_seed(4)
+    source = tv_densenet121(weights=None).state_dict()
+    # torchvision's published densenet121-a639ec97.pth spells "denselayer1.norm1" as "denselayer1.norm.1".
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v for k, v in source.items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    backbone = create_backbone("densenet121", weights=_save(legacy, tmp_path / "densenet121-legacy.pth"))
+    first = "features.conv0.weight"
+    torch.testing.assert_close(backbone.model.state_dict()[first], source[first].sum(dim=1, keepdim=True))
+    loaded = backbone.model.state_dict()
+    assert set(loaded) == {k for k in source if not k.startswith("classifier.")}
+    for key in set(loaded) - {first}:
+        torch.testing.assert_close(loaded[key], source[key], rtol=0, atol=0, msg=key)
+
+
 def test_wrapped_checkpoint_is_unwrapped(tmp_path):
     source = timm.create_model(TINY, in_chans=1).state_dict()
     path = tmp_path / "train-ckpt.pth"
@@ -233,7 +249,7 @@ def offline(monkeypatch):
 
 
 def test_pretrained_without_network_explains_offline_options(offline):
-    with pytest.raises(CheckpointError, match=r"ImageNet weights of backbone 'test_resnet'") as info:
+    with pytest.raises(CheckpointError, match=r"pretrained \(ImageNet\) weights of backbone 'test_resnet'") as info:
         create_backbone(TINY, pretrained=True)
     message = str(info.value)
     assert "backbone.weights=/path/to/file.pth" in message and "HF_HUB_OFFLINE=1" in message

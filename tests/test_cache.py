@@ -183,17 +183,34 @@ def test_unknown_names_are_reported(pngs, tmp_path):
         cache.rows([pngs[1][0], "elsewhere.png"])
 
 
-def test_main_builds_from_the_label_table(pngs, tmp_path, monkeypatch, capsys):
-    nih = pytest.importorskip("cxr_lightning.data.nih")
-    paths, names = pngs
-    table_path = tmp_path / "Data_Entry_2017.csv"
-    table_path.write_text("Image Index\n" + "\n".join(names) + "\n")
-    monkeypatch.setattr(nih, "find_label_table", lambda root: table_path, raising=False)
-    monkeypatch.setattr(nih, "read_label_table", lambda path: pd.read_csv(path), raising=False)
-    monkeypatch.setattr(
-        nih, "attach_paths", lambda df, root, on_missing: df.assign(path=paths), raising=False
-    )
-    assert cache_mod.main(["--root", str(tmp_path), "--size", str(SIZE), "--workers", "0"]) == 0
-    built = ImageCache.open(tmp_path / "cache", SIZE)
-    assert built.names == names
-    assert f"{len(names)} images of {SIZE} px" in capsys.readouterr().out
+def test_cache_root_is_per_dataset(tmp_path):
+    a, b = tmp_path / "x" / "nih", tmp_path / "y" / "nih"
+    assert cache_mod.cache_root(tmp_path / "c", a).parent == tmp_path / "c" / "images"
+    assert cache_mod.cache_root(tmp_path / "c", a) != cache_mod.cache_root(tmp_path / "c", b)
+    # Relative and absolute spellings of one folder share one cache.
+    assert cache_mod.cache_root("c", a) == cache_mod.cache_root("c", os.path.relpath(a))
+
+
+def test_command_line_builds_where_the_data_module_looks(tiny_demo, tmp_path, monkeypatch, capsys):
+    from conftest import compose_config, tiny_overrides
+
+    from cxr_lightning.build import instantiate
+
+    # The Hydra entry point itself, in this process (a subprocess would spend seconds importing torch).
+    monkeypatch.setattr(sys, "argv", [
+        "cache", "data=nih", f"data.root={tiny_demo}", f"data.image_size={SIZE}",
+        f"paths.cache_dir={tmp_path / 'cache'}", "workers=0", f"hydra.run.dir={tmp_path / 'run'}",
+    ])
+    cache_mod.main()
+    directory = cache_mod.cache_root(tmp_path / "cache", tiny_demo) / f"{SIZE}px"
+    out = capsys.readouterr().out
+    assert f"{directory}: " in out and f"images of {SIZE} px" in out
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the training data module did not find the cache the command line built")
+
+    monkeypatch.setattr(ImageCache, "_build", classmethod(no_rebuild))
+    cfg = compose_config(tiny_overrides(tiny_demo, tmp_path) + ["data.cache=true", f"data.image_size={SIZE}"])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    assert dm.dataset("train").cache.directory == directory

@@ -99,6 +99,13 @@ def test_v2020_table_columns_types_and_values():
     assert set(df["Patient Gender"]) == {"M", "F"} and set(df["View Position"]) == {"PA", "AP"}
 
 
+def test_patient_sex_header_spelling_reads_as_patient_gender(tmp_path):
+    lines = table_lines(V2020)
+    lines[0] = lines[0].replace("Patient Gender", "Patient Sex")
+    df = nih.read_label_table(write_lines(tmp_path / "Data_Entry_2017_v2020.csv", lines))
+    assert df["Patient Gender"].tolist() == [r["Patient Gender"] for r in raw_rows(V2020)]
+
+
 def test_original_2017_format_matches_v2020_except_impossible_ages(caplog):
     v2020 = nih.read_label_table(V2020)
     with caplog.at_level(logging.WARNING, logger="cxr_lightning.data.nih"):

@@ -12,11 +12,14 @@ images. A build writes into a temporary directory beside the target and renames 
 at the end: an interrupted build leaves no usable cache, and its leftovers are removed by the
 next build.
 
-Build one with ``python -m cxr_lightning.data.cache --root DIR --size 224 --workers 8``.
+The caches of one dataset live under ``cache_root(paths.cache_dir, data.root)``, which the data
+module and the command line both use. Build one ahead of training (otherwise the data module's
+``prepare_data`` builds it on first use) with the same data options as the run::
+
+    python -m cxr_lightning.data.cache data=nih data.root=DIR data.image_size=320 [workers=16]
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,18 +31,24 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 from rich.progress import Progress
 
 from cxr_lightning import io
 from cxr_lightning.data import images
-from cxr_lightning.errors import CXRError, DataError
+from cxr_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.json", "meta.json"
+BUILD_HINT = (
+    "`python -m cxr_lightning.data.cache` and the run's data options "
+    "(e.g. data=nih data.root=DIR data.image_size=N)"
+)
 _CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough for a live progress bar
 
 
@@ -52,8 +61,8 @@ class ImageCache:
         meta_path, index_path = self.directory / META_FILE, self.directory / INDEX_FILE
         if not (meta_path.is_file() and index_path.is_file() and (self.directory / IMAGES_FILE).is_file()):
             raise DataError(
-                f"No complete image cache in {self.directory}; build it with "
-                f"`python -m cxr_lightning.data.cache` or set data.cache=false."
+                f"No complete image cache in {self.directory}; build it with {BUILD_HINT}, "
+                f"or set data.cache=false."
             )
         self.meta: dict = json.loads(meta_path.read_text())
         self.names: list[str] = json.loads(index_path.read_text())
@@ -114,7 +123,7 @@ class ImageCache:
         if fingerprint is not None and cache.fingerprint != fingerprint:
             raise DataError(
                 f"Image cache {cache.directory} is stale (its fingerprint differs from the data's); "
-                f"rebuild it with `python -m cxr_lightning.data.cache`."
+                f"rebuild it with {BUILD_HINT}."
             )
         return cache
 
@@ -332,38 +341,32 @@ def _replace_dir(src: Path, target: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxr_lightning.data.cache",
-        description="Build (or verify) the memory-mapped image cache for an NIH ChestX-ray14 download.",
-    )
-    parser.add_argument("--root", required=True, type=Path, help="folder of the NIH download")
-    parser.add_argument("--size", required=True, type=int, help="image side in pixels, e.g. 224")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-    parser.add_argument("--cache-root", type=Path, default=None, help="where <size>px/ goes (default: ROOT/cache)")
-    parser.add_argument("--on-missing", choices=("error", "skip"), default="error", help="images listed but absent")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def cache_root(cache_dir: str | os.PathLike, data_root: str | os.PathLike) -> Path:
+    """Where the caches (one per size) of the dataset at ``data_root`` live:
+    ``cache_dir/images/<readable tail of data_root's absolute path>-<hash of all of it>``, so two
+    datasets never share a directory. The data module and the command line both use this."""
+    absolute = str(Path(data_root).expanduser().resolve())
+    readable = "".join(c if c.isalnum() else "_" for c in absolute.strip("/"))[-60:]
+    digest = hashlib.sha256(absolute.encode()).hexdigest()[:10]
+    return Path(cache_dir).expanduser() / "images" / f"{readable}-{digest}"
 
-    from cxr_lightning.data import nih
 
-    try:
-        table_path = nih.find_label_table(args.root)
-        table = nih.attach_paths(nih.read_label_table(table_path), args.root, on_missing=args.on_missing)
-        cache = ImageCache.get_or_build(
-            paths=table["path"].tolist(),
-            names=table["Image Index"].tolist(),
-            size=args.size,
-            cache_root=args.cache_root or args.root / "cache",
-            fingerprint_extra=io.file_digest(table_path),
-            workers=args.workers,
-        )
-    except CXRError as exc:
-        log.error("%s", exc)
-        return 1
+def build(cfg: DictConfig) -> ImageCache:
+    """Build (or reuse) the cache that the data module of ``cfg.data`` reads, decoding in
+    ``cfg.workers`` processes (null: one per core; 0: in this process)."""
+    from cxr_lightning.build import instantiate
+
+    workers = cfg.get("workers")
+    dm = instantiate(cfg.data, _convert_="all")
+    return dm.build_cache(workers=os.cpu_count() or 1 if workers is None else int(workers))
+
+
+# An absolute path: Hydra resolves a relative one against the module path unless run as __main__.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="cache")
+def main(cfg: DictConfig) -> None:
+    cache = build(cfg)
     print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

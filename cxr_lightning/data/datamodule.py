@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning import io, labels
 from cxr_lightning.data import augment as augmentation
 from cxr_lightning.data import cohort, nih
+from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset, find_unreadable
 from cxr_lightning.errors import ConfigError, DataError
 
@@ -96,13 +98,30 @@ class CXRDataModule(pl.LightningDataModule):
         self._tables: dict[str, pd.DataFrame] | None = None
         self.label_table_name: str | None = None
         self.bbox_table: pd.DataFrame | None = None
-        self.image_cache = None
+        self.image_cache: ImageCache | None = None
 
     # ----------------------------------------------------------------------------------------
     # Setup
     def prepare_data(self) -> None:
-        # Runs on one process per node before setup(): the place to generate the demo once.
+        # Lightning runs this on one process per node before setup(): the place to generate the
+        # demo and build the image cache once, so DDP ranks only open the cache (see dataset()).
         self._resolve_root()
+        if self.use_cache and self.image_cache is None:
+            self.image_cache = self.build_cache()
+
+    def build_cache(self, workers: int | None = None) -> ImageCache:
+        """Decode and resize every image of the label table (all splits) into the cache for
+        ``image_size``, or reuse the existing one when its fingerprint matches; ``workers``
+        decoding processes (default ``num_workers``, at least one; 0: in this process)."""
+        self.setup()
+        return ImageCache.get_or_build(
+            paths=self._cache_images["path"].tolist(),
+            names=self._cache_images["Image Index"].tolist(),
+            size=self.image_size,
+            cache_root=cache_root(self.cache_dir, self.root),
+            fingerprint_extra=self._label_table_digest,
+            workers=max(1, self.num_workers) if workers is None else workers,
+        )
 
     def _resolve_root(self) -> Path:
         if self.source == "demo" and self.root is None:
@@ -143,8 +162,8 @@ class CXRDataModule(pl.LightningDataModule):
         encoded = labels.encode_labels(table["Finding Labels"], self.label_names, source=table_path.name)
         table[[f"label:{n}" for n in self.label_names]] = encoded
         train_rows = table["split"] == "train"
-        _, age_fill = cohort.encode_demographics(table[train_rows])
-        demographics, _ = cohort.encode_demographics(table, age_fill=age_fill)
+        _, self.age_fill = cohort.encode_demographics(table[train_rows])
+        demographics, _ = cohort.encode_demographics(table, age_fill=self.age_fill)
         table[demographics.columns] = demographics
         prior_cols = [c for c in table.columns if c.startswith(cohort.PRIOR_PREFIX)] + (
             [cohort.HAS_PRIOR] if self.prior_labels else []
@@ -159,8 +178,9 @@ class CXRDataModule(pl.LightningDataModule):
         self.label_stats = cohort.label_statistics(self._tables["train"][self.label_cols].to_numpy(), self.label_names)
         bbox_path = root / nih.BBOX_TABLE
         self.bbox_table = nih.read_bbox_table(bbox_path) if bbox_path.exists() else None
-        if self.use_cache:
-            self.image_cache = self._open_cache(table, table_path)
+        # The images a cache of this data holds, in row order (its fingerprint depends on them).
+        self._cache_images = table[["Image Index", "path"]].reset_index(drop=True)
+        self._label_table_digest = io.file_digest(table_path)
         log.info(
             "Splits: %s images; %s patients",
             {s: len(t) for s, t in self._tables.items()},
@@ -186,17 +206,26 @@ class CXRDataModule(pl.LightningDataModule):
         log.warning("Leaving out %d unreadable image(s) (data.on_missing=skip), e.g. %s", len(bad), bad[:5])
         return table[~table["path"].isin(set(bad))]
 
-    def _open_cache(self, table: pd.DataFrame, table_path: Path):
-        from cxr_lightning.data.cache import ImageCache
-
-        return ImageCache.get_or_build(
-            paths=table["path"].tolist(),
-            names=table["Image Index"].tolist(),
-            size=self.image_size,
-            cache_root=self.cache_dir / "images" / _slug(self.root),
-            fingerprint_extra=io.file_digest(table_path),
-            workers=max(1, self.num_workers),
-        )
+    def _opened_cache(self) -> ImageCache | None:
+        """The image cache that prepare_data() built (this process or another rank's): opened, never
+        built here, and refused when it does not match this data."""
+        if not self.use_cache:
+            return None
+        if self.image_cache is None:
+            self.setup()
+            fingerprint = compute_fingerprint(
+                self._cache_images["path"].tolist(),
+                self._cache_images["Image Index"].tolist(),
+                self.image_size,
+                self._label_table_digest,
+            )
+            try:
+                self.image_cache = ImageCache.open(cache_root(self.cache_dir, self.root), self.image_size, fingerprint)
+            except DataError as exc:
+                raise DataError(
+                    f"{exc} The data module's prepare_data(), which Lightning calls before setup(), builds it too."
+                ) from exc
+        return self.image_cache
 
     # ----------------------------------------------------------------------------------------
     # What the rest of the framework reads
@@ -231,14 +260,15 @@ class CXRDataModule(pl.LightningDataModule):
             label_cols=self.label_cols,
             meta_cols=self.meta_cols,
             image_size=self.image_size,
-            cache=self.image_cache,
+            cache=self._opened_cache(),
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -249,10 +279,24 @@ class CXRDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False, sampler=self._eval_sampler("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, sampler=self._eval_sampler("test"))
+
+    def _eval_sampler(self, split: str) -> Sampler | None:
+        """Under DDP, each validation/test image goes to exactly one rank.
+
+        Lightning's default DistributedSampler pads a split to a multiple of the world size by
+        repeating images, which the rank-synchronised AUROC and loss would count twice; so N GPUs
+        would score a checkpoint differently from one. Evaluation has no gradient all-reduce, so
+        ranks may run one batch more or less than each other."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            range(len(self.split_table(split))), num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Per batch on the device: the CPU workers only copy uint8 pixels.
@@ -261,7 +305,3 @@ class CXRDataModule(pl.LightningDataModule):
             images = self.augmenter.train()(images)
         batch["image"] = augmentation.normalize(images, self.mean, self.std)
         return batch
-
-
-def _slug(path: Path | None) -> str:
-    return "".join(c if c.isalnum() else "_" for c in str(Path(path).resolve()).strip("/"))[-80:]

@@ -35,6 +35,7 @@ import hashlib
 import io as _bytes_io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -52,7 +53,7 @@ from PIL import Image
 
 from cxr_lightning.errors import ConfigError, CXRError, DataError
 from cxr_lightning.io import atomic_path, write_json, write_text
-from cxr_lightning.labels import FINDINGS, NO_FINDING
+from cxr_lightning.labels import FINDINGS, NO_FINDING, encode_labels
 
 # --------------------------------------------------------------------------------------------
 # The NIH layout
@@ -69,7 +70,9 @@ TEST_LIST_NAME = "test_list.txt"
 MARKER_NAME = "demo.json"
 ORIGINAL_SIZE = 1024
 # NIH drew boxes for these eight findings only, and spells one of them differently.
-BOX_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
+BOX_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"
+)
 BOX_SPELLING = {"Infiltration": "Infiltrate"}
 # Values that occur in the real table, including a float-repr artefact it really contains.
 PIXEL_SPACINGS = (0.143, 0.14300000000000002, 0.139, 0.168, 0.171)
@@ -88,6 +91,7 @@ PERSISTENCE = 0.6  # chance that a finding seen at one visit is still there at t
 FRAILTY_WEIGHT = 1.5  # shared per-patient log-odds: findings cluster, so about half are healthy
 FOLLOW_UP_QUIRK_FRACTION = 0.08  # patients whose file numbers are a rotation of their visit order
 TEST_FRACTION = 0.2
+SPLIT_CANDIDATES = 256  # random patient splits tried; the most class-balanced one is kept
 BOX_FRACTION = 0.5
 
 
@@ -105,25 +109,27 @@ class FindingOdds(NamedTuple):
 # Hernia last) while the rare classes are oversampled about 10-20x so the test split of the
 # default demo holds enough positives of each to measure an AUROC.
 FINDING_ODDS: dict[str, FindingOdds] = {
-    "Atelectasis": FindingOdds(0.036, per_decade=0.10, ap=0.8),
+    "Atelectasis": FindingOdds(0.034, per_decade=0.10, ap=1.0),
     "Cardiomegaly": FindingOdds(0.024, per_decade=0.35, male=-0.2),
-    "Effusion": FindingOdds(0.038, per_decade=0.15, ap=0.9),
+    "Effusion": FindingOdds(0.036, per_decade=0.15, ap=1.0),
     "Infiltration": FindingOdds(0.075, ap=0.2),
     "Mass": FindingOdds(0.024, per_decade=0.20, male=0.2),
     "Nodule": FindingOdds(0.027, per_decade=0.10),
     "Pneumonia": FindingOdds(0.016, male=0.1, ap=0.5),
-    "Pneumothorax": FindingOdds(0.016, per_decade=-0.20, male=0.7, ap=0.2),
+    "Pneumothorax": FindingOdds(0.015, per_decade=-0.20, male=0.9, ap=0.2),
     "Consolidation": FindingOdds(0.022, ap=0.5),
-    "Edema": FindingOdds(0.014, per_decade=0.10, ap=1.0),
+    "Edema": FindingOdds(0.013, per_decade=0.10, ap=1.2),
     "Emphysema": FindingOdds(0.014, per_decade=0.40, male=0.4),
-    "Fibrosis": FindingOdds(0.017, per_decade=0.30, male=0.1),
+    "Fibrosis": FindingOdds(0.019, per_decade=0.30, male=0.1),
     "Pleural_Thickening": FindingOdds(0.021, per_decade=0.20, male=0.1),
-    "Hernia": FindingOdds(0.015, per_decade=0.40, male=-0.8),
+    "Hernia": FindingOdds(0.015, per_decade=0.40, male=-1.0),
 }
 assert tuple(FINDING_ODDS) == FINDINGS
 
-# Random streams: every draw is keyed by (seed, stream, ...) so no stream shifts another.
-_TABLE, _SPLIT, _BOXES, _ANATOMY, _VISIT, _IMAGE, _PLACE, _JITTER, _TEXTURE = range(9)
+# Random streams: every draw is keyed by (seed, stream, ...), so no stream shifts or repeats another.
+(
+    _TABLE, _SPLIT, _BOXES, _ANATOMY, _VISIT, _GRAIN, _SHADING, _LUNG_TEXTURE, _PLACE, _JITTER, _SIGN_TEXTURE
+) = range(11)
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -151,7 +157,7 @@ def sample_table(patients: int = 500, seed: int = 0) -> pd.DataFrame:
     patient = np.repeat(np.arange(patients), visits)
     follow_up = np.arange(len(patient)) - np.repeat(np.cumsum(visits) - visits, visits)
     age = np.minimum(first_age[patient] + _years_since_first_visit(rng, follow_up), 99).astype(int)
-    ap = rng.random(len(patient)) < _sigmoid(-0.9 + 0.25 * (age - AGE_MEAN) / 10 + 0.5 * frailty[patient])
+    ap = rng.random(len(patient)) < _sigmoid(-0.8 + 0.25 * (age - AGE_MEAN) / 10 + 0.3 * frailty[patient])
     findings = _sample_findings(rng, follow_up, age, male[patient], ap, frailty[patient])
     file_number = _file_numbers(rng, visits, follow_up)
 
@@ -185,7 +191,12 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _sample_findings(
-    rng: np.random.Generator, follow_up: np.ndarray, age: np.ndarray, male: np.ndarray, ap: np.ndarray, frailty: np.ndarray
+    rng: np.random.Generator,
+    follow_up: np.ndarray,
+    age: np.ndarray,
+    male: np.ndarray,
+    ap: np.ndarray,
+    frailty: np.ndarray,
 ) -> np.ndarray:
     """(n_images, 14) bool: new findings from a logistic model, old ones persisting."""
     odds = pd.DataFrame(FINDING_ODDS, index=FindingOdds._fields).T
@@ -224,25 +235,22 @@ def _file_numbers(rng: np.random.Generator, visits: np.ndarray, follow_up: np.nd
 
 
 def split_test_patients(table: pd.DataFrame, seed: int = 0) -> np.ndarray:
-    """Patient IDs of the official-style test split: about 20% of patients.
+    """Patient IDs of the official-style test split: 20% of patients.
 
-    Patients are stratified by their rarest finding and, within a stratum, ordered by how many
-    of their images show it before every fifth is taken, so each class keeps about 20% of its
-    positive images in test even when a handful of patients hold them all.
+    Of ``SPLIT_CANDIDATES`` random patient splits, the one whose test share of each class's
+    positive images is closest to 20% for its worst class, so that every class keeps enough
+    test positives even when a handful of patients hold them all.
     """
-    labels = table["Finding Labels"].str.get_dummies(sep="|").reindex(columns=list(FINDINGS), fill_value=0)
-    per_patient = labels.groupby(table["Patient ID"]).sum()
-    rarity = labels.sum().rank(method="first").to_numpy().astype(int) - 1  # 0 = rarest class
+    images = encode_labels(table["Finding Labels"], FINDINGS, source="demo table")
+    per_patient = pd.DataFrame(images).groupby(table["Patient ID"].to_numpy()).sum()
     counts = per_patient.to_numpy()
-    stratum = np.where(counts > 0, rarity, len(FINDINGS)).min(axis=1)
-    weight = np.take_along_axis(counts, np.argsort(rarity)[np.minimum(stratum, len(FINDINGS) - 1)][:, None], axis=1)[:, 0]
-    rng = _rng(seed, _SPLIT)
-    order = pd.DataFrame({"stratum": stratum, "weight": weight, "tiebreak": rng.random(len(stratum))}, index=per_patient.index)
-    order = order.sort_values(["stratum", "weight", "tiebreak"], ascending=[True, False, True])
-    step = round(1 / TEST_FRACTION)
-    offset = rng.integers(0, step, size=len(FINDINGS) + 1)[order["stratum"].to_numpy()]
-    rank = order.groupby("stratum").cumcount().to_numpy()
-    return np.sort(order.index[(rank + offset) % step == 0].to_numpy())
+    n_test = max(round(TEST_FRACTION * len(counts)), 1)
+    picks = _rng(seed, _SPLIT).random((SPLIT_CANDIDATES, len(counts))).argsort(axis=1)[:, :n_test]
+    in_test = np.zeros((SPLIT_CANDIDATES, len(counts)), bool)
+    np.put_along_axis(in_test, picks, True, axis=1)
+    share = (in_test.astype(float) @ counts) / np.maximum(counts.sum(axis=0), 1)
+    best = np.abs(share - TEST_FRACTION).max(axis=1).argmin()
+    return np.sort(per_patient.index[in_test[best]].to_numpy())
 
 
 def sample_boxes(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -251,21 +259,22 @@ def sample_boxes(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     Columns ``Image Index``, ``Finding Label`` (canonical spelling), ``x``, ``y``, ``w``, ``h``
     in the original 1024-pixel space, sorted like NIH's file (by finding, then image).
     """
-    labels = table["Finding Labels"].str.get_dummies(sep="|").reindex(columns=list(BOX_FINDINGS), fill_value=0)
-    pairs = labels.stack().loc[lambda s: s > 0].index.to_frame(index=False, name=["row", "Finding Label"])
-    pairs = pairs[_rng(seed, _BOXES).random(len(pairs)) < BOX_FRACTION]
-    rows = table.loc[pairs["row"].to_numpy()]
+    positive = encode_labels(table["Finding Labels"], BOX_FINDINGS, source="demo table") > 0
+    rows, classes = np.nonzero(positive)
+    chosen = _rng(seed, _BOXES).random(len(rows)) < BOX_FRACTION
+    rows, classes = rows[chosen], classes[chosen]
+    images = table.iloc[rows]
     boxes = [
-        finding_box(seed, pid, follow_up, finding, view)
-        for pid, follow_up, finding, view in zip(
-            rows["Patient ID"], rows["Follow-up #"], pairs["Finding Label"], rows["View Position"]
+        finding_box(seed, pid, follow_up, BOX_FINDINGS[k], view)
+        for pid, follow_up, k, view in zip(
+            images["Patient ID"], images["Follow-up #"], classes, images["View Position"]
         )
     ]
     out = pd.DataFrame(boxes, columns=["x", "y", "w", "h"], dtype=float)
-    out.insert(0, "Finding Label", pairs["Finding Label"].to_numpy())
-    out.insert(0, "Image Index", rows["Image Index"].to_numpy())
-    order = out["Finding Label"].map(BOX_FINDINGS.index)
-    return out.assign(_order=order).sort_values(["_order", "Image Index"]).drop(columns="_order").reset_index(drop=True)
+    out.insert(0, "Finding Label", np.asarray(BOX_FINDINGS)[classes])
+    out.insert(0, "Image Index", images["Image Index"].to_numpy())
+    out = out.assign(_class=classes).sort_values(["_class", "Image Index"])
+    return out.drop(columns="_class").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,13 +397,15 @@ def _smooth_noise(keys: tuple[int, ...], cells: int, size: int) -> np.ndarray:
 class Canvas:
     """Pixel grid of one image plus the anatomical layers (masks, lung texture) signs need."""
 
-    def __init__(self, anatomy: Anatomy, size: int, keys: tuple[int, ...]) -> None:
+    def __init__(self, anatomy: Anatomy, size: int, seed: int, patient_id: int, follow_up: int) -> None:
         coords = (np.arange(size, dtype=np.float32) + 0.5) / size
         self.x, self.y = coords[None, :], coords[:, None]
-        self.size, self.anatomy, self.keys = size, anatomy, keys
+        self.size, self.anatomy = size, anatomy
+        self.seed, self.patient_id, self.follow_up = seed, patient_id, follow_up
 
-    def noise(self, keys: tuple[int, ...], cells: int) -> np.ndarray:
-        return _smooth_noise(keys, cells, self.size)
+    def noise(self, stream: int, cells: int, *keys: int) -> np.ndarray:
+        """This image's smooth random field of ``stream`` (and ``keys``)."""
+        return _smooth_noise((self.seed, stream, self.patient_id, self.follow_up, *keys), cells, self.size)
 
     @functools.cached_property
     def heart(self) -> np.ndarray:
@@ -413,7 +424,7 @@ class Canvas:
     @functools.cached_property
     def lung_texture(self) -> np.ndarray:
         """Vascular markings, the texture a pneumothorax lacks."""
-        return 0.035 * self.noise((*self.keys, _TEXTURE), 22)
+        return 0.035 * self.noise(_LUNG_TEXTURE, 22)
 
 
 # Intensities on a 0..1 scale before exposure: air, soft tissue, the darkening of aerated lung.
@@ -425,7 +436,7 @@ def _base_chest(c: Canvas) -> np.ndarray:
     img = AIR + SOFT_TISSUE * _inside(a.body.distance(c), 0.04)
     img = img - (LUNG_DARK - c.lung_texture) * (c.lungs[0] + c.lungs[1])
     img = img + HEART_BRIGHT * c.heart + _mediastinum(c) + _spine(c) + _ribs(c) + _clavicles(c)
-    return img + 0.03 * c.noise((*c.keys, _IMAGE), 3)
+    return img + 0.03 * c.noise(_SHADING, 3)
 
 
 def _mediastinum(c: Canvas) -> np.ndarray:
@@ -468,10 +479,16 @@ Paint = Callable[[Canvas], np.ndarray]
 class SignRandom:
     place: np.random.Generator  # per patient: a persisting finding stays where it was
     visit: np.random.Generator  # per visit: small jitter and strength
-    texture: tuple[int, ...]  # keys of textures drawn at paint time, the same at every size
+    finding: int  # key of the sign's textures, drawn at paint time and the same at every size
+
+    def texture(self, c: Canvas, cells: int) -> np.ndarray:
+        return c.noise(_SIGN_TEXTURE, cells, self.finding)
 
 
-def _lung_spot(a: Anatomy, r: SignRandom, side: int, u: tuple[float, float], v: tuple[float, float]) -> tuple[float, float]:
+def _lung_spot(
+    a: Anatomy, r: SignRandom, side: int, u: tuple[float, float], v: tuple[float, float]
+) -> tuple[float, float]:
+    """A point of lung ``side`` at (u outward, v downward) in radii, drawn per patient, jittered per visit."""
     lung = a.lungs[side]
     lat = a.lateral(side)
     x, y = lung.point(lat * r.place.uniform(*u), r.place.uniform(*v))
@@ -483,7 +500,8 @@ def _atelectasis(a: Anatomy, r: SignRandom) -> Paint:
     side = int(r.place.integers(2))
     x, y = _lung_spot(a, r, side, (0.0, 0.45), (0.1, 0.5))
     lung = a.lungs[side]
-    band = Ellipse(x, y, lung.rx * r.place.uniform(0.45, 0.65), lung.ry * r.place.uniform(0.06, 0.1), r.place.uniform(-0.4, 0.4))
+    length, thickness = lung.rx * r.place.uniform(0.45, 0.65), lung.ry * r.place.uniform(0.06, 0.1)
+    band = Ellipse(x, y, length, thickness, r.place.uniform(-0.4, 0.4))
     amp = 0.26 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * _plateau(band.distance(c), 0.5) * c.lungs[side]
 
@@ -521,8 +539,12 @@ def _infiltration(a: Anatomy, r: SignRandom) -> Paint:
     lung = a.lungs[side]
     region = Ellipse(x, y, lung.rx * r.place.uniform(0.5, 0.7), lung.ry * r.place.uniform(0.3, 0.42))
     amp = 0.2 * r.visit.uniform(0.85, 1.1)
-    # A faint haze everywhere in the region, denser in patches.
-    return lambda c: amp * (0.35 + 0.65 * np.clip(0.3 + 0.6 * c.noise(r.texture, 14), 0, 1)) * _bump(region.distance(c)) * c.lungs[side]
+    def paint(c: Canvas) -> np.ndarray:
+        # A faint haze everywhere in the region, denser in patches.
+        patches = np.clip(0.3 + 0.6 * r.texture(c, 14), 0, 1)
+        return amp * (0.35 + 0.65 * patches) * _bump(region.distance(c)) * c.lungs[side]
+
+    return paint
 
 
 def _mass(a: Anatomy, r: SignRandom) -> Paint:
@@ -564,7 +586,7 @@ def _pneumonia(a: Anatomy, r: SignRandom) -> Paint:
     amp = 0.26 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
-        density = np.clip(0.8 + 0.3 * c.noise(r.texture, 6), 0, 1)
+        density = np.clip(0.8 + 0.3 * r.texture(c, 6), 0, 1)
         along = (c.x - x) * math.cos(tilt) + (c.y - y) * math.sin(tilt)
         bronchi = np.clip(np.cos(2 * np.pi * along / 0.035), 0, 1) ** 12
         return amp * (density - 0.45 * bronchi) * np.sqrt(_bump(region.distance(c))) * c.lungs[side]
@@ -596,7 +618,8 @@ def _consolidation(a: Anatomy, r: SignRandom) -> Paint:
     side = int(r.place.integers(2))
     x, y = _lung_spot(a, r, side, (-0.3, 0.3), (-0.4, 0.5))
     lung = a.lungs[side]
-    region = Ellipse(x, y, lung.rx * r.place.uniform(0.35, 0.5), lung.ry * r.place.uniform(0.2, 0.3), r.place.uniform(-0.5, 0.5))
+    rx, ry = lung.rx * r.place.uniform(0.35, 0.5), lung.ry * r.place.uniform(0.2, 0.3)
+    region = Ellipse(x, y, rx, ry, r.place.uniform(-0.5, 0.5))
     amp = 0.28 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * _inside(region.distance(c), 0.05) * c.lungs[side]
 
@@ -611,7 +634,7 @@ def _edema(a: Anatomy, r: SignRandom) -> Paint:
 
     def paint(c: Canvas) -> np.ndarray:
         haze = sum(_bump(w.distance(c)) * m for w, m in zip(wings, c.lungs))
-        return amp * haze * (0.8 + 0.2 * c.noise(r.texture, 30))
+        return amp * haze * (0.8 + 0.2 * r.texture(c, 30))
 
     return paint
 
@@ -639,7 +662,8 @@ def _fibrosis(a: Anatomy, r: SignRandom) -> Paint:
     amp = 0.16 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
-        lines = sum(np.clip(np.cos(2 * np.pi * (c.x * math.cos(t) + c.y * math.sin(t)) / period), 0, 1) ** 6 for t in angles)
+        waves = (np.cos(2 * np.pi * (c.x * math.cos(t) + c.y * math.sin(t)) / period) for t in angles)
+        lines = sum(np.clip(w, 0, 1) ** 6 for w in waves)
         return amp * np.clip(lines, 0, 1) * _bump(zone.distance(c)) * c.lungs[side]
 
     return paint
@@ -706,7 +730,7 @@ def _sign(finding: str, anatomy: Anatomy, seed: int, patient_id: int, follow_up:
     random = SignRandom(
         place=_rng(seed, _PLACE, patient_id, k),
         visit=_rng(seed, _JITTER, patient_id, follow_up, k),
-        texture=(seed, _TEXTURE, patient_id, follow_up, k),
+        finding=k,
     )
     return SIGNS[finding](anatomy, random)
 
@@ -728,20 +752,22 @@ def draw_chest(
     """
     _check_positive("size", size)
     anatomy = chest_anatomy(seed, patient_id, follow_up, view)
-    canvas = Canvas(anatomy, size, (seed, patient_id, follow_up))
+    canvas = Canvas(anatomy, size, seed, patient_id, follow_up)
     img = _base_chest(canvas)
     for finding in findings:
         img = img + _sign(finding, anatomy, seed, patient_id, follow_up)(canvas)
-    grain = 0.012 * _rng(seed, _IMAGE, patient_id, follow_up).standard_normal((size, size), dtype=np.float32)
+    grain = 0.012 * _rng(seed, _GRAIN, patient_id, follow_up).standard_normal((size, size), dtype=np.float32)
     img = anatomy.gain * img + anatomy.offset + grain
     pixels = np.rint(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
     return pixels
 
 
-def finding_box(seed: int, patient_id: int, follow_up: int, finding: str, view: str = "PA") -> tuple[float, float, float, float]:
+def finding_box(
+    seed: int, patient_id: int, follow_up: int, finding: str, view: str = "PA"
+) -> tuple[float, float, float, float]:
     """``(x, y, w, h)`` in the 1024-pixel space around where ``finding``'s sign changes the image."""
     anatomy = chest_anatomy(seed, patient_id, follow_up, view)
-    canvas = Canvas(anatomy, BOX_REFERENCE_SIZE, (seed, patient_id, follow_up))
+    canvas = Canvas(anatomy, BOX_REFERENCE_SIZE, seed, patient_id, follow_up)
     touched = np.abs(_sign(finding, anatomy, seed, patient_id, follow_up)(canvas)) > _SUPPORT_EPS
     rows, cols = np.flatnonzero(touched.any(axis=1)), np.flatnonzero(touched.any(axis=0))
     if not len(rows):  # every sign is built to show; this would be a bug in its factory
@@ -755,8 +781,11 @@ def finding_box(seed: int, patient_id: int, follow_up: int, finding: str, view: 
 
 def encode_png(pixels: np.ndarray) -> bytes:
     buffer = _bytes_io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+MIN_IMAGES_PER_WORKER = 32
 
 
 class _ImageJob(NamedTuple):
@@ -801,7 +830,9 @@ def generate(
     ``images=False`` writes only the tables and lists (fast; for statistics). The label table is
     written last, so an interrupted run never looks like a complete dataset.
     """
-    for name, value in (("patients", patients), ("image_size", image_size), ("workers", workers), ("images_per_folder", images_per_folder)):
+    for name, value in zip(
+        ("patients", "image_size", "workers", "images_per_folder"), (patients, image_size, workers, images_per_folder)
+    ):
         _check_positive(name, value)
     if image_size < 16:
         raise ConfigError(f"demo image_size={image_size}: use at least 16 pixels.")
@@ -814,15 +845,9 @@ def generate(
     test_ids = split_test_patients(table, seed)
     boxes = sample_boxes(table, seed)
     if images:
-        folders = image_folders(table["Image Index"], images_per_folder)
-        for folder in folders.unique():
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        jobs = [
-            _ImageJob(str(out / folder / name), image_size, seed, pid, follow_up, tuple(_split_findings(labels)), view)
-            for folder, name, pid, follow_up, labels, view in zip(
-                folders, table["Image Index"], table["Patient ID"], table["Follow-up #"], table["Finding Labels"], table["View Position"]
-            )
-        ]
+        jobs = _image_jobs(table, out, image_size, seed, images_per_folder)
+        for folder in sorted({Path(job.path).parent for job in jobs}):
+            folder.mkdir(parents=True, exist_ok=True)
         _run_jobs(jobs, workers)
 
     in_test = table["Patient ID"].isin(test_ids)
@@ -833,16 +858,28 @@ def generate(
     return out
 
 
+def _image_jobs(table: pd.DataFrame, out: Path, size: int, seed: int, images_per_folder: int) -> list[_ImageJob]:
+    folders = image_folders(table["Image Index"], images_per_folder)
+    columns = ("Image Index", "Patient ID", "Follow-up #", "Finding Labels", "View Position")
+    return [
+        _ImageJob(str(out / folder / name), size, seed, int(pid), int(visit), tuple(_split_findings(labels)), view)
+        for folder, (name, pid, visit, labels, view) in zip(folders, table[list(columns)].itertuples(index=False))
+    ]
+
+
 def _split_findings(labels: str) -> list[str]:
     return [] if labels == NO_FINDING else labels.split("|")
 
 
 def _run_jobs(jobs: Sequence[_ImageJob], workers: int) -> None:
-    if workers == 1 or len(jobs) < 2:
+    # Starting a worker costs about a second; below a few dozen images each it does not pay.
+    workers = min(workers, math.ceil(len(jobs) / MIN_IMAGES_PER_WORKER))
+    if workers <= 1:
         _write_images(jobs)
         return
     chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: the caller may be a training process with torch's thread pools running.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for _ in pool.map(_write_images, chunks):
             pass
 
@@ -888,12 +925,15 @@ def ensure_demo(cache_dir: str | os.PathLike, workers: int | None = None, **para
     if _is_complete(target, marker):
         return target
     if target.exists():
-        raise DataError(f"{target} exists but lacks a valid {MARKER_NAME}; delete the folder so the demo can be regenerated.")
+        raise DataError(
+            f"{target} exists but lacks a valid {MARKER_NAME}; delete the folder so the demo can be regenerated."
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".demo-{digest}-tmp-"))
     try:
         generate(tmp, workers=workers or min(4, os.cpu_count() or 1), **full)
         write_json(tmp / MARKER_NAME, marker)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, target)
         except OSError:
@@ -948,7 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = generate(
-            args.out, args.patients, args.image_size, args.seed, args.workers, images_per_folder=args.images_per_folder
+            args.out, args.patients, args.image_size, args.seed, args.workers,
+            images_per_folder=args.images_per_folder,
         )
     except CXRError as err:
         print(f"error: {err}", file=sys.stderr)

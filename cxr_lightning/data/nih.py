@@ -48,6 +48,8 @@ _COLUMN_ALIASES = {
     "OriginalImageHeight": "OriginalImage Height",
     "OriginalImagePixelSpacing_x": "OriginalImagePixelSpacing x",
     "OriginalImagePixelSpacing_y": "OriginalImagePixelSpacing y",
+    # Some copies of the v2020 table name the sex column "Patient Sex".
+    "Patient Sex": "Patient Gender",
 }
 # Kaggle ages are strings such as "058Y", "011M", "005D".
 _AGE_PATTERN = r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$"
@@ -279,8 +281,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is empty; expected a CSV table with a header line.") from None
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{path} is not UTF-8 text (byte {exc.start}): is it a zip, gzip or spreadsheet? "
-            "Extract or export it as CSV."
+            f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 CSV (a spreadsheet's "
+            "'CSV UTF-8' export, not UTF-16 or Latin-1 text), or extract it if it is a zip or gzip archive."
         ) from None
     except pd.errors.ParserError as exc:
         raise DataError(f"{path} is not a well-formed CSV table: {str(exc).strip()}") from None

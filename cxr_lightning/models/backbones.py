@@ -100,16 +100,13 @@ def create_backbone(
         raise ConfigError(f"backbone.global_pool={global_pool!r} is not supported; use one of {list(GLOBAL_POOLS)}.")
 
     kwargs: dict[str, Any] = dict(num_classes=0, global_pool=global_pool, in_chans=in_chans, drop_rate=drop_rate)
-    if weights is not None:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        _remove_vgg_pre_logits(model)
-        _load_local_weights(model, Path(weights))
-    elif pretrained:
+    if pretrained and weights is None:
         model = _create_pretrained(name, kwargs)
-        _remove_vgg_pre_logits(model)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        _remove_vgg_pre_logits(model)
+    _remove_vgg_pre_logits(model)
+    if weights is not None:
+        _load_local_weights(model, Path(weights).expanduser())
     return Backbone(model, timm_name=name)
 
 
@@ -124,7 +121,7 @@ def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # noqa: BLE001 -- hub, HTTP and cache failures have no common base class
         raise CheckpointError(
-            f"could not obtain the ImageNet weights of backbone {name!r} through timm "
+            f"could not obtain the pretrained (ImageNet) weights of backbone {name!r} through timm "
             f"({type(err).__name__}: {err}). {_OFFLINE_HINT}"
         ) from err
 
@@ -162,8 +159,11 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
 
     state_dict = _apply_timm_filter(model, state_dict)
     _adapt_first_conv(model, state_dict)
-    classifier_prefixes = tuple(f"{c}." for c in _cfg_names(model, "classifier")) + ("pre_logits.",)
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier_prefixes)}
+    # The classifier is replaced by our head; VGG's fc block was removed by _remove_vgg_pre_logits.
+    dropped = tuple(f"{c}." for c in _cfg_names(model, "classifier"))
+    if isinstance(getattr(model, "pre_logits", None), nn.Identity):
+        dropped += ("pre_logits.",)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
 
     try:
         result = model.load_state_dict(state_dict, strict=False)

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.faults import non_finite_loss_error
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
@@ -41,6 +42,7 @@ class CXRClassifier(pl.LightningModule):
         image_size: int,
         mean: float,
         std: float,
+        age_fill: float | None = None,
         channels_last: bool = False,
         config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -101,7 +103,7 @@ class CXRClassifier(pl.LightningModule):
         logits = self(batch["image"], batch["meta"])
         loss = self.criterion(logits, batch["labels"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {stage} loss {loss.item()} at global step {self.global_step}")
+            raise non_finite_loss_error(self, batch, stage, loss, logits)
         getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True)
         return loss
