@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The design card's model on the demo dataset (generated on first use), then evaluated and explained.
 demo: $(STAMP)
-	$(PY) -m cxr_lightning.train experiment=demo
+	@set -e; run=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
+	$(PY) -m cxr_lightning.train experiment=demo backbone=efficientnet_b3 head=fusion_residual hydra.run.dir=$$run; \
+	$(PY) -m cxr_lightning.evaluate run_dir=$$run; \
+	$(PY) -m cxr_lightning.explain run_dir=$$run split=test n=16; \
+	$(PY) -m cxr_lightning.summary $$run
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -26,7 +31,7 @@ sweep: $(STAMP)
 	$(PY) -m cxr_lightning.train -m experiment=backbone_comparison_demo
 
 tensorboard: $(STAMP)
-	$(VENV)/bin/tensorboard --logdir outputs
+	$(VENV)/bin/tensorboard --logdir outputs --bind_all
 
 bench: $(STAMP)
 	$(PY) -m cxr_lightning.bench

@@ -107,16 +107,24 @@ def sampled_loader(dm: CXRDataModule, split: str, batches: int) -> DataLoader:
 
 
 def loader_images_per_second(dm: CXRDataModule, batches: int) -> float:
-    """Images/s the train loader delivers; the first batch of each worker (start-up) is not timed."""
+    """Images/s the train loader delivers; the first batch of each worker (start-up) is not timed.
+
+    Without workers the loading runs on one torch thread, as in a worker (PyTorch gives each one
+    thread): collating on several threads of a busy machine measures contention, not loading."""
     warmup = max(1, dm.num_workers)
     loader = sampled_loader(dm, "train", warmup + batches)
     images, started = 0, 0.0
-    for i, batch in enumerate(loader):
-        if i == warmup - 1:
-            started = time.perf_counter()
-        elif i >= warmup:
-            images += len(batch["index"])
-    elapsed = time.perf_counter() - started
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if dm.num_workers == 0 else threads)
+    try:
+        for i, batch in enumerate(loader):
+            if i == warmup - 1:
+                started = time.perf_counter()
+            elif i >= warmup:
+                images += len(batch["index"])
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
     del loader
     return images / elapsed
 
@@ -284,23 +292,21 @@ def comparison_hours(train_ips: float, eval_ips: float, estimate: Mapping[str, A
 
 def estimate_rows(figures: list[StepFigure], loader: list[dict[str, Any]], estimate: Mapping[str, Any],
                   workers: int) -> list[dict[str, Any]]:
-    """Per backbone, in the mode its cache-fed steps were timed in: hours with the cache-backed
-    loader (as measured) and from PNG (the synthetic-feed step speed capped by the PNG loader's
-    with ``workers`` workers)."""
+    """Per backbone, in the mode its loader-fed steps were timed in: hours with the cache-backed
+    loader (as measured) and from PNG (those speeds capped by the PNG loader's with ``workers``
+    workers: decoding can only slow the feed down)."""
     png = {r["image_size"]: r["images_per_second"] for r in loader if r["source"] == "png" and r["workers"] == workers}
     rows = []
     for name in dict.fromkeys(f.backbone for f in figures):
         cached = {f.stage: f for f in figures if f.backbone == name and f.feed == "cache"}
         train, evaluate = cached["train"], cached["eval"]
-        synthetic = next(f for f in figures if f.backbone == name and f.mode == train.mode
-                         and f.feed == "synthetic" and f.stage == "train")
         png_ips = png.get(train.image_size)
         rows.append({
             "backbone": name, "image_size": train.image_size, "mode": train.mode,
             "train_images_per_second": train.images_per_second, "eval_images_per_second": evaluate.images_per_second,
             "hours_cache": comparison_hours(train.images_per_second, evaluate.images_per_second, estimate),
             "hours_png": None if png_ips is None else comparison_hours(
-                min(synthetic.images_per_second, png_ips), min(evaluate.images_per_second, png_ips), estimate),
+                min(train.images_per_second, png_ips), min(evaluate.images_per_second, png_ips), estimate),
         })
     return rows
 
@@ -323,6 +329,9 @@ def settings(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"bench.device={cfg.bench.device!r}: expected auto, cpu or cuda.")
     if cfg.bench.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench.device=cuda but PyTorch sees no CUDA GPU; use bench.device=auto or cpu.")
+    for device, schedule in cfg.bench.train.items():
+        if min(schedule.batch_size, schedule.warmup, schedule.steps) < 1:
+            raise ConfigError(f"bench.train.{device}: batch_size, warmup and steps must each be at least 1.")
     return cfg
 
 
@@ -422,7 +431,7 @@ def _loader_table(rows: list[dict[str, Any]], cfg: DictConfig) -> Table:
     for r in rows:
         ratio = r["images_per_second"] / png[(r["image_size"], r["workers"])] if r["source"] == "cache" else None
         table.add_row(str(r["image_size"]), r["source"], str(r["workers"] or "0 (in process)"),
-                      f"{r['images_per_second']:,.0f}", f"{r['images_per_second_per_process']:,.0f}",
+                      _rate(r["images_per_second"]), _rate(r["images_per_second_per_process"]),
                       "" if ratio is None else f"{ratio:,.0f}x")
     return table
 
@@ -440,7 +449,7 @@ def _step_table(figures: list[StepFigure], device: str, schedule: DictConfig) ->
         if f.feed == "cache" and f.stage == "train" and (f.backbone, f.mode) in synthetic:
             cost = f"{f.step_ms / synthetic[(f.backbone, f.mode)].step_ms - 1:+.0%}"
         table.add_row(f.backbone, str(f.image_size), f.mode, f.feed, f.stage, f"{f.step_ms:,.1f}",
-                      f"{f.images_per_second:,.0f}", cost, f"{f.peak_memory_mib:,.0f}")
+                      _rate(f.images_per_second), cost, f"{f.peak_memory_mib:,.0f}")
     table.caption = ("peak MiB: torch.cuda.max_memory_allocated per run" if device == "cuda"
                      else "peak MiB: the process's peak RSS so far (ru_maxrss)")
     return table
@@ -452,14 +461,18 @@ def _estimate_table(rows: list[dict[str, Any]], est: Mapping[str, Any], device: 
     for col in ("backbone", "px", "mode", "train img/s", "eval img/s", "hours (cache)", f"hours (PNG, {workers} workers)"):
         table.add_column(col, justify="left" if col in ("backbone", "mode") else "right")
     for r in rows:
-        table.add_row(r["backbone"], str(r["image_size"]), r["mode"], f"{r['train_images_per_second']:,.0f}",
-                      f"{r['eval_images_per_second']:,.0f}", f"{r['hours_cache']:,.2f}",
+        table.add_row(r["backbone"], str(r["image_size"]), r["mode"], _rate(r["train_images_per_second"]),
+                      _rate(r["eval_images_per_second"]), f"{r['hours_cache']:,.2f}",
                       "" if r["hours_png"] is None else f"{r['hours_png']:,.2f}")
     total_png = None if any(r["hours_png"] is None for r in rows) else sum(r["hours_png"] for r in rows)
     table.add_row("total", "", "", "", "", f"{sum(r['hours_cache'] for r in rows):,.2f}",
                   "" if total_png is None else f"{total_png:,.2f}", end_section=True)
     table.caption = "Steps only: excludes start-up, checkpointing, metrics at epoch end and torch.compile time."
     return table
+
+
+def _rate(images_per_second: float) -> str:
+    return f"{images_per_second:,.0f}" if images_per_second >= 10 else f"{images_per_second:.2f}"
 
 
 # An absolute path: Hydra resolves a relative one against the module path unless run as __main__.

@@ -48,7 +48,7 @@ class LogSampleImages(pl.Callback):
         if self.done or trainer.sanity_checking or batch_idx != 0:
             return
         self.done = True
-        writer = _tensorboard(trainer)
+        writer = tensorboard_writer(trainer)
         if writer is None:
             return
         images = batch["image"][: self.n].detach().float().cpu()
@@ -56,7 +56,8 @@ class LogSampleImages(pl.Callback):
         writer.add_image("samples/val", grid, global_step=trainer.global_step)
 
 
-def _tensorboard(trainer: pl.Trainer):
+def tensorboard_writer(trainer: pl.Trainer):
+    """The run's TensorBoard SummaryWriter, or None when no TensorBoard logger is attached."""
     for logger in trainer.loggers:
         if isinstance(logger, pl.loggers.TensorBoardLogger):
             return logger.experiment

@@ -176,25 +176,18 @@ def summarize(runs: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFram
     ``<metric>_mean``, ``<metric>_std`` (sample standard deviation, NaN for one run) and
     ``<metric>_n`` (runs with a value). Sorted by mean test AUROC, best first."""
     by = _check_by(by)
+    flags = runs.assign(_ok=runs["status"] == "ok", _failed=runs["status"] == "failed")
+    summary = flags.groupby(by, sort=True).agg(
+        n_runs=("_ok", "sum"), n_failed=("_failed", "sum"), seeds=("seed", _distinct), folds=("fold", _distinct)
+    )
     ok = runs[runs["status"] == "ok"]
     metrics = metric_columns(runs)
-    groups = runs.groupby(by, sort=True)
-    counts = pd.DataFrame(
-        {
-            "n_runs": (runs["status"] == "ok").groupby([runs[k] for k in by]).sum(),
-            "n_failed": (runs["status"] == "failed").groupby([runs[k] for k in by]).sum(),
-            "seeds": groups["seed"].agg(_distinct),
-            "folds": groups["fold"].agg(_distinct),
-        }
-    )
     if metrics and not ok.empty:
         stats = ok.groupby(by, sort=True)[metrics].agg(["mean", "std", "count"])
         stats.columns = [f"{m}_{'n' if s == 'count' else s}" for m, s in stats.columns]
-        summary = counts.join(stats, how="left")
-    else:
-        summary = counts
-    for m in metrics:
-        summary[f"{m}_n"] = summary.get(f"{m}_n", pd.Series(0, index=summary.index)).fillna(0).astype(int)
+        summary = summary.join(stats, how="left")
+        counts = [f"{m}_n" for m in metrics]
+        summary[counts] = summary[counts].fillna(0).astype(int)  # groups whose runs all failed
     order_key = "test.auroc_mean_mean"
     if order_key in summary.columns:
         summary = summary.sort_values(order_key, ascending=False, na_position="last", kind="stable")
@@ -336,6 +329,7 @@ def plot_comparison(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = [_group_label(row, by) for _, row in summary.iterrows()]
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
@@ -368,7 +362,10 @@ def plot_comparison(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]
         )
         seen.add(label)
     ax_loss.set_xlabel("epoch")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_ylabel("validation loss")
+    if seen and all(line.get_ydata().min() > 0 for line in ax_loss.get_lines()):
+        ax_loss.set_yscale("log")  # one diverging first epoch would flatten every other curve
     ax_loss.set_title("Validation loss per run (dashed: failed)")
     if seen:
         ax_loss.legend(fontsize=8)

@@ -7,7 +7,7 @@ clear stop when training diverges.
   and renames it into place, and refuses to write a model whose weights are no longer finite.
 - :class:`CheckpointOnSigterm` saves ``checkpoints/last.ckpt`` when a SIGTERM (SLURM preemption,
   ``kill``) stops a fit; Lightning defers the signal to the end of the current batch.
-- :func:`non_finite_loss_error` names the step and the images of a batch whose loss is NaN/inf.
+- :func:`check_finite_loss` stops every process when a loss is NaN/inf, naming the step and images.
 """
 from __future__ import annotations
 
@@ -51,10 +51,11 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     """The config to run (``paths.output_dir`` pointing at the run to continue) and the checkpoint.
 
     ``resume=null``: a new run; ``ckpt_path=FILE`` starts it from that checkpoint's training state.
-    ``resume=auto``: continue this output directory if it holds ``checkpoints/last.ckpt``; else the
-    most recent interrupted run (``last.ckpt``, no ``metrics.json``) beside it whose ``config.yaml``
-    matches this config; else start a new run. ``resume=DIR`` (a run directory) or
-    ``resume=DIR/checkpoints/X.ckpt``: continue that run from that checkpoint.
+    ``resume=auto``: continue this output directory if it holds a checkpoint to resume from
+    (:func:`latest_checkpoint`); else the most recent interrupted run (such a checkpoint, no
+    ``metrics.json``) beside it whose ``config.yaml`` matches this config; else start a new run.
+    ``resume=DIR`` (a run directory) or ``resume=DIR/checkpoints/X.ckpt``: continue that run from
+    that checkpoint.
     Continuing another directory leaves a ``resumed_into.txt`` note in this invocation's directory.
     """
     from cxr_lightning.build import resolve_ckpt_path
@@ -73,7 +74,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, str | None]:
         if run is None:
             log.info("resume=auto: no interrupted run of this config beside %s; starting a new run.", out)
             return cfg, None
-        checkpoint = run / "checkpoints" / LAST_CHECKPOINT
+        checkpoint = latest_checkpoint(run)
     else:
         run, checkpoint = _run_of(Path(str(resume)).expanduser())
         differences = config_differences(cfg, run)
@@ -91,7 +92,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, str | None]:
 def find_interrupted_run(cfg: DictConfig) -> Path | None:
     """The run ``resume=auto`` continues: see :func:`resolve_resume`."""
     out = Path(cfg.paths.output_dir)
-    if (out / "checkpoints" / LAST_CHECKPOINT).is_file():
+    if latest_checkpoint(out) is not None:
         return out  # hydra.run.dir=<old run> resume=auto
     if not out.parent.is_dir():
         return None
@@ -127,11 +128,18 @@ def config_differences(cfg: DictConfig, run: Path) -> list[str]:
     ]
 
 
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newer of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` files Lightning writes
+    when SLURM signals a requeue (``--signal=USR1@90``); None when the run has neither."""
+    candidates = [run / "checkpoints" / LAST_CHECKPOINT, *run.glob("hpc_ckpt_*.ckpt")]
+    return max((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def _run_of(path: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) for ``resume=PATH``."""
     if path.is_dir():
-        checkpoint = path / "checkpoints" / LAST_CHECKPOINT
-        if not checkpoint.is_file():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
             raise CheckpointError(
                 f"resume={path}: no checkpoints/{LAST_CHECKPOINT} in that folder. Pass a training run "
                 "directory (outputs/<task>/<time>/) or one of its checkpoints/*.ckpt files."
@@ -148,7 +156,7 @@ def _run_of(path: Path) -> tuple[Path, Path]:
 
 
 def _is_interrupted(run: Path) -> bool:
-    return (run / "checkpoints" / LAST_CHECKPOINT).is_file() and not _has_complete_metrics(run)
+    return latest_checkpoint(run) is not None and not _has_complete_metrics(run)
 
 
 def _has_complete_metrics(run: Path) -> bool:
@@ -159,7 +167,7 @@ def _has_complete_metrics(run: Path) -> bool:
 
 
 def _last_checkpoint_time(run: Path) -> float:
-    return (run / "checkpoints" / LAST_CHECKPOINT).stat().st_mtime
+    return latest_checkpoint(run).stat().st_mtime
 
 
 def _without_run_keys(container: Any) -> dict:
@@ -205,12 +213,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` with any NaN or inf."""
-    floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    if not floats:
-        return []
-    # One flag per tensor, gathered in a single transfer.
-    finite = torch.stack([torch.isfinite(v).all().to("cpu", non_blocking=True) for v in floats.values()])
-    return [name for name, ok in zip(floats, finite.tolist()) if not ok]
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
 
 
 class CheckpointOnSigterm(pl.Callback):
@@ -249,6 +256,24 @@ class CheckpointOnSigterm(pl.Callback):
 # Divergence
 
 
+def check_finite_loss(
+    module: pl.LightningModule, batch: Mapping[str, Any], stage: str, loss: torch.Tensor, logits: torch.Tensor
+) -> None:
+    """Raise :func:`non_finite_loss_error` when ``loss`` is NaN/inf, on every process at once: under DDP
+    a rank that stopped alone would leave the others waiting in their next all-reduce until it times out."""
+    finite = bool(torch.isfinite(loss))
+    trainer = module._trainer
+    finite_everywhere = trainer.strategy.reduce_boolean_decision(finite, all=True) if trainer is not None else finite
+    if finite_everywhere:
+        return
+    if finite:
+        raise TrainingError(
+            f"Training stopped: the {stage} loss is NaN/inf on another process at global step "
+            f"{module.global_step}; that process's error names the images."
+        )
+    raise non_finite_loss_error(module, batch, stage, loss, logits)
+
+
 def non_finite_loss_error(
     module: pl.LightningModule, batch: Mapping[str, Any], stage: str, loss: torch.Tensor, logits: torch.Tensor
 ) -> TrainingError:
@@ -267,7 +292,9 @@ def non_finite_loss_error(
     names = _image_names(trainer, stage, rows)
     which = "images with non-finite inputs or outputs" if bool(bad_rows.any()) else f"the batch's {len(names)} images"
     shown = ", ".join(names[:_SHOW]) + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
-    where = f"global step {module.global_step}, epoch {module.current_epoch}" if trainer is not None else "outside a Trainer"
+    where = "outside a Trainer"
+    if trainer is not None:
+        where = f"global step {module.global_step}, epoch {module.current_epoch}"
     kept = _last_checkpoint(trainer)
     return TrainingError(
         f"Training stopped: the {stage} loss is {loss.item()} at {where}; {which}: {shown or 'unknown'}. "

@@ -84,23 +84,22 @@ def predict(cfg: DictConfig) -> PredictionRun:
     key_of = dict(zip(map(str, files), keys))
     csv = read_demographics_csv(cfg.demographics) if cfg.get("demographics") else None
     demographics, failures = gather_demographics(files, keys, csv)
-    usable = ~demographics.index.isin(list(failures))
-    meta = metadata_matrix(demographics[usable], model.hparams.meta_names, _age_fill(model, demographics[usable]))
+    kept = demographics[~demographics.index.isin(list(failures))]
+    meta = metadata_matrix(kept, model.hparams.meta_names, _age_fill(model, kept))
 
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     model = model.to(device).eval()
     cam_dir = Path(cfg.cam_dir) if cfg.get("cam_dir") else output.parent / "cams"
-    kept = demographics[usable]
     dataset = ImageFiles(kept.index.tolist(), int(model.hparams.image_size))
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
     rows, cam_files = [], []
     for batch in track(loader, description="Predicting", total=len(loader), transient=True):
-        read = np.array([not e for e in batch["error"]], dtype=bool)
         failures.update({dataset.paths[i]: e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
+        read = torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
         if not read.any():
             continue
-        index = batch["index"][torch.from_numpy(read)].numpy()
-        pixels = batch["image"][torch.from_numpy(read)]
+        index = batch["index"][read].numpy()
+        pixels = batch["image"][read]
         x = normalize(pixels.to(device), model.hparams.mean, model.hparams.std)
         m = torch.from_numpy(meta[index]).to(device)
         with torch.no_grad():
@@ -211,7 +210,7 @@ def gather_demographics(
     for file, v in view[refused].items():
         kind = "a lateral view" if v in LATERAL_VIEWS else "not a frontal view"
         failures.setdefault(
-            file, f"{file}: view position {v} is {kind}; the model was trained on frontal (PA/AP) chest X-rays only."
+            file, f"view position {v} is {kind}; the model was trained on frontal (PA/AP) chest X-rays only."
         )
     return found, failures
 

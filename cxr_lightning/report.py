@@ -44,7 +44,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = True) -> 
 
 
 def _cell(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (np.isscalar(value) and pd.isna(value)):
         return "n/a"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}"

@@ -11,8 +11,8 @@ interrupted sweep still leaves a report that lists its failed runs with their re
 
 It also refuses the one DDP setup that cannot work under a multirun: Lightning's ``ddp``
 strategy re-launches ``sys.argv`` for every extra GPU, and under ``-m`` that re-runs the whole
-sweep. Use ``trainer.strategy=ddp_spawn`` for local multi-GPU sweeps, or the SLURM launcher
-(``hydra/launcher=slurm``), where SLURM starts one task per GPU and Lightning launches nothing.
+sweep. Multi-GPU sweeps go through the SLURM launcher (``hydra/launcher=slurm``), where SLURM
+starts one task per GPU and Lightning launches nothing, or run as separate single runs.
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ def check_multirun_strategy(config: DictConfig) -> None:
         return
     raise ConfigError(
         f"trainer.strategy={strategy} with trainer.devices={devices} under a Hydra multirun (-m): Lightning "
-        "would start each extra process by re-running this command line, i.e. the whole sweep again. Use "
-        "trainer.strategy=ddp_spawn for a sweep on one machine's GPUs, or hydra/launcher=slurm so that SLURM "
-        "starts one task per GPU for each run (see README, 'Running the comparison on a cluster')."
+        "would start each extra process by re-running this command line, i.e. the whole sweep again. On a "
+        "SLURM cluster add hydra/launcher=slurm (SLURM then starts one task per GPU for each run); on one "
+        "machine, start the runs one by one without -m, each with hydra.run.dir=DIR/<name>, and compare them "
+        "with python -m cxr_lightning.compare DIR (see README, 'Running the comparison on a cluster')."
     )
 
 

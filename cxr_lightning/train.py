@@ -44,11 +44,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     started = time.perf_counter()
-    try:
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        # CheckpointOnSigterm has saved last.ckpt; a non-zero status tells the scheduler the run is unfinished.
-        raise SystemExit(EXIT_SIGTERM) from None
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - started
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -94,7 +90,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except SIGTERMException:
+        # CheckpointOnSigterm has saved last.ckpt; a non-zero status tells the scheduler the run is unfinished.
+        raise SystemExit(EXIT_SIGTERM) from None
     # Returned for Hydra sweepers (Optuna) that optimise one number.
     return metrics.get("best_val_loss")
 

@@ -166,11 +166,18 @@ def test_estimate_caps_png_by_its_loader():
         return bench.StepFigure("resnet50", 224, 64, "bf16+CL", feed, stage, 64_000 / ips, ips, 0.0)
 
     figures = [fig("synthetic", "train", 1000.0), fig("cache", "train", 900.0), fig("cache", "eval", 3000.0)]
-    loader = [{"image_size": 224, "source": "png", "workers": 8, "images_per_second": 50.0}]
     est = {"train_val_images": 1000, "val_fraction": 0.1, "epochs": 1, "test_images": 100}
-    (row,) = bench.estimate_rows(figures, loader, est, workers=8)
+    png = {"image_size": 224, "source": "png", "workers": 8}
+    slow = [{**png, "images_per_second": 50.0}, {**png, "workers": 0, "images_per_second": 1.0}]
+    (row,) = bench.estimate_rows(figures, slow, est, workers=8)
+    assert row["backbone"] == "resnet50" and row["mode"] == "bf16+CL"
     assert row["hours_cache"] == pytest.approx((900 / 900 + 100 / 3000 + 100 / 3000) / 3600)
     assert row["hours_png"] == pytest.approx((900 / 50 + 100 / 50 + 100 / 50) / 3600)
+    # A PNG loader faster than the model leaves training at the measured speed; eval is capped.
+    (row,) = bench.estimate_rows(figures, [{**png, "images_per_second": 2000.0}], est, workers=8)
+    assert row["hours_png"] == pytest.approx((900 / 900 + 100 / 2000 + 100 / 2000) / 3600)
+    (row,) = bench.estimate_rows(figures, [], est, workers=8)
+    assert row["hours_png"] is None
 
 
 @pytest.mark.slow
@@ -204,7 +211,11 @@ def test_quick_bench_prints_tables_and_writes_bench_json(tmp_path, capsys):
     assert written["estimate"]["total_hours_cache"] == pytest.approx(row["hours_cache"])
 
 
-def test_unknown_backbone_is_a_config_error(tmp_path):
-    cfg = compose_config(["bench.backbones=[resnet5]", f"paths.output_dir={tmp_path}"], config_name="bench")
+def test_bad_bench_options_are_config_errors(tmp_path):
+    def bench_cfg(*overrides):
+        return compose_config([*overrides, f"paths.output_dir={tmp_path}"], config_name="bench")
+
     with pytest.raises(ConfigError, match=r"\['resnet5'\] unknown; choose among .*resnet50"):
-        bench.run_bench(cfg)
+        bench.run_bench(bench_cfg("bench.backbones=[resnet5]"))
+    with pytest.raises(ConfigError, match=r"bench\.train\.cpu: .*at least 1"):
+        bench.run_bench(bench_cfg("bench.train.cpu.warmup=0"))

@@ -53,8 +53,9 @@ class TinyClassifier(nn.Module):
     """Stand-in for CXRClassifier: timm trunk, pooled features + metadata -> linear head.
 
     ``dead`` adds a side branch at ``self.side`` whose output reaches the logits multiplied by 0
-    (``"zero"``) or detached (``"detach"``), so no gradient can reach it; ``"input"`` detaches the
-    image, so no gradient reaches any layer of a frozen model.
+    (``"zero"``) or detached (``"detach"``), so no gradient can reach it; ``"no_grad"`` runs the
+    trunk under ``torch.no_grad()`` (a common way to freeze a backbone), so no gradient reaches any
+    of its layers; ``"input"`` detaches the image, which Grad-CAM does not need.
     """
 
     def __init__(self, dead: str | None = None, seed: int = 0) -> None:
@@ -70,7 +71,8 @@ class TinyClassifier(nn.Module):
             self.head.weight[:, :features].uniform_(0.5, 1.5)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        fmap = self.backbone.forward_features(image.detach() if self.dead == "input" else image)
+        with torch.no_grad() if self.dead == "no_grad" else contextlib.nullcontext():
+            fmap = self.backbone.forward_features(image.detach() if self.dead == "input" else image)
         logits = self.head(torch.cat([fmap.mean(dim=(2, 3)), meta], dim=1))
         if self.dead in ("zero", "detach"):
             side = self.side(fmap).mean(dim=(1, 2, 3))[:, None]
@@ -129,6 +131,17 @@ def test_top_k_pairs_probabilities_and_nonzero_heatmaps(tiny, batch):
     assert result.n_zero_gradient == result.n_empty == 0
 
 
+@pytest.mark.parametrize("targets", [[[2, 0], [1]], [[3], []]])
+def test_probabilities_with_explicit_targets_match_a_plain_forward(tiny, batch, targets):
+    # Taken from the CAM passes; an image without targets gets its own forward.
+    images, meta = batch
+    result = compute_cams(tiny, images, meta, tiny.backbone.layer3, targets=targets)
+    with torch.no_grad():
+        probs = torch.sigmoid(tiny.eval()(images, meta)).numpy()
+    np.testing.assert_allclose(result.probabilities, probs, rtol=1e-5)
+    assert [tuple(p) for p in result.pairs] == [(i, c) for i, cs in enumerate(targets) for c in cs]
+
+
 def test_each_pair_matches_a_direct_gradcam_of_that_image_and_class(tiny, batch):
     images, meta = batch
     targets = [[3, 0], [1]]
@@ -180,7 +193,7 @@ def test_restores_modes_requires_grad_and_accumulated_grads(batch):
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
-@pytest.mark.parametrize("dead, layer", [("zero", "side"), ("detach", "side"), ("input", "backbone.layer3")])
+@pytest.mark.parametrize("dead, layer", [("zero", "side"), ("detach", "side"), ("no_grad", "backbone.layer3")])
 def test_zero_gradient_detector_fires_when_no_gradient_reaches_the_layer(batch, dead, layer):
     images, meta = batch
     model = TinyClassifier(dead=dead)
@@ -190,6 +203,17 @@ def test_zero_gradient_detector_fires_when_no_gradient_reaches_the_layer(batch, 
     assert result.n_zero_gradient == 4
     assert not result.heatmaps.any()
     assert all(t.startswith(f"{NO_GRADIENT}: ") for t in result.titles(["A", "B", "C", "D"]))
+
+
+def test_cams_need_no_gradient_below_the_target_layer(tiny, batch):
+    # The graph starts at the target layer: a model that detaches its input explains as usual.
+    images, meta = batch
+    reference = compute_cams(tiny, images, meta, tiny.backbone.layer3, top_k=2)
+    model = TinyClassifier(dead="input")
+    with _no_cam_warnings():
+        result = compute_cams(model, images, meta, model.backbone.layer3, top_k=2)
+    np.testing.assert_allclose(result.heatmaps, reference.heatmaps, atol=1e-5)
+    assert not result.zero_gradient.any()
 
 
 def test_zero_gradient_detector_quiet_on_a_live_layer_of_the_same_model(batch):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_config, tiny_overrides
 from cxr_lightning.data.nih import read_bbox_table
-from cxr_lightning.errors import ConfigError
+from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain import NO_GRADIENT, CamWarning, UnknownMetadataWarning, explain
 from cxr_lightning.explain import job as explain_job
 from cxr_lightning.inference import datamodule_for, predict_split
@@ -157,6 +157,7 @@ def test_zero_gradient_is_counted_warned_and_marked(tiny_run, tmp_path, monkeypa
     assert metrics["localization.zero_gradient"] == metrics["localization.n_pairs"] > 0
     cams = pd.read_csv(out / "cams.csv")
     assert cams["zero_gradient"].all()
+    assert cams["title"].str.startswith(f"{NO_GRADIENT}: ").all()  # what the overlay's banner says
     assert json.loads((out / "metrics.json").read_text())["cams.zero_gradient"] == 2
     # A blank CAM never scores: no pointing-game hit.
     assert metrics["localization.pointing_game"] == 0.0
@@ -170,8 +171,12 @@ def test_bad_options_are_config_errors(tiny_run, tmp_path):
         _explain(*base, "findings=[Effusion,Nonsense]")
     with pytest.raises(ConfigError, match="method='gradcam3'"):
         _explain(*base, "method=gradcam3")
+    with pytest.raises(ConfigError, match="split='holdout'"):
+        _explain(*base, "split=holdout")
     with pytest.raises(ConfigError, match="ckpt_path"):
         _explain(f"output_dir={tmp_path}")
+    with pytest.raises(DataError, match="no_such_scan.png"):
+        _explain(*base, "images=[no_such_scan.png]")
 
 
 def test_metadata_only_checkpoint_is_a_config_error(tiny_demo, tmp_path):

@@ -3,6 +3,7 @@ column contract or rejected with the framework's own error naming the file, neve
 exception from deep inside pandas."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -47,7 +48,7 @@ def bad_ages(draw, header, rows):
         return header, rows
     rows = [list(r) for r in rows]
     values = st.one_of(
-        st.sampled_from(["abc", "-5", "1e400", "", " ", "150", "058Y", "011M", "5D", "3W", "NaN", "inf", "4.5", "0x10"]),
+        st.sampled_from(["abc", "-5", "1e400", "", " ", "150", "058Y", "011M", "5D", "3W", "NaN", "inf", "0x10"]),
         cell_text,
     )
     for i in draw(st.lists(row_index, min_size=1, max_size=5)):
@@ -101,7 +102,9 @@ def fewer_rows(draw, header, rows):
     return header, [] if header_only else rows[: draw(st.integers(1, max(1, len(rows))))]
 
 
-TABLE_CORRUPTIONS = [drop_column, extra_column, bad_ages, unknown_labels, random_cells, duplicate_rows, ragged_rows, fewer_rows]
+TABLE_CORRUPTIONS = [
+    drop_column, extra_column, bad_ages, unknown_labels, random_cells, duplicate_rows, ragged_rows, fewer_rows
+]
 
 
 @st.composite
@@ -156,7 +159,9 @@ def check_contract(df: pd.DataFrame, path: Path, written: str) -> None:
         assert pd.api.types.is_float_dtype(df[col])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=corrupted_table())
 def test_corrupted_table_is_read_or_rejected_with_a_data_error_naming_the_file(tmp_path, data):
     path = tmp_path / "Data_Entry_2017_v2020.csv"
@@ -184,5 +189,5 @@ def test_uncorrupted_fixture_satisfies_the_contract(tmp_path):
 def test_table_in_another_encoding_is_rejected_with_what_to_save_it_as(tmp_path, encoding):
     path = tmp_path / SOURCE.name
     path.write_bytes(SOURCE.read_text().replace("M,PA", "M,PÄ", 1).encode(encoding))
-    with pytest.raises(CXRError, match=rf"{path} is not UTF-8 text .*save it as UTF-8 CSV"):
+    with pytest.raises(CXRError, match=re.escape(f"{path} is not UTF-8 text") + ".*save it as UTF-8 CSV"):
         nih.read_label_table(path)

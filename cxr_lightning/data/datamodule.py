@@ -264,6 +264,7 @@ class CXRDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        # A sampler (the benchmark's draws with replacement) replaces shuffling.
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,

@@ -10,7 +10,7 @@ import logging
 
 import pytorch_lightning as pl
 
-from cxr_lightning.callbacks import _tensorboard
+from cxr_lightning.callbacks import tensorboard_writer
 from cxr_lightning.explain.cams import CAM_METHODS
 from cxr_lightning.explain.inputs import load_split
 from cxr_lightning.explain.job import GRID_TAG, image_set_cams, result_grid
@@ -35,7 +35,7 @@ class CamGridCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        writer = _tensorboard(trainer)
+        writer = tensorboard_writer(trainer)
         if writer is None:
             log.info("CamGridCallback: no TensorBoard logger, no CAM grid.")
             return

@@ -166,9 +166,14 @@ def compute_cams(
 
     Safe to call from Lightning hooks: it leaves inference mode, enables grad, runs the model in
     eval mode and restores every module's mode, every parameter's ``requires_grad`` and ``.grad``
-    afterwards. Parameters are not differentiated at all; the input requires grad instead, so a
-    frozen backbone still carries gradients to the target layer. Heatmaps that got no gradient or
-    came out blank are flagged in the result and reported with a :class:`CamWarning`.
+    afterwards. Neither parameters nor the input are differentiated: the autograd graph starts at
+    the target layer's output (:func:`_graph_from`), which is all Grad-CAM needs, so a frozen
+    backbone still gets its CAMs and the backward pass stops at the target layer instead of
+    running through the whole backbone. Heatmaps that got no gradient or came out blank are
+    flagged in the result and reported with a :class:`CamWarning`.
+
+    With explicit ``targets`` the probabilities come from the CAM forward passes themselves (an
+    extra forward only for images without targets).
     """
     cam_class = CAM_METHODS.get(method)
     if cam_class is None:
@@ -189,22 +194,36 @@ def compute_cams(
         images = images.detach().clone().to(device)
         meta = meta.detach().clone().to(device)
         with torch.no_grad():
-            probabilities = torch.sigmoid(model(images, meta).float()).cpu()
+            if targets is None:
+                probabilities = _probabilities(model, images, meta)
+            else:
+                n_labels = _probabilities(model, images[:1], meta[:1]).shape[1]
+                probabilities = torch.full((len(images), n_labels), float("nan"))
         pairs = _select_pairs(probabilities, targets, top_k)
 
         wrapper = ImageOnly(model)
         cam = cam_class(model=wrapper, target_layers=[target_layer])
+        # Prepended to the library's own hooks, which must see the grad-carrying output.
+        graph_hook = _graph_from(target_layer) if cam.uses_gradients else None
         chunk = 1 if issubclass(cam_class, ScoreCAM) else batch_size
         cam.batch_size = batch_size  # ScoreCAM's masked-copy batch
         heatmaps, zero_gradient = [], []
         try:
             for start in range(0, len(pairs), chunk):
                 part = pairs[start : start + chunk]
-                maps, no_grad = _run_cam(cam, wrapper, images, meta, part)
+                maps, no_grad, pair_probs = _run_cam(cam, wrapper, images, meta, part)
                 heatmaps.append(maps)
                 zero_gradient.append(no_grad)
+                if targets is not None and pair_probs is not None:
+                    probabilities[torch.as_tensor(part[:, 0])] = pair_probs
         finally:
             cam.activations_and_grads.release()
+            if graph_hook is not None:
+                graph_hook.remove()
+        missing = torch.isnan(probabilities).any(dim=1)
+        if missing.any():
+            with torch.no_grad():
+                probabilities[missing] = _probabilities(model, images[missing.to(device)], meta[missing.to(device)])
 
     height, width = images.shape[-2:]
     heatmaps_np = np.concatenate(heatmaps) if heatmaps else np.zeros((0, height, width), np.float32)
@@ -221,26 +240,50 @@ def compute_cams(
     return result
 
 
+def _probabilities(model: nn.Module, images: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(model(images, meta).float()).cpu()
+
+
+def _graph_from(layer: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make ``layer``'s output the root of the autograd graph.
+
+    Nothing upstream requires grad (parameters are frozen for the call, the input never requires
+    grad), so the forward up to the layer records no graph and the backward ends at the layer.
+    The ``* 1.0`` makes the output a non-leaf, so in-place ops after the layer (a ``ReLU(inplace)``)
+    stay legal. A model that runs the layer under ``no_grad`` or detaches it downstream still
+    sends no gradient back: that is what the zero-gradient detector reports.
+    """
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        if not isinstance(output, torch.Tensor):
+            return None
+        return output.detach().requires_grad_() * 1.0
+
+    return layer.register_forward_hook(hook, prepend=True)
+
+
 def _run_cam(
     cam: BaseCAM, wrapper: ImageOnly, images: torch.Tensor, meta: torch.Tensor, pairs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Heatmaps ``(p, H, W)`` and zero-gradient flags ``(p,)`` for one chunk of pairs."""
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+    """Heatmaps ``(p, H, W)``, zero-gradient flags ``(p,)`` and the ``(p, L)`` probabilities of
+    the forward pass (None when it failed) for one chunk of pairs."""
     rows = torch.as_tensor(pairs[:, 0], device=images.device)
-    x = images[rows].requires_grad_(cam.uses_gradients)
+    x = images[rows]
     wrapper.meta = meta[rows]
     cam_targets = [ClassifierOutputTarget(int(c)) for c in pairs[:, 1]]
     try:
         maps = cam(input_tensor=x, targets=cam_targets)
     except RuntimeError as err:
-        # The logits do not depend differentiably on the input at all: nothing to explain.
+        # The logits do not depend differentiably on the target layer at all: nothing to explain.
         if "does not require grad" not in str(err):
             raise
-        return np.zeros((len(pairs), *x.shape[-2:]), np.float32), np.ones(len(pairs), bool)
+        return np.zeros((len(pairs), *x.shape[-2:]), np.float32), np.ones(len(pairs), bool), None
+    probabilities = torch.sigmoid(cam.outputs.detach().float()).cpu()
     if not cam.uses_gradients:
-        return maps, np.zeros(len(pairs), bool)
+        return maps, np.zeros(len(pairs), bool), probabilities
     grads = cam.activations_and_grads.gradients
     reached = torch.stack([g.reshape(len(pairs), -1).ne(0).any(dim=1) for g in grads]).any(dim=0)
-    return maps, ~reached.numpy()
+    return maps, ~reached.numpy(), probabilities
 
 
 def _select_pairs(

@@ -3,7 +3,8 @@
 From a checkpoint (or a training run directory) alone it writes, into the output directory:
 
 * ``overlays/NNN_<image>_<Finding>.png``: one labelled heatmap overlay per (image, finding);
-* ``cams.csv``: one row per overlay (image, finding, probability, zero_gradient, empty, file);
+* ``cams.csv``: one row per overlay (image, finding, probability, zero_gradient, empty, number
+  of ground-truth boxes drawn, title, file);
 * ``tensorboard/``: the overlays as one image grid, tag ``cam_grid``;
 * ``localization.csv``: per-finding pointing game, IoU and IoBB accuracy with the random-heatmap
   baseline, over every image of the chosen split that has boxes (when the data has boxes);
@@ -44,24 +45,10 @@ BOX_SPACE = 1024
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Run the explain job described by ``cfg`` (conf/explain.yaml); returns what ``metrics.json`` holds."""
-    entries = _image_entries(cfg.get("images"))
-    split = cfg.get("split")
-    if entries and split:
-        raise ConfigError(f"Pass either images=[...] or split={split}, not both.")
-    split = None if entries else (split or "test")
-    if split is not None and split not in SPLITS:
-        raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}.")
-    method = str(cfg.method)
-    if method not in CAM_METHODS:
-        raise ConfigError(f"method={method!r}: expected one of {sorted(CAM_METHODS)}.")
-    top_k, batch_size = int(cfg.top_k), int(cfg.batch_size)
-    if top_k < 1 or batch_size < 1:
-        raise ConfigError(f"top_k={top_k} and batch_size={batch_size} must both be >= 1.")
-
+    entries, split, method, top_k, batch_size = _checked_options(cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = job_output_dir(cfg.get("output_dir"), cfg.get("run_dir"), _hydra_run_dir())
-    device = default_device() if cfg.device == "auto" else str(cfg.device)
-    model = load_model(ckpt, map_location=device)
+    model = load_model(ckpt).to(default_device() if cfg.device == "auto" else str(cfg.device))
     if model.backbone is None:
         raise ConfigError(
             f"{ckpt} was trained with head=metadata_only: it never sees the image, so there is nothing "
@@ -183,6 +170,25 @@ def result_grid(
 
 
 # --------------------------------------------------------------------------------------------
+def _checked_options(cfg: DictConfig) -> tuple[list[str], str | None, str, int, int]:
+    """``images`` entries, split (None with images), method, top_k, batch_size: checked before
+    anything is loaded."""
+    entries = _image_entries(cfg.get("images"))
+    split = cfg.get("split")
+    if entries and split:
+        raise ConfigError(f"Pass either images=[...] or split={split}, not both.")
+    split = None if entries else (split or "test")
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"split={split!r}: expected one of {list(SPLITS)}.")
+    method = str(cfg.method)
+    if method not in CAM_METHODS:
+        raise ConfigError(f"method={method!r}: expected one of {sorted(CAM_METHODS)}.")
+    top_k, batch_size = int(cfg.top_k), int(cfg.batch_size)
+    if top_k < 1 or batch_size < 1:
+        raise ConfigError(f"top_k={top_k} and batch_size={batch_size} must both be >= 1.")
+    return entries, split, method, top_k, batch_size
+
+
 def _image_entries(images: Any) -> list[str]:
     if images is None:
         return []
@@ -252,6 +258,7 @@ def _write_overlays(
                 "zero_gradient": bool(result.zero_gradient[p]),
                 "empty": bool(result.empty[p]),
                 "n_boxes": len(gt[p]),
+                "title": title,
                 "overlay": os.path.relpath(path, out),
             }
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,18 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
+from torchmetrics import MeanMetric
 
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.faults import non_finite_loss_error
+from cxr_lightning.faults import check_finite_loss
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models.heads import create_head
 
 log = logging.getLogger(__name__)
+# _log_metrics logs values torchmetrics has already synchronised across DDP ranks.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level")
 STAGES = ("train", "val", "test")
 
 
@@ -79,6 +83,14 @@ class CXRClassifier(pl.LightningModule):
         self.train_metrics = LabelMetrics(self.label_names)
         self.val_metrics = LabelMetrics(self.label_names)
         self.test_metrics = LabelMetrics(self.label_names)
+        # The epoch's mean loss as torchmetrics too, weighted by batch size and summed across DDP
+        # ranks on compute(): every cross-rank sync then happens in _log_metrics, on every rank in
+        # the same order. Lightning's self.log(sync_dist=True) would all-reduce wherever a
+        # rank-zero-only callback (the progress bar) first reads the epoch's metrics, out of step
+        # with the label metrics' all-gathers on the other ranks: a DDP deadlock.
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -102,10 +114,9 @@ class CXRClassifier(pl.LightningModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         logits = self(batch["image"], batch["meta"])
         loss = self.criterion(logits, batch["labels"])
-        if not torch.isfinite(loss):
-            raise non_finite_loss_error(self, batch, stage, loss, logits)
+        check_finite_loss(self, batch, stage, loss, logits)
         getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True)
+        getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -121,7 +132,8 @@ class CXRClassifier(pl.LightningModule):
         return torch.sigmoid(self(batch["image"], batch["meta"]))
 
     def _log_metrics(self, stage: str) -> None:
-        metric = getattr(self, f"{stage}_metrics")
+        metric, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        self.log(f"{stage}/loss", loss.compute(), prog_bar=True, sync_dist=False)  # already synced
         values = metric.compute()
         skipped = metric.skipped_labels()
         if skipped and not self.trainer.sanity_checking:
@@ -132,6 +144,7 @@ class CXRClassifier(pl.LightningModule):
             )
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
         metric.reset()
+        loss.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")

@@ -1,0 +1,91 @@
+"""Export to ONNX and TorchScript: the files reproduce the checkpoint, carry its metadata, and a
+mismatch fails without leaving a file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_config, tiny_overrides
+from cxr_lightning import export as export_module
+from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.export import export, read_onnx_metadata, read_torchscript_metadata
+from cxr_lightning.models.module import load_model
+from cxr_lightning.train import train
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    metrics = train(compose_config(tiny_overrides(tiny_demo, out) + ["head=fusion", "test_after_fit=false"]))
+    return Path(metrics["best_checkpoint"])
+
+
+def inputs(model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(123)
+    size = model.hparams.image_size
+    return (
+        torch.randn(batch, 1, size, size, generator=generator),
+        torch.rand(batch, len(model.hparams.meta_names), generator=generator),
+    )
+
+
+def run_export(ckpt: Path, fmt: str, output: Path):
+    return export(compose_config([f"ckpt_path={ckpt}", f"format={fmt}", f"output={output}"], config_name="export"))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_reproduces_the_checkpoint_at_any_batch_size_and_carries_its_metadata(ckpt, tmp_path, fmt):
+    explicit = fmt == "torchscript"  # onnx: the default path beside the checkpoint
+    output = tmp_path / "model.pt" if explicit else ckpt.with_name(ckpt.stem + ".onnx")
+    result = export(compose_config(
+        [f"ckpt_path={ckpt}", f"format={fmt}"] + ([f"output={output}"] if explicit else []), config_name="export"
+    ))
+    try:
+        assert result.path == output and output.stat().st_size > 0
+        assert result.max_abs_diff <= 1e-4
+        model = load_model(ckpt)
+        for batch in (1, 5):  # neither is the export's batch size of 2
+            image, meta = inputs(model, batch)
+            with torch.no_grad():
+                expected = model(image, meta).numpy()
+            if fmt == "onnx":
+                session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+                assert [i.name for i in session.get_inputs()] == ["image", "meta"]
+                got = session.run(["logits"], {"image": image.numpy(), "meta": meta.numpy()})[0]
+            else:
+                with torch.no_grad():
+                    got = torch.jit.load(str(output))(image, meta).numpy()
+            assert got.shape == (batch, len(model.hparams.label_names))
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+        written = read_onnx_metadata(output) if fmt == "onnx" else read_torchscript_metadata(output)
+        hp = model.hparams
+        assert json.loads(written["label_names"]) == list(hp.label_names)
+        assert json.loads(written["meta_names"]) == list(hp.meta_names)
+        assert int(written["image_size"]) == hp.image_size
+        assert float(written["mean"]) == pytest.approx(hp.mean) and float(written["std"]) == pytest.approx(hp.std)
+        assert not [p for p in output.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+    finally:
+        output.unlink(missing_ok=True)
+
+
+def test_a_mismatching_export_fails_loudly_and_leaves_no_file(ckpt, tmp_path, monkeypatch):
+    real_run = export_module.run_onnx
+    monkeypatch.setattr(export_module, "run_onnx", lambda path, batch: real_run(path, batch) + 1e-3)
+    output = tmp_path / "model.onnx"
+    with pytest.raises(CheckpointError, match=r"does not reproduce the checkpoint: max \|logit difference\| 0\.001"):
+        run_export(ckpt, "onnx", output)
+    assert not output.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_format_is_a_config_error(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="format='tflite'"):
+        run_export(ckpt, "tflite", tmp_path / "m")
