@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -66,3 +67,37 @@ def tensorboard_writer(trainer: pl.Trainer):
 
 def _scalar(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+class FitThroughput(pl.Callback):
+    """Epochs, training images and seconds of this invocation's fit.
+
+    Counted from the batches actually trained on, so resumed runs and ``limit_train_batches``
+    give true rates (trainer counters include the epochs before a resume).
+    """
+
+    def __init__(self) -> None:
+        self.start_epoch = 0
+        self.images = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_epoch = trainer.current_epoch
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += len(batch["labels"]) * trainer.world_size
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self._started
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, float | int | None]:
+        epochs = trainer.current_epoch - self.start_epoch
+        return {
+            "epochs": trainer.current_epoch,
+            "epochs_this_invocation": epochs,
+            "fit_seconds": self.seconds,
+            "seconds_per_epoch": self.seconds / epochs if epochs else None,
+            "train_images_per_second": self.images / self.seconds if self.seconds else None,
+        }

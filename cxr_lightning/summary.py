@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("value", justify="right")
     for label, value in rows:
         table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
-    console = Console()
+    console = Console(width=100)
     console.print(table)
     for what, rel in (("checkpoints", "checkpoints"), ("evaluation report", "evaluation/report.md"),
                       ("Grad-CAM overlays", "explain/overlays"), ("localisation", "explain/localization.csv")):

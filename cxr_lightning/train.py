@@ -5,7 +5,6 @@ Example: ``python -m cxr_lightning.train backbone=efficientnet_b3 head=fusion_re
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cxr_lightning import io
 from cxr_lightning.build import build_callbacks, build_datamodule, build_model
+from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.faults import EXIT_SIGTERM, AtomicCheckpointIO, resolve_resume
 from cxr_lightning.validate import validate_config
 
@@ -33,9 +33,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
+    throughput = FitThroughput()
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=build_callbacks(cfg),
+        callbacks=[*build_callbacks(cfg), throughput],
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
         plugins=[AtomicCheckpointIO()],
     )
@@ -43,9 +44,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         dm.save_split(out)
         io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    started = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - started
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback
@@ -55,17 +54,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
         test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
 
-    epochs = trainer.current_epoch  # epochs completed
-    n_train = len(dm.split_table("train"))
     metrics = {
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
-        "epochs": epochs,
-        "fit_seconds": fit_seconds,
-        "seconds_per_epoch": fit_seconds / max(epochs, 1),
-        "train_images_per_second": n_train * epochs / fit_seconds if fit_seconds > 0 else None,
+        **throughput.summary(trainer),
         "params": sum(p.numel() for p in model.parameters()),
         "label_table": dm.label_table_name,
         "label_names": dm.label_names,

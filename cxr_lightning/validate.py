@@ -29,8 +29,23 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     check_head(cfg.head.name)
     check_loss(cfg.loss.name)
     _check_metadata_use(cfg)
+    check_finetuning_devices(cfg)
     if ckpt_path:
         check_checkpoint_fits(cfg, ckpt_path)
+
+
+def check_finetuning_devices(cfg: DictConfig) -> None:
+    """Unfreezing mid-training is single-device only: DDP never all-reduces parameters that were
+    frozen when it wrapped the model (Lightning issue #20340), so the ranks' backbones drift apart."""
+    trainer = cfg.get("trainer", {})
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    several = nodes not in (None, 1) or not (devices in (1, "1") or devices == [0] or devices is None)
+    if cfg.backbone.get("freeze") and cfg.backbone.get("unfreeze_at_epoch") is not None and several:
+        raise ConfigError(
+            f"backbone.unfreeze_at_epoch={cfg.backbone.unfreeze_at_epoch} with trainer.devices={devices} "
+            f"trainer.num_nodes={nodes}: DDP does not synchronise a backbone unfrozen mid-training "
+            "(Lightning issue #20340). Train this recipe on one device (trainer.devices=1)."
+        )
 
 
 def check_data_root(data: DictConfig) -> None:

@@ -39,6 +39,10 @@ def test_fit_writes_checkpoint_tensorboard_history_and_metrics(one_epoch_run):
         assert f"test.auroc.{name}" in written
     assert written["label_table"] == "Data_Entry_2017_v2020.csv"
     assert (out / "val_patients.txt").read_text().strip()
+    # Throughput counts the images actually trained on in this invocation.
+    n_train = written["n_images"]["train"]
+    assert written["train_images_per_second"] * written["fit_seconds"] == pytest.approx(n_train, rel=1e-6)
+    assert written["epochs"] == written["epochs_this_invocation"] == 1
 
 
 def test_checkpoint_alone_rebuilds_the_model(one_epoch_run, tiny_demo):
@@ -66,6 +70,6 @@ def test_resume_from_last_checkpoint_continues_at_next_epoch(one_epoch_run):
     first_cfg = one_epoch_run[2]
     cfg.data.root = first_cfg.data.root
     metrics = train(cfg)
-    assert metrics["epochs"] == 2
+    assert metrics["epochs"] == 2 and metrics["epochs_this_invocation"] == 1
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [0, 1]

@@ -80,6 +80,11 @@ def fake_checkpoint(
         (["resume=/nonexistent/run"], CheckpointError, r"resume=/nonexistent/run does not exist"),
         (["resume=auto", "ckpt_path=/some/file.ckpt"], ConfigError, r"resume=auto and ckpt_path=/some/file.ckpt both given"),
         (["ckpt_path=/nonexistent/last.ckpt"], CheckpointError, r"ckpt_path=/nonexistent/last.ckpt does not exist"),
+        (
+            ["backbone.freeze=true", "backbone.unfreeze_at_epoch=2", "trainer=ddp_cpu"],
+            ConfigError,
+            r"backbone.unfreeze_at_epoch=2 with trainer.devices=2 .*Lightning issue #20340.*trainer.devices=1",
+        ),
     ],
 )
 def test_configuration_error_is_raised_before_data_loading(tmp_path, no_data_loading, overrides, error, message):
