@@ -6,7 +6,6 @@ not after the label table, the image index and a model have been built.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -74,22 +73,10 @@ def check_data_root(data: DictConfig) -> None:
 
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
-    import timm
-
-    from cxr_lightning.models.backbones import BACKBONE_NAMES, GLOBAL_POOLS
+    from cxr_lightning.models.backbones import check_name_and_pool
 
     name = str(backbone.name)
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ConfigError(
-            f"backbone.name={name!r} is not a timm model"
-            + (f" (did you mean one of {close}?)" if close else "")
-            + f". The six studied backbones are backbone={{{','.join(BACKBONE_NAMES)}}} (conf/backbone/); "
-            "any other model name that timm.list_models() prints also works as backbone.name."
-        )
-    pool = backbone.get("global_pool", "avg")
-    if pool not in GLOBAL_POOLS:
-        raise ConfigError(f"backbone.global_pool={pool!r} is not supported; use one of {list(GLOBAL_POOLS)}.")
+    check_name_and_pool(name, backbone.get("global_pool", "avg"))
     minimum = int(backbone.get("min_input_size", 32))
     if image_size < minimum:
         raise ConfigError(

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, fit_tiny
 from cxr_lightning import inference, io
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluate import evaluate, load_thresholds, save_thresholds, thresholds_path
 from cxr_lightning.models.module import load_model
-from cxr_lightning.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +26,7 @@ N_BOOT = 50
 
 @pytest.fixture(scope="module")
 def fitted(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("run")
-    metrics = train(compose_config(tiny_overrides(tiny_demo, out) + ["head=fusion_residual", "test_after_fit=false"]))
-    return out, Path(metrics["best_checkpoint"])
+    return fit_tiny(tiny_demo, tmp_path_factory.mktemp("run"), head="fusion_residual")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, fit_tiny
 from cxr_lightning import export as export_module
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.export import export, read_onnx_metadata, read_torchscript_metadata
 from cxr_lightning.models.module import load_model
-from cxr_lightning.train import train
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -22,9 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_demo, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    metrics = train(compose_config(tiny_overrides(tiny_demo, out) + ["head=fusion", "test_after_fit=false"]))
-    return Path(metrics["best_checkpoint"])
+    return fit_tiny(tiny_demo, tmp_path_factory.mktemp("run"), head="fusion")[1]
 
 
 def inputs(model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

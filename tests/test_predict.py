@@ -11,13 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, fit_tiny
 from cxr_lightning import inference
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluate import save_thresholds
 from cxr_lightning.models.module import load_model
 from cxr_lightning.predict import metadata_matrix, predict
-from cxr_lightning.train import train
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
@@ -29,9 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def fitted(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("run")
-    metrics = train(compose_config(tiny_overrides(tiny_demo, out) + ["head=fusion_residual", "test_after_fit=false"]))
-    return out, Path(metrics["best_checkpoint"])
+    return fit_tiny(tiny_demo, tmp_path_factory.mktemp("run"), head="fusion_residual")
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,20 @@ class Backbone(nn.Module):
             raise ConfigError(_unknown_layer_message(self.model, path, self.timm_name)) from None
 
 
+def check_name_and_pool(name: str, global_pool: str) -> None:
+    """ConfigError unless ``name`` is a timm model and ``global_pool`` one timm supports here."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(
+            f"backbone.name={name!r} is not a timm model"
+            + (f" (did you mean one of {close}?)" if close else "")
+            + f". The six studied backbones are backbone={{{','.join(BACKBONE_NAMES)}}} (conf/backbone/); "
+            "any other model name that timm.list_models() prints also works as backbone.name."
+        )
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"backbone.global_pool={global_pool!r} is not supported; use one of {list(GLOBAL_POOLS)}.")
+
+
 def create_backbone(
     name: str,
     pretrained: bool = False,
@@ -89,15 +103,7 @@ def create_backbone(
     network can set both and still start from ImageNet weights. ``drop_rate`` is timm's dropout on
     the pooled features.
     """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ConfigError(
-            f"backbone.name={name!r} is not a timm model"
-            + (f"; did you mean one of {close}?" if close else "")
-            + f" The studied backbones are {list(BACKBONE_NAMES)}; timm.list_models() lists the rest."
-        )
-    if global_pool not in GLOBAL_POOLS:
-        raise ConfigError(f"backbone.global_pool={global_pool!r} is not supported; use one of {list(GLOBAL_POOLS)}.")
+    check_name_and_pool(name, global_pool)
 
     kwargs: dict[str, Any] = dict(num_classes=0, global_pool=global_pool, in_chans=in_chans, drop_rate=drop_rate)
     if pretrained and weights is None:
