@@ -72,32 +72,42 @@ def _scalar(value) -> float:
 class FitThroughput(pl.Callback):
     """Epochs, training images and seconds of this invocation's fit.
 
-    Counted from the batches actually trained on, so resumed runs and ``limit_train_batches``
-    give true rates (trainer counters include the epochs before a resume).
+    Training time runs from each epoch's start to its last training batch (loading included,
+    validation and checkpointing excluded), and images are counted from the batches actually
+    trained on, so resumed runs and ``limit_train_batches`` give true rates.
     """
 
     def __init__(self) -> None:
         self.start_epoch = 0
         self.images = 0
-        self.seconds = 0.0
-        self._started = 0.0
+        self.train_seconds = 0.0
+        self.fit_seconds = 0.0
+        self._fit_started = 0.0
+        self._last = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_epoch = trainer.current_epoch
-        self._started = time.perf_counter()
+        self._fit_started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.train_seconds += now - self._last
+        self._last = now
         self.images += len(batch["labels"]) * trainer.world_size
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.seconds = time.perf_counter() - self._started
+        self.fit_seconds = time.perf_counter() - self._fit_started
 
     def summary(self, trainer: pl.Trainer) -> dict[str, float | int | None]:
         epochs = trainer.current_epoch - self.start_epoch
         return {
             "epochs": trainer.current_epoch,
             "epochs_this_invocation": epochs,
-            "fit_seconds": self.seconds,
-            "seconds_per_epoch": self.seconds / epochs if epochs else None,
-            "train_images_per_second": self.images / self.seconds if self.seconds else None,
+            "train_images": self.images,
+            "fit_seconds": self.fit_seconds,
+            "seconds_per_epoch": self.fit_seconds / epochs if epochs else None,
+            "train_images_per_second": self.images / self.train_seconds if self.train_seconds else None,
         }

@@ -209,11 +209,24 @@ def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) ->
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+# Evaluated as trained: these define the split, the labels or the model's inputs.
+SPLIT_DEFINING = frozenset(
+    {"source", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
+     "prior_labels", "drop_no_finding", "mean", "std"}
+)
+
+
 def data_overrides(data: Mapping[str, Any] | None) -> dict[str, Any]:
     """The non-null ``data.*`` overrides, checked against :class:`CXRDataModule`'s arguments."""
     given = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data or {})
     chosen = {k: v for k, v in given.items() if v is not None}
-    allowed = set(inspect.signature(CXRDataModule).parameters) - {"image_size"}
+    fixed = sorted(set(chosen) & SPLIT_DEFINING)
+    if fixed:
+        raise ConfigError(
+            f"data override(s) {fixed} would change the split or the model's inputs; they always come from "
+            "the checkpoint's training config. Only where and how to load the data can change."
+        )
+    allowed = set(inspect.signature(CXRDataModule).parameters) - SPLIT_DEFINING
     unknown = sorted(set(chosen) - allowed)
     if unknown:
         raise ConfigError(f"Unknown data override(s) {unknown}; CXRDataModule takes {sorted(allowed)}.")
@@ -228,7 +241,8 @@ def config_summary(model: CXRClassifier) -> dict[str, Any]:
     optimizer = hp.get("optimizer", {})
     return {
         "backbone": hp.backbone.get("name"),
-        "pretrained": hp.backbone.get("pretrained", config.get("backbone", {}).get("pretrained")),
+        # load_model clears hparams.backbone.pretrained (no download on load); the config keeps it.
+        "pretrained": config.get("backbone", {}).get("pretrained", hp.backbone.get("pretrained")),
         "head": hp.head.get("name"),
         "loss": hp.loss.get("name"),
         "optimizer": f"{optimizer.get('name')} lr={optimizer.get('lr')}",

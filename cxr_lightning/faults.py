@@ -261,9 +261,15 @@ def check_finite_loss(
 ) -> None:
     """Raise :func:`non_finite_loss_error` when ``loss`` is NaN/inf, on every process at once: under DDP
     a rank that stopped alone would leave the others waiting in their next all-reduce until it times out."""
-    finite = bool(torch.isfinite(loss))
     trainer = module._trainer
-    finite_everywhere = trainer.strategy.reduce_boolean_decision(finite, all=True) if trainer is not None else finite
+    distributed = trainer is not None and trainer.world_size > 1
+    if distributed and stage != "train":
+        # Ranks may run different numbers of eval batches (no padding, so metrics stay exact): a
+        # per-step collective here would meet another rank's metric sync and hang. A NaN eval loss
+        # shows in the synced epoch loss, and EarlyStopping(check_finite=True) stops on it.
+        return
+    finite = bool(torch.isfinite(loss))
+    finite_everywhere = trainer.strategy.reduce_boolean_decision(finite, all=True) if distributed else finite
     if finite_everywhere:
         return
     if finite:

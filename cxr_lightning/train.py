@@ -47,7 +47,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    checkpoint = trainer.checkpoint_callback
+    # The monitoring ModelCheckpoint: trainer.checkpoint_callback may be another Checkpoint subclass.
+    checkpoint = next(
+        (c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor), None
+    )
     best = checkpoint.best_model_path if checkpoint is not None else ""
     test_metrics: dict[str, float] = {}
     if cfg.get("test_after_fit", True):

@@ -249,7 +249,9 @@ class StubStrategy:
 
 
 def stub_module(others_finite: bool):
-    trainer = SimpleNamespace(strategy=StubStrategy(others_finite), datamodule=None, checkpoint_callback=None)
+    trainer = SimpleNamespace(
+        strategy=StubStrategy(others_finite), datamodule=None, checkpoint_callback=None, world_size=2
+    )
     return SimpleNamespace(_trainer=trainer, global_step=7, current_epoch=1)
 
 
@@ -262,6 +264,8 @@ def test_every_ddp_rank_stops_when_one_rank_has_a_non_finite_loss():
     with pytest.raises(TrainingError, match=r"train loss is nan at global step 7, epoch 1; the batch's 2 images: "
                        r"train row 4, train row 9\. Nothing is saved from this state \(no checkpoint was written"):
         faults.check_finite_loss(stub_module(False), batch, "train", nan, logits)
+    # No per-step collective in eval, where ranks may run different numbers of batches.
+    faults.check_finite_loss(stub_module(False), batch, "val", nan, logits)
 
 
 # --- killed and resumed training processes -----------------------------------------------------------

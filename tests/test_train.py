@@ -41,7 +41,8 @@ def test_fit_writes_checkpoint_tensorboard_history_and_metrics(one_epoch_run):
     assert (out / "val_patients.txt").read_text().strip()
     # Throughput counts the images actually trained on in this invocation.
     n_train = written["n_images"]["train"]
-    assert written["train_images_per_second"] * written["fit_seconds"] == pytest.approx(n_train, rel=1e-6)
+    assert written["train_images"] == n_train
+    assert n_train / written["train_images_per_second"] < written["fit_seconds"]
     assert written["epochs"] == written["epochs_this_invocation"] == 1
 
 

@@ -358,7 +358,7 @@ def build(cfg: DictConfig) -> ImageCache:
 
     workers = cfg.get("workers")
     dm = instantiate(cfg.data, _convert_="all")
-    return dm.build_cache(workers=os.cpu_count() or 1 if workers is None else int(workers))
+    return dm.build_cache(workers=(os.cpu_count() or 1) if workers is None else int(workers))
 
 
 # An absolute path: Hydra resolves a relative one against the module path unless run as __main__.

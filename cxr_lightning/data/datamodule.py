@@ -246,7 +246,7 @@ class CXRDataModule(pl.LightningDataModule):
         return self._tables[split]
 
     def save_split(self, out_dir: str | os.PathLike) -> Path:
-        """Write the validation patients (and the label table used) so that a run can be reproduced."""
+        """Write the validation patients to ``val_patients.txt`` so that a run can be reproduced."""
         val = np.sort(self.split_table("val")["Patient ID"].unique())
         path = Path(out_dir) / "val_patients.txt"
         io.write_text(path, "".join(f"{p}\n" for p in val))

@@ -196,6 +196,8 @@ def load_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = 
     hparams = dict(hparams)
     # The state dict holds the trained weights: never fetch or load pretrained ones again.
     hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
+    # channels_last is a training-speed choice for GPUs, not part of the model.
+    hparams["channels_last"] = False
     model = CXRClassifier(**hparams)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
