@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxr_lightning import inference, io
 from cxr_lightning.data import cohort, images
 from cxr_lightning.data.augment import normalize
-from cxr_lightning.data.nih import AGE, IMAGE, MAX_AGE, SEX, VIEW
-from cxr_lightning.errors import CheckpointError, ConfigError, DataError
+from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.evaluate import load_thresholds
 from cxr_lightning.models.module import CXRClassifier, load_model
 
@@ -48,9 +47,6 @@ FRONTAL_VIEWS = ("PA", "AP")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")
 CSV_KEYS = ("file", "Image Index")
 CSV_FIELDS = ("age", "sex", "view")
-# Used only for checkpoints saved before the training median age was stored (hparams.age_fill).
-LEGACY_AGE_FILL = 50.0
-UNKNOWN_CATEGORY = 0.5
 
 
 @dataclass
@@ -85,7 +81,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
     csv = read_demographics_csv(cfg.demographics) if cfg.get("demographics") else None
     demographics, failures = gather_demographics(files, keys, csv)
     kept = demographics[~demographics.index.isin(list(failures))]
-    meta = metadata_matrix(kept, model.hparams.meta_names, _age_fill(model, kept))
+    meta = cohort.new_patient_metadata(kept, model.hparams.meta_names, model.hparams.age_fill)
 
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     model = model.to(device).eval()
@@ -215,33 +211,6 @@ def gather_demographics(
     return found, failures
 
 
-def metadata_matrix(demographics: pd.DataFrame, meta_names: Sequence[str], age_fill: float) -> np.ndarray:
-    """``(N, M)`` float32 metadata in the checkpoint's ``meta_names`` order, encoded by the training
-    code; see the module docstring for missing values and prior visits."""
-    columns = [f"meta:{n}" for n in meta_names]
-    known = set(cohort.DEMOGRAPHIC_COLUMNS) | {cohort.HAS_PRIOR}
-    unknown = [c for c in columns if c not in known and not c.startswith(cohort.PRIOR_PREFIX)]
-    if unknown:
-        raise CheckpointError(f"The checkpoint expects metadata {unknown} that predict cannot build from age/sex/view.")
-    sex_missing = demographics["sex"].isna().to_numpy()
-    view_missing = demographics["view"].isna().to_numpy()
-    table = pd.DataFrame(
-        {
-            IMAGE: demographics.index.astype(str),
-            AGE: demographics["age"].where(demographics["age"] <= MAX_AGE),  # as nih.read_label_table
-            # placeholders, replaced below: the training encoding has no code for "unknown"
-            SEX: demographics["sex"].where(~sex_missing, "M"),
-            VIEW: demographics["view"].where(~view_missing, "PA"),
-        }
-    )
-    table.attrs["source"] = "the prediction inputs"
-    encoded, _ = cohort.encode_demographics(table, age_fill=age_fill)
-    encoded.loc[sex_missing, "meta:sex_male"] = UNKNOWN_CATEGORY
-    encoded.loc[view_missing, "meta:view_ap"] = UNKNOWN_CATEGORY
-    # prior:* and has_prior: no previous visit is known -> 0, like a first visit in training.
-    return encoded.reindex(columns=columns, fill_value=0.0).to_numpy(np.float32)
-
-
 class ImageFiles(Dataset):
     """Files as ``{"image": uint8 (1, S, S), "index", "error"}``; a file that cannot be decoded gives
     a blank image and its error message instead of stopping the run."""
@@ -334,19 +303,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.name
-
-
-def _age_fill(model: CXRClassifier, demographics: pd.DataFrame) -> float:
-    fill = model.hparams.get("age_fill")
-    if fill is not None:
-        return float(fill)
-    if demographics["age"].isna().any() or (demographics["age"] > MAX_AGE).any():
-        warnings.warn(
-            f"The checkpoint predates the stored training median age (hparams.age_fill): missing ages are "
-            f"imputed with {LEGACY_AGE_FILL} years.",
-            stacklevel=2,
-        )
-    return LEGACY_AGE_FILL
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

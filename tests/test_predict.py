@@ -16,7 +16,8 @@ from cxr_lightning import inference
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluate import save_thresholds
 from cxr_lightning.models.module import load_model
-from cxr_lightning.predict import metadata_matrix, predict
+from cxr_lightning.data.cohort import new_patient_metadata
+from cxr_lightning.predict import predict
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
@@ -154,13 +155,13 @@ def test_dicom_header_demographics_equal_the_same_values_from_csv(fitted, gray, 
     assert (used["age"], used["sex"], used["view"]) == (67.0, "M", "AP")
 
 
-def test_metadata_matrix_follows_training_encoding_and_checkpoint_order():
+def test_new_patient_metadata_follows_training_encoding_and_checkpoint_order():
     demographics = pd.DataFrame(
         {"age": [40.0, np.nan, 130.0], "sex": ["F", "M", None], "view": ["AP", None, "PA"]},
         index=["a.png", "b.png", "c.png"],
     )
     names = ["view_ap", "age", "prior:Effusion", "sex_male", "age_missing", "has_prior"]
-    got = metadata_matrix(demographics, names, age_fill=52.0)
+    got = new_patient_metadata(demographics, names, age_fill=52.0)
     expected = np.array(
         [
             [1.0, 0.40, 0.0, 0.0, 0.0, 0.0],

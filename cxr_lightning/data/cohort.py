@@ -12,8 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.data.nih import AGE, FINDINGS, FOLLOW_UP, IMAGE, PATIENT, SEX, TEST_LIST, TRAIN_VAL_LIST, VIEW
-from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.data.nih import (
+    AGE, FINDINGS, FOLLOW_UP, IMAGE, MAX_AGE, PATIENT, SEX, TEST_LIST, TRAIN_VAL_LIST, VIEW,
+)
+from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.labels import encode_labels
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,39 @@ def encode_demographics(df: pd.DataFrame, age_fill: float | None = None) -> tupl
         index=df.index,
     )
     return out, float(age_fill)
+
+
+# The training encoding has no code for an unknown sex or view: halfway between its two codes.
+_UNKNOWN_CATEGORY = 0.5
+
+
+def new_patient_metadata(demographics: pd.DataFrame, meta_names: Sequence[str], age_fill: float) -> np.ndarray:
+    """``(N, M)`` float32 metadata, in a checkpoint's ``meta_names`` order, for images outside the
+    label table: ``demographics`` has columns ``age`` (years), ``sex`` (M/F) and ``view`` (PA/AP),
+    NaN/None where unknown. Encoded exactly as training encodes them; an unknown sex or view sits
+    halfway between its two codes; previous-visit findings are unknown, so "no prior visit"."""
+    columns = [f"meta:{n}" for n in meta_names]
+    known = set(DEMOGRAPHIC_COLUMNS) | {HAS_PRIOR}
+    unknown = [c for c in columns if c not in known and not c.startswith(PRIOR_PREFIX)]
+    if unknown:
+        raise CheckpointError(f"The checkpoint expects metadata {unknown} that cannot be built from age/sex/view.")
+    sex_missing = demographics["sex"].isna().to_numpy()
+    view_missing = demographics["view"].isna().to_numpy()
+    table = pd.DataFrame(
+        {
+            IMAGE: demographics.index.astype(str),
+            AGE: demographics["age"].where(demographics["age"] <= MAX_AGE),  # as nih.read_label_table does
+            # placeholders, replaced below: the training encoding has no code for "unknown"
+            SEX: demographics["sex"].where(~sex_missing, "M"),
+            VIEW: demographics["view"].where(~view_missing, "PA"),
+        }
+    )
+    table.attrs["source"] = "the prediction inputs"
+    encoded, _ = encode_demographics(table, age_fill=age_fill)
+    encoded.loc[sex_missing, "meta:sex_male"] = _UNKNOWN_CATEGORY
+    encoded.loc[view_missing, "meta:view_ap"] = _UNKNOWN_CATEGORY
+    # prior:* and has_prior: no previous visit is known -> 0, like a first visit in training.
+    return encoded.reindex(columns=columns, fill_value=0.0).to_numpy(np.float32)
 
 
 def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFrame:

@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cxr_lightning.data.augment import normalize
-from cxr_lightning.data.cohort import encode_demographics
+from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.data.images import load_resized
-from cxr_lightning.data.nih import AGE, IMAGE, SEX, VIEW
+from cxr_lightning.data.nih import IMAGE
 from cxr_lightning.errors import ConfigError, DataError
 
 class UnknownMetadataWarning(UserWarning):
@@ -130,15 +130,8 @@ def load_named(
     return ImageSet(names, images, torch.from_numpy(meta))
 
 
-def unknown_metadata(meta_names: Sequence[str], age_fill: float | None) -> np.ndarray:
-    """``(M,)`` metadata of an image whose demographics and history are unknown: zeros (no prior
-    visit; sex and view at their 0 codes), except a missing age encoded exactly as the data
-    module encodes one (training median and ``age_missing=1``)."""
-    meta = pd.Series(0.0, index=[f"meta:{n}" for n in meta_names], dtype=np.float32)
-    if age_fill is not None:
-        # sex/view values whose codes are 0: the encoder's own output for "age unknown".
-        unknown = pd.DataFrame({AGE: [np.nan], SEX: ["F"], VIEW: ["PA"]})
-        demographics, _ = encode_demographics(unknown, age_fill=age_fill)
-        shared = meta.index.intersection(demographics.columns)
-        meta[shared] = demographics.iloc[0][shared].astype(np.float32)
-    return meta.to_numpy(np.float32)
+def unknown_metadata(meta_names: Sequence[str], age_fill: float) -> np.ndarray:
+    """``(M,)`` metadata of an image whose demographics and history are unknown, encoded as
+    ``predict`` encodes them (:func:`cohort.new_patient_metadata`)."""
+    unknown = pd.DataFrame({"age": [np.nan], "sex": [None], "view": [None]})
+    return new_patient_metadata(unknown, meta_names, age_fill)[0]
