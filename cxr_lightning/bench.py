@@ -103,7 +103,7 @@ def sampled_loader(dm: CXRDataModule, split: str, batches: int) -> DataLoader:
     n = len(dm.split_table(split))
     sampler = RandomSampler(range(n), replacement=True, num_samples=batches * dm.batch_size,
                             generator=torch.Generator().manual_seed(0))
-    return dm._loader(split, shuffle=False, sampler=sampler)
+    return dm.loader(split, shuffle=False, sampler=sampler)
 
 
 def loader_images_per_second(dm: CXRDataModule, batches: int) -> float:

@@ -67,7 +67,7 @@ def predict_split(
     """Probabilities ``(N, L)`` for every image of ``split``, with the split's table in the same order."""
     model = model.to(device).eval()
     probs = []
-    for batch in dm._loader(split, shuffle=False):
+    for batch in dm.loader(split, shuffle=False):
         batch = dm.on_after_batch_transfer({k: v.to(device) for k, v in batch.items()}, 0)
         probs.append(torch.sigmoid(model(batch["image"], batch["meta"])).float().cpu())
     return torch.cat(probs).numpy(), dm.split_table(split)

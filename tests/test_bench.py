@@ -28,7 +28,7 @@ def _datamodule(root, out, cache: bool, *extra: str):
 
 
 def _batches(dm) -> list[dict]:
-    return list(dm._loader("train", shuffle=False))
+    return list(dm.loader("train", shuffle=False))
 
 
 # -- the cache through the data module -------------------------------------------------------------

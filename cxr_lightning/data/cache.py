@@ -169,21 +169,6 @@ class ImageCache:
         return cls._build(paths, names, size, cache_root, parts, workers)
 
     @classmethod
-    def build(
-        cls,
-        paths: Sequence[str],
-        names: Sequence[str],
-        size: int,
-        cache_root: str | os.PathLike,
-        fingerprint_extra: str = "",
-        workers: int = 0,
-    ) -> ImageCache:
-        """Decode and resize every image (in ``workers`` processes; 0 = in this process) into a new
-        cache, replacing any existing one for ``size`` atomically."""
-        parts = fingerprint_parts(paths, names, size, fingerprint_extra)
-        return cls._build(paths, names, size, cache_root, parts, workers)
-
-    @classmethod
     def _build(cls, paths, names, size, cache_root, parts: dict, workers: int) -> ImageCache:
         paths, names = [str(p) for p in paths], [str(n) for n in names]
         if len(paths) != len(names):

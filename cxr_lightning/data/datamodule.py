@@ -263,7 +263,7 @@ class CXRDataModule(pl.LightningDataModule):
             cache=self._opened_cache(),
         )
 
-    def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         # A sampler (the benchmark's draws with replacement) replaces shuffling.
         return DataLoader(
             self.dataset(split),
@@ -277,13 +277,13 @@ class CXRDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, sampler=self._eval_sampler("val"))
+        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, sampler=self._eval_sampler("test"))
+        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"))
 
     def _eval_sampler(self, split: str) -> Sampler | None:
         """Under DDP, each validation/test image goes to exactly one rank.

@@ -30,7 +30,7 @@ from cxr_lightning.explain.localization import (
     random_heatmaps,
 )
 from cxr_lightning.explain.overlays import cam_grid, overlay_title, render_overlay, save_overlay
-from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning, model_input
+from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning
 from cxr_lightning.explain.job import explain, image_set_cams, result_grid
 from cxr_lightning.explain.callback import CamGridCallback
 
@@ -57,7 +57,6 @@ __all__ = [
     "iou",
     "is_blank",
     "localization_scores",
-    "model_input",
     "overlay_title",
     "pair_boxes",
     "pointing_game_hit",

@@ -1,7 +1,7 @@
 """The images an explain job looks at: rows of a data split, or image files / ``Image Index`` names.
 
 Both end as an :class:`ImageSet` of uint8 pixels at the model's input size plus the metadata
-rows the model receives with them; :func:`model_input` normalises pixels exactly as training did.
+rows the model receives with them.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cxr_lightning.data.augment import normalize
 from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.data.images import load_resized
@@ -43,11 +42,6 @@ class ImageSet:
     def take(self, indices: Sequence[int]) -> ImageSet:
         rows = torch.as_tensor(list(indices), dtype=torch.long)
         return ImageSet([self.names[i] for i in indices], self.images[rows], self.meta[rows])
-
-
-def model_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 pixels -> the float input the model was trained on (no augmentation)."""
-    return normalize(images, mean, std)
 
 
 def sample_rows(n_rows: int, n: int, seed: int) -> np.ndarray:

@@ -27,10 +27,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import io
+from cxr_lightning.data.augment import normalize
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult, CamWarning, compute_cams
-from cxr_lightning.explain.inputs import ImageSet, data_table, load_named, load_split, model_input, sample_rows
+from cxr_lightning.explain.inputs import ImageSet, data_table, load_named, load_split, sample_rows
 from cxr_lightning.explain.localization import ALL_FINDINGS_ROW, bbox_targets, localization_scores, pair_boxes
 from cxr_lightning.explain.overlays import cam_grid, save_overlay
 from cxr_lightning.inference import datamodule_for, default_device, output_dir, resolve_checkpoint
@@ -118,7 +119,7 @@ def image_set_cams(
             parts.append(
                 compute_cams(
                     model,
-                    model_input(part.images, model.hparams.mean, model.hparams.std),
+                    normalize(part.images, model.hparams.mean, model.hparams.std),
                     part.meta,
                     model.cam_layer,
                     targets=None if targets is None else targets[start : start + batch_size],
