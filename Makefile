@@ -28,13 +28,16 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 sweep: $(STAMP)
-	$(PY) -m cxr_lightning.train -m experiment=backbone_comparison_demo
+	$(PY) -m cxr_lightning.train -m experiment=backbone_comparison_demo $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir outputs --bind_all
 
+# Extra Hydra overrides for bench and sweep, e.g. make bench ARGS='bench.backbones=[resnet50]'
+ARGS ?=
+
 bench: $(STAMP)
-	$(PY) -m cxr_lightning.bench
+	$(PY) -m cxr_lightning.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
