@@ -17,7 +17,10 @@ import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+from torchmetrics.functional.classification import (
+    binary_precision_recall_curve,
+    binary_roc,
+)
 
 from cxr_lightning.io import atomic_path
 from cxr_lightning.metrics import reliability_curve

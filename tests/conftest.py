@@ -3,9 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -51,3 +58,23 @@ def fit_tiny(root: Path, out: Path, head: str = "fusion_residual") -> tuple[Path
 
     metrics = train(compose_config(tiny_overrides(root, out) + [f"head={head}", "test_after_fit=false"]))
     return out, Path(metrics["best_checkpoint"])
+
+
+def write_dicom(path: Path, raw: np.ndarray, photometric: str, preamble: bool = True, **tags) -> Path:
+    """A 12-bit DICOM file of ``raw`` as pydicom writes it, with extra header ``tags``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = raw.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = raw.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

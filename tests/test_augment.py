@@ -4,7 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr_lightning.data.augment import DEFAULT_MEAN, DEFAULT_STD, BatchAugment, normalize
+from cxr_lightning.data.augment import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    BatchAugment,
+    normalize,
+)
 
 torch.set_num_threads(1)
 

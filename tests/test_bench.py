@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_config, tiny_overrides
+
 from cxr_lightning import bench
 from cxr_lightning.build import build_model, instantiate, use_channels_last
 from cxr_lightning.data import images

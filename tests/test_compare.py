@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_overrides
 from omegaconf import OmegaConf
 
-from conftest import tiny_overrides
 from cxr_lightning import compare
 from cxr_lightning.errors import DataError
 

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
+from conftest import CONF_DIR, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF_DIR, tiny_overrides
 from cxr_lightning.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError

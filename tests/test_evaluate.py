@@ -10,12 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
-from conftest import compose_config, fit_tiny
 from cxr_lightning import inference, io
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.evaluate import evaluate, load_thresholds, save_thresholds, thresholds_path
+from cxr_lightning.evaluate import (
+    evaluate,
+    load_thresholds,
+    save_thresholds,
+    thresholds_path,
+)
 from cxr_lightning.models.module import load_model
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import yaml
+from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
 from cxr_lightning.build import build_callbacks
 from cxr_lightning.models.backbones import BACKBONE_NAMES
 from cxr_lightning.validate import validate_config

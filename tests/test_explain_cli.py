@@ -10,13 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose_config, tiny_overrides
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import compose_config, tiny_overrides
 from cxr_lightning.data.nih import read_bbox_table
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.explain import NO_GRADIENT, CamWarning, UnknownMetadataWarning, explain
+from cxr_lightning.explain import (
+    NO_GRADIENT,
+    CamWarning,
+    UnknownMetadataWarning,
+    explain,
+)
 from cxr_lightning.explain import job as explain_job
 from cxr_lightning.inference import datamodule_for, predict_split
 from cxr_lightning.models.module import load_model

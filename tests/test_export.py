@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_config, fit_tiny
+
 from cxr_lightning import export as export_module
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.export import export, read_onnx_metadata, read_torchscript_metadata

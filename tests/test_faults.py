@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
-from conftest import compose_config, tiny_overrides
 from cxr_lightning import faults, io
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.train import train

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from conftest import compose_config, tiny_overrides
+
 from cxr_lightning.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_dicom
 from PIL import Image
 
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError
-
-pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
 
 @pytest.fixture()
@@ -74,25 +71,6 @@ def test_colour_becomes_luminance(tmp_path):
 
 
 # -- DICOM ---------------------------------------------------------------------------------------
-def _write_dicom(path: Path, raw: np.ndarray, photometric: str, preamble: bool = True, **tags) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128 if preamble else None)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = raw.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = raw.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture()
 def raw12() -> np.ndarray:
     yy, xx = np.mgrid[0:24, 0:32]
@@ -105,7 +83,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def test_dicom_rescale_and_window(tmp_path, raw12):
     slope, intercept, center, width = 2.0, -1000.0, 3000.0, 2000.0
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "scan.dcm", raw12, "MONOCHROME2",
         RescaleSlope=slope, RescaleIntercept=intercept, WindowCenter=center, WindowWidth=width,
     )
@@ -119,13 +97,13 @@ def test_dicom_rescale_and_window(tmp_path, raw12):
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path, raw12):
-    path = _write_dicom(tmp_path / "inverted.dcm", raw12, "MONOCHROME1", RescaleSlope=1.0, RescaleIntercept=0.0)
+    path = write_dicom(tmp_path / "inverted.dcm", raw12, "MONOCHROME1", RescaleSlope=1.0, RescaleIntercept=0.0)
     expected = 255.0 - _minmax(raw12.astype(float))
     assert np.abs(images.read_image(path).astype(float) - expected).max() <= 0.5
 
 
 def test_dicom_recognised_by_magic_without_suffix(tmp_path, raw12):
-    path = _write_dicom(tmp_path / "IM0001", raw12, "MONOCHROME2")
+    path = write_dicom(tmp_path / "IM0001", raw12, "MONOCHROME2")
     assert images.is_dicom(path)
     np.testing.assert_array_equal(images.read_image(path), np.rint(_minmax(raw12.astype(float))).astype(np.uint8))
 
@@ -140,7 +118,7 @@ def test_dicom_recognised_by_magic_without_suffix(tmp_path, raw12):
     ],
 )
 def test_dicom_demographics(tmp_path, raw12, tags, expected):
-    got = images.read_dicom_demographics(_write_dicom(tmp_path / "d.dcm", raw12, "MONOCHROME2", **tags))
+    got = images.read_dicom_demographics(write_dicom(tmp_path / "d.dcm", raw12, "MONOCHROME2", **tags))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == (pytest.approx(value) if isinstance(value, float) else value)
@@ -149,7 +127,7 @@ def test_dicom_demographics(tmp_path, raw12, tags, expected):
 # -- errors --------------------------------------------------------------------------------------
 def _corrupt_files(tmp_path: Path, gray: np.ndarray, raw12: np.ndarray) -> dict[str, Path]:
     png = _save(gray, tmp_path / "good.png", "L").read_bytes()
-    dcm = _write_dicom(tmp_path / "good.dcm", raw12, "MONOCHROME2").read_bytes()
+    dcm = write_dicom(tmp_path / "good.dcm", raw12, "MONOCHROME2").read_bytes()
     files = {
         "truncated png": (tmp_path / "truncated.png", png[: len(png) // 2]),
         "empty": (tmp_path / "empty.png", b""),

@@ -8,7 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+)
 
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.metrics import (

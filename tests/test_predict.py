@@ -9,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose_config, fit_tiny, write_dicom
 from PIL import Image
 
-from conftest import compose_config, fit_tiny
 from cxr_lightning import inference
+from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluate import save_thresholds
 from cxr_lightning.models.module import load_model
-from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.predict import predict
-
-pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,25 +44,6 @@ def gray(tiny_demo) -> np.ndarray:
 def run_predict(ckpt: Path, input_path: Path, output: Path, *extra: str):
     overrides = [f"ckpt_path={ckpt}", f"input={input_path}", f"output={output}", "batch_size=4", *extra]
     return predict(compose_config(overrides, config_name="predict"))
-
-
-def write_dicom(path: Path, stored: np.ndarray, photometric: str, **tags) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = stored.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def write_all_formats(folder: Path, gray: np.ndarray) -> dict[str, Path]:

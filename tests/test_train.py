@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-
 from conftest import compose_config, tiny_overrides
+
 from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.models.module import load_model
 from cxr_lightning.train import train

@@ -9,8 +9,8 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-
 from conftest import FIXTURES, compose_config, tiny_overrides
+
 from cxr_lightning import labels, validate
 from cxr_lightning.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule

@@ -13,7 +13,16 @@ import numpy as np
 import pandas as pd
 
 from cxr_lightning.data.nih import (
-    AGE, FINDINGS, FOLLOW_UP, IMAGE, MAX_AGE, PATIENT, SEX, TEST_LIST, TRAIN_VAL_LIST, VIEW,
+    AGE,
+    FINDINGS,
+    FOLLOW_UP,
+    IMAGE,
+    MAX_AGE,
+    PATIENT,
+    SEX,
+    TEST_LIST,
+    TRAIN_VAL_LIST,
+    VIEW,
 )
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.labels import encode_labels

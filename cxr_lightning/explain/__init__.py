@@ -6,6 +6,7 @@ training. The pieces: :mod:`.cams` (CAMs through ``pytorch_grad_cam``, zero-grad
 :mod:`.localization` (pointing game, IoU/IoBB vs a random baseline), :mod:`.overlays` (PNG and
 TensorBoard grids), :mod:`.inputs` (which images, with which metadata), :mod:`.job` (the job).
 """
+from cxr_lightning.explain.callback import CamGridCallback
 from cxr_lightning.explain.cams import (
     CAM_METHODS,
     EMPTY_HEATMAP,
@@ -16,6 +17,8 @@ from cxr_lightning.explain.cams import (
     compute_cams,
     is_blank,
 )
+from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning
+from cxr_lightning.explain.job import explain, image_set_cams, result_grid
 from cxr_lightning.explain.localization import (
     ALL_FINDINGS_ROW,
     BBOX_COLUMNS,
@@ -29,10 +32,12 @@ from cxr_lightning.explain.localization import (
     pointing_game_hit,
     random_heatmaps,
 )
-from cxr_lightning.explain.overlays import cam_grid, overlay_title, render_overlay, save_overlay
-from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning
-from cxr_lightning.explain.job import explain, image_set_cams, result_grid
-from cxr_lightning.explain.callback import CamGridCallback
+from cxr_lightning.explain.overlays import (
+    cam_grid,
+    overlay_title,
+    render_overlay,
+    save_overlay,
+)
 
 __all__ = [
     "ALL_FINDINGS_ROW",

@@ -21,6 +21,7 @@ from cxr_lightning.data.images import load_resized
 from cxr_lightning.data.nih import IMAGE
 from cxr_lightning.errors import ConfigError, DataError
 
+
 class UnknownMetadataWarning(UserWarning):
     """An image outside the data table: its demographics are unknown and filled with defaults."""
 

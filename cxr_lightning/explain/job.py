@@ -31,10 +31,26 @@ from cxr_lightning.data.augment import normalize
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult, CamWarning, compute_cams
-from cxr_lightning.explain.inputs import ImageSet, data_table, load_named, load_split, sample_rows
-from cxr_lightning.explain.localization import ALL_FINDINGS_ROW, bbox_targets, localization_scores, pair_boxes
+from cxr_lightning.explain.inputs import (
+    ImageSet,
+    data_table,
+    load_named,
+    load_split,
+    sample_rows,
+)
+from cxr_lightning.explain.localization import (
+    ALL_FINDINGS_ROW,
+    bbox_targets,
+    localization_scores,
+    pair_boxes,
+)
 from cxr_lightning.explain.overlays import cam_grid, save_overlay
-from cxr_lightning.inference import datamodule_for, default_device, output_dir, resolve_checkpoint
+from cxr_lightning.inference import (
+    datamodule_for,
+    default_device,
+    output_dir,
+    resolve_checkpoint,
+)
 from cxr_lightning.models.module import CXRClassifier, load_model
 
 log = logging.getLogger(__name__)
