@@ -7,13 +7,14 @@ same pixels for the same file, whichever path produced them.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from cxr_lightning.data.nih import parse_ages
 from cxr_lightning.errors import DataError
 
 # Recorded in the cache fingerprint: changing the resampling must invalidate every cache.
@@ -21,8 +22,6 @@ RESIZE_METHOD = "PIL-bilinear-antialias"
 
 _DICOM_MAGIC_OFFSET = 128
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])?\s*$", re.IGNORECASE)
-_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -79,11 +78,8 @@ def read_dicom_demographics(path: str | os.PathLike) -> dict[str, Any]:
 
 def parse_dicom_age(value: str) -> float | None:
     """DICOM age string (``058Y``, ``011M``, ``003W``, ``005D``) to years; ``None`` if unparsable."""
-    match = _AGE.match(value)
-    if not match:
-        return None
-    number, unit = int(match.group(1)), (match.group(2) or "Y").upper()
-    return number * _DAYS_PER_UNIT[unit] / _DAYS_PER_UNIT["Y"]
+    years = parse_ages(pd.Series([value])).iloc[0]
+    return None if pd.isna(years) else float(years)
 
 
 def check_readable(path: str | os.PathLike) -> None:

@@ -340,14 +340,13 @@ def _floats(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
 
 def _ages(df: pd.DataFrame, path: Path) -> pd.Series:
     """Float years; NaN when empty or above :data:`MAX_AGE` (typos of the 2017 table)."""
-    text = df[AGE].str.strip().str.upper()
-    parts = text.str.extract(_AGE_PATTERN)
-    bad = parts[0].isna() & text.notna() & (text != "")
+    text = df[AGE].str.strip()
+    years = parse_ages(text)
+    bad = years.isna() & text.notna() & (text != "")
     if bad.any():
         examples = df.loc[bad, AGE].head(_SHOW).tolist()
         _reject(df, bad, path, f"a {AGE!r} that is not a non-negative number of years "
                 f"(or '058Y'/'011M'/'005D'; values {examples})")
-    years = parts[0].astype(float) / parts[1].map(_UNITS_PER_YEAR).astype(float)
     implausible = years > MAX_AGE
     if implausible.any():
         log.warning(
@@ -355,6 +354,13 @@ def _ages(df: pd.DataFrame, path: Path) -> pd.Series:
             path.name, int(implausible.sum()), MAX_AGE, _describe_rows(df, implausible),
         )
     return years.mask(implausible)
+
+
+def parse_ages(text: pd.Series) -> pd.Series:
+    """Ages as float years from plain numbers or NIH/DICOM age strings (``058Y``, ``011M``,
+    ``003W``, ``005D``); NaN where a value is not one of those."""
+    parts = text.astype("string").str.strip().str.upper().str.extract(_AGE_PATTERN)
+    return parts[0].astype(float) / parts[1].map(_UNITS_PER_YEAR).astype(float)
 
 
 def _stem(names: pd.Series) -> pd.Series:
