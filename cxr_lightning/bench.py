@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
-from cxr_lightning import io
+from cxr_lightning import files
 from cxr_lightning.build import build_model, instantiate
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
@@ -386,7 +386,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
                      "total_hours_png": None if any(r["hours_png"] is None for r in estimate)
                      else sum(r["hours_png"] for r in estimate)},
     }
-    path = io.write_json(Path(cfg.paths.output_dir) / "bench.json", result)
+    path = files.write_json(Path(cfg.paths.output_dir) / "bench.json", result)
     console.print(f"Wrote {path}")
     return result
 

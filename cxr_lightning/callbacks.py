@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
-from cxr_lightning import io
+from cxr_lightning import files
 
 
 class EpochHistory(pl.callbacks.Checkpoint):
@@ -35,7 +35,7 @@ class EpochHistory(pl.callbacks.Checkpoint):
         if not history.empty:
             history = history[history["epoch"] < trainer.current_epoch]
         history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-        io.write_text(self.path, history.to_csv(index=False))
+        files.write_text(self.path, history.to_csv(index=False))
 
 
 class LogSampleImages(pl.Callback):

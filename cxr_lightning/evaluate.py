@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cxr_lightning import inference, io, report
+from cxr_lightning import files, inference, report
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.metrics import (
@@ -96,7 +96,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
 
     summary = {
         "checkpoint": str(ckpt),
-        "checkpoint_sha256": io.file_digest(ckpt),
+        "checkpoint_sha256": files.file_digest(ckpt),
         "data_root": str(dm.root),
         "label_table": dm.label_table_name,
         "split": cfg.split,
@@ -119,7 +119,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_class, out / "per_class.csv", index=True)
     _write_csv(subgroups, out / "subgroups.csv", index=False)
-    io.write_json(out / "metrics.json", metrics)
+    files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
         "roc": report.roc_figure(y, probs, labels, per_label["auroc"].to_numpy()),
@@ -128,7 +128,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     }
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
-    io.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups))
+    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups))
     log.info(
         "Mean AUROC %s on %d images; report: %s",
         report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
@@ -158,7 +158,7 @@ def save_thresholds(
     """Write the per-label thresholds with the checkpoint's fingerprint, so that stale thresholds
     of a retrained checkpoint are never applied."""
     ckpt = Path(ckpt_path)
-    return io.write_json(
+    return files.write_json(
         thresholds_path(ckpt),
         {
             "thresholds": {name: float(t) for name, t in zip(label_names, thresholds)},
@@ -167,7 +167,7 @@ def save_thresholds(
             "n_images": int(n_images),
             "fallback_labels": list(fallback),
             "checkpoint": ckpt.name,
-            "checkpoint_sha256": io.file_digest(ckpt),
+            "checkpoint_sha256": files.file_digest(ckpt),
             "checkpoint_size": ckpt.stat().st_size,
         },
     )
@@ -195,7 +195,7 @@ def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) ->
         size, digest = int(saved["checkpoint_size"]), str(saved["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"Thresholds file {path} is malformed ({exc}); delete it and rerun evaluate.") from exc
-    if size != ckpt.stat().st_size or digest != io.file_digest(ckpt):
+    if size != ckpt.stat().st_size or digest != files.file_digest(ckpt):
         raise CheckpointError(
             f"Thresholds file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
             f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
@@ -361,7 +361,7 @@ def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str,
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         frame.to_csv(tmp, index=index)
 
 

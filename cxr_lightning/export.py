@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cxr_lightning import inference, io
+from cxr_lightning import files, inference
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.module import CXRClassifier, load_model
 
@@ -63,7 +63,7 @@ def export(cfg: DictConfig) -> ExportResult:
     check = random_inputs(model, int(cfg.check_batch_size), int(cfg.seed) + 1)
     with torch.no_grad():
         expected = model(*check).numpy()
-    with io.atomic_path(output) as tmp:
+    with files.atomic_path(output) as tmp:
         if fmt == "onnx":
             _write_onnx(model, sample, tmp, int(cfg.opset), metadata)
             actual = run_onnx(tmp, check)
@@ -94,7 +94,7 @@ def export_metadata(model: CXRClassifier, ckpt: str | os.PathLike) -> dict[str, 
         "inputs": json.dumps(list(INPUT_NAMES)),
         "output": f"{OUTPUT_NAME} (apply a sigmoid for probabilities)",
         "checkpoint": Path(ckpt).name,
-        "checkpoint_sha256": io.file_digest(ckpt),
+        "checkpoint_sha256": files.file_digest(ckpt),
     }
 
 

@@ -29,7 +29,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from cxr_lightning import io
+from cxr_lightning import files
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, str | None]:
             log.warning("resume=%s: this config differs from the run's config.yaml: %s", resume, "; ".join(differences))
     if run.resolve() != out.resolve():
         if rank_zero_only.rank == 0:
-            io.write_text(out / RESUMED_NOTE, f"This invocation continued the run in {run}\nfrom {checkpoint}\n")
+            files.write_text(out / RESUMED_NOTE, f"This invocation continued the run in {run}\nfrom {checkpoint}\n")
         cfg = copy.deepcopy(cfg)
         cfg.paths.output_dir = str(run)
     log.info("Resuming %s from %s", run, checkpoint)
@@ -207,7 +207,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{path.parent} are kept. Lower optimizer.lr, set trainer.gradient_clip_val=1.0 or use "
                 "trainer.precision=32-true, and restart from the last good checkpoint (ckpt_path=FILE)."
             )
-        with io.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
 
 

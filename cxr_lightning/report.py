@@ -22,7 +22,7 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
-from cxr_lightning.io import atomic_path
+from cxr_lightning.files import atomic_path
 from cxr_lightning.metrics import reliability_curve
 
 FIGURES = {"roc": "roc.png", "pr": "pr.png", "reliability": "reliability.png"}

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from cxr_lightning import io
+from cxr_lightning import files
 from cxr_lightning.build import build_callbacks, build_datamodule, build_model
 from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.faults import EXIT_SIGTERM, AtomicCheckpointIO, resolve_resume
@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         dm.save_split(out)
-        io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        files.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
-        io.write_json(out / "metrics.json", metrics)
+        files.write_json(out / "metrics.json", metrics)
         log.info("Run directory: %s", out)
         log.info("  metrics:     %s", out / "metrics.json")
         log.info("  checkpoint:  %s", best or out / "checkpoints")

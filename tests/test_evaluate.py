@@ -13,7 +13,7 @@ import torch
 from conftest import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
-from cxr_lightning import inference, io
+from cxr_lightning import files, inference
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluate import (
     evaluate,
@@ -113,7 +113,7 @@ def test_thresholds_saved_beside_checkpoint_are_f1_optimal_on_val(fitted, evalua
     assert evaluation.thresholds_file == path == thresholds_path(ckpt)
     saved = json.loads(path.read_text())
     assert saved["method"] == "f1"
-    assert saved["checkpoint_sha256"] == io.file_digest(ckpt)
+    assert saved["checkpoint_sha256"] == files.file_digest(ckpt)
     assert saved["checkpoint_size"] == ckpt.stat().st_size
     probs, y, _ = preds["val"]
     checked = 0

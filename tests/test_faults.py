@@ -17,7 +17,7 @@ import torch
 from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
-from cxr_lightning import faults, io
+from cxr_lightning import faults, files
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.train import train
 
@@ -59,9 +59,9 @@ class PoisonMetaAtStep(pl.Callback):
 
 
 def test_interrupted_write_leaves_the_previous_file_intact(tmp_path):
-    path = io.write_json(tmp_path / "metrics.json", {"epochs": 3})
+    path = files.write_json(tmp_path / "metrics.json", {"epochs": 3})
     with pytest.raises(RuntimeError, match="power cut"):
-        with io.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             tmp.write_text('{"epochs": ')  # half a file ...
             raise RuntimeError("power cut")  # ... then the crash
     assert json.loads(path.read_text()) == {"epochs": 3}
@@ -118,14 +118,14 @@ def write_run(run: Path, cfg, *, last: bool = True, finished: bool = False, age_
     """A run directory as train() leaves it: config.yaml resolved for that directory, last.ckpt, metrics.json."""
     saved = copy.deepcopy(cfg)
     saved.paths.output_dir = str(run)
-    io.write_text(run / "config.yaml", OmegaConf.to_yaml(saved, resolve=True))
+    files.write_text(run / "config.yaml", OmegaConf.to_yaml(saved, resolve=True))
     if last:
         ckpt = run / "checkpoints" / "last.ckpt"
-        io.write_text(ckpt, "checkpoint")
+        files.write_text(ckpt, "checkpoint")
         mtime = ckpt.stat().st_mtime - age_s
         os.utime(ckpt, (mtime, mtime))
     if finished:
-        io.write_json(run / "metrics.json", {"epochs": 3})
+        files.write_json(run / "metrics.json", {"epochs": 3})
     return run
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from cxr_lightning import io
+from cxr_lightning import files
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError
 
@@ -191,9 +191,9 @@ class ImageCache:
                     f"{len(failures)} image(s) could not be cached:\n{listing}\nReplace them, or run with "
                     f"data.on_missing=skip data.verify_images=true to leave them out."
                 )
-            io.write_json(tmp / INDEX_FILE, names)
+            files.write_json(tmp / INDEX_FILE, names)
             # meta.json last: its presence marks a complete cache.
-            io.write_json(tmp / META_FILE, {"fingerprint": _combine(parts), "parts": parts, "size": int(size)})
+            files.write_json(tmp / META_FILE, {"fingerprint": _combine(parts), "parts": parts, "size": int(size)})
             try:
                 _replace_dir(tmp, target)
             except OSError:

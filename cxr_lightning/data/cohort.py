@@ -14,7 +14,7 @@ import pandas as pd
 
 from cxr_lightning.data.nih import (
     AGE,
-    FINDINGS,
+    FINDING_LABELS,
     FOLLOW_UP,
     IMAGE,
     MAX_AGE,
@@ -108,7 +108,7 @@ def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFra
     eighth visit). Call this on the full label table before dropping rows, so that a previous
     visit counts even when its image is not used in the run.
     """
-    _require(df, (IMAGE, FINDINGS, PATIENT, FOLLOW_UP), "add_prior_visits")
+    _require(df, (IMAGE, FINDING_LABELS, PATIENT, FOLLOW_UP), "add_prior_visits")
     visit = df[[PATIENT, FOLLOW_UP]]
     repeated = visit.duplicated(keep=False)
     if repeated.any():
@@ -118,7 +118,7 @@ def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFra
         )
     order = np.lexsort((df[FOLLOW_UP].to_numpy(), df[PATIENT].to_numpy()))
     ordered = df.iloc[order]
-    findings = encode_labels(ordered.set_index(IMAGE)[FINDINGS], names=list(label_names), source=_source(df))
+    findings = encode_labels(ordered.set_index(IMAGE)[FINDING_LABELS], names=list(label_names), source=_source(df))
     columns = [PRIOR_PREFIX + name for name in label_names]
     patient = ordered[PATIENT].to_numpy()
     previous = pd.DataFrame(findings, columns=columns).groupby(patient, sort=False).shift(1)

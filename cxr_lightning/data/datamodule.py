@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
-from cxr_lightning import io, labels
+from cxr_lightning import files, labels
 from cxr_lightning.data import augment as augmentation
 from cxr_lightning.data import cohort, nih
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
@@ -180,7 +180,7 @@ class CXRDataModule(pl.LightningDataModule):
         self.bbox_table = nih.read_bbox_table(bbox_path) if bbox_path.exists() else None
         # The images a cache of this data holds, in row order (its fingerprint depends on them).
         self._cache_images = table[["Image Index", "path"]].reset_index(drop=True)
-        self._label_table_digest = io.file_digest(table_path)
+        self._label_table_digest = files.file_digest(table_path)
         log.info(
             "Splits: %s images; %s patients",
             {s: len(t) for s, t in self._tables.items()},
@@ -249,7 +249,7 @@ class CXRDataModule(pl.LightningDataModule):
         """Write the validation patients to ``val_patients.txt`` so that a run can be reproduced."""
         val = np.sort(self.split_table("val")["Patient ID"].unique())
         path = Path(out_dir) / "val_patients.txt"
-        io.write_text(path, "".join(f"{p}\n" for p in val))
+        files.write_text(path, "".join(f"{p}\n" for p in val))
         return path
 
     # ----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import io as _bytes_io
+import io
 import json
 import math
 import multiprocessing
@@ -52,7 +52,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr_lightning.errors import ConfigError, CXRError, DataError
-from cxr_lightning.io import atomic_path, write_json, write_text
+from cxr_lightning.files import atomic_path, write_json, write_text
 from cxr_lightning.labels import FINDINGS, NO_FINDING, encode_labels
 
 # --------------------------------------------------------------------------------------------
@@ -780,7 +780,7 @@ def finding_box(
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-    buffer = _bytes_io.BytesIO()
+    buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 

@@ -25,9 +25,9 @@ BBOX_TABLE = "BBox_List_2017.csv"
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-IMAGE, FINDINGS, FOLLOW_UP, PATIENT = "Image Index", "Finding Labels", "Follow-up #", "Patient ID"
+IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT = "Image Index", "Finding Labels", "Follow-up #", "Patient ID"
 AGE, SEX, VIEW = "Patient Age", "Patient Gender", "View Position"
-REQUIRED_COLUMNS = (IMAGE, FINDINGS, FOLLOW_UP, PATIENT, AGE, SEX, VIEW)
+REQUIRED_COLUMNS = (IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT, AGE, SEX, VIEW)
 # Acquisition geometry: informational only, so a table without it still loads (as NaN).
 GEOMETRY_COLUMNS = (
     "OriginalImage Width",
@@ -98,10 +98,10 @@ def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
             f"{path}: {len(names)} {IMAGE} value(s) occur on more than one row: {names[:_SHOW]}; "
             "each image must have exactly one row."
         )
-    df[FINDINGS] = df[FINDINGS].str.strip()
-    _reject(df, df[FINDINGS].isna() | (df[FINDINGS] == ""), path, f"empty {FINDINGS} (write 'No Finding')")
+    df[FINDING_LABELS] = df[FINDING_LABELS].str.strip()
+    _reject(df, df[FINDING_LABELS].isna() | (df[FINDING_LABELS] == ""), path, f"empty {FINDING_LABELS} (write 'No Finding')")
     # Validates every finding name (DataError naming the images with unknown ones).
-    encode_labels(df.set_index(IMAGE)[FINDINGS], source=str(path))
+    encode_labels(df.set_index(IMAGE)[FINDING_LABELS], source=str(path))
     for col in (FOLLOW_UP, PATIENT):
         df[col] = _integers(df, col, path)
     df[AGE] = _ages(df, path)

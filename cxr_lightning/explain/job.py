@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from cxr_lightning import io
+from cxr_lightning import files
 from cxr_lightning.data.augment import normalize
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
 from cxr_lightning.errors import ConfigError, DataError
@@ -102,7 +102,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.localization:
         metrics |= _localization(model, dm, split, shown, boxes, out, method, batch_size, int(cfg.seed))
-    io.write_json(out / "metrics.json", metrics)
+    files.write_json(out / "metrics.json", metrics)
     _log_summary(out, metrics, overlays)
     return metrics
 
@@ -280,7 +280,7 @@ def _write_overlays(
             }
         )
     table = pd.DataFrame(rows)
-    io.write_text(out / "cams.csv", table.to_csv(index=False))
+    files.write_text(out / "cams.csv", table.to_csv(index=False))
     return table
 
 
@@ -337,7 +337,7 @@ def _localization(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
         tuple(images.images.shape[-2:]), original_size=BOX_SPACE, seed=seed,
     )
-    io.write_text(out / "localization.csv", scores.to_csv())
+    files.write_text(out / "localization.csv", scores.to_csv())
     pooled = scores.loc[ALL_FINDINGS_ROW]
     summary = {f"localization.{k}": float(v) for k, v in pooled.drop(["n_images", "n_boxes"]).items()}
     # The pooled row counts (image, finding) pairs in its n_images column.

@@ -18,7 +18,7 @@ from torchvision.utils import make_grid
 
 from cxr_lightning.explain.cams import EMPTY_HEATMAP, NO_GRADIENT, is_blank
 from cxr_lightning.explain.localization import Box
-from cxr_lightning.io import atomic_path
+from cxr_lightning.files import atomic_path
 
 
 def overlay_title(title: str, heatmap: np.ndarray, zero_gradient: bool = False) -> str:
