@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cxr_lightning import files
+from cxr_lightning.files import atomic_path, write_text
 from cxr_lightning.errors import CXRError, DataError
 
 log = logging.getLogger(__name__)
@@ -213,9 +213,9 @@ def write_comparison(
     files = ComparisonFiles(
         csv=out / f"{OUTPUT_STEM}.csv", markdown=out / f"{OUTPUT_STEM}.md", figure=out / f"{OUTPUT_STEM}.png"
     )
-    files.write_text(files.csv, summary.to_csv(index=False))
-    files.write_text(files.markdown, render_markdown(runs, summary, by, Path(sweep_dir), files.figure.name))
-    with files.atomic_path(files.figure) as tmp:
+    write_text(files.csv, summary.to_csv(index=False))
+    write_text(files.markdown, render_markdown(runs, summary, by, Path(sweep_dir), files.figure.name))
+    with atomic_path(files.figure) as tmp:
         plot_comparison(runs, summary, by, tmp)
     n_failed = int((runs["status"] == "failed").sum())
     log.info(

@@ -33,7 +33,8 @@ from omegaconf import DictConfig
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
-from cxr_lightning import files, inference
+from cxr_lightning import inference
+from cxr_lightning.files import atomic_path
 from cxr_lightning.data import cohort, images
 from cxr_lightning.data.augment import normalize
 from cxr_lightning.errors import ConfigError, DataError
@@ -106,7 +107,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
             cam_files += _save_cams(model, x, m, pixels, names, cfg, cam_dir)
 
     predictions = _prediction_table(rows, labels, thresholds, kept)
-    with files.atomic_path(output) as tmp:
+    with atomic_path(output) as tmp:
         predictions.to_csv(tmp, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
     return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files)

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cxr_lightning import files
+from cxr_lightning.files import write_text
 from cxr_lightning.compare import DEFAULT_BY, ERROR, write_comparison
 from cxr_lightning.errors import ConfigError, CXRError
 
@@ -55,7 +55,7 @@ class CompareOnMultirunEnd(Callback):
             return
         if job_return.status == JobStatus.FAILED:
             exc = job_return._return_value  # reading .return_value would re-raise it
-            files.write_text(Path(config.hydra.runtime.output_dir) / ERROR, f"{type(exc).__name__}: {exc}\n")
+            write_text(Path(config.hydra.runtime.output_dir) / ERROR, f"{type(exc).__name__}: {exc}\n")
         try:
             write_comparison(config.hydra.sweep.dir, by=self.by)
         except (CXRError, OSError) as exc:  # a report glitch must not fail a finished run
