@@ -1,6 +1,7 @@
 """Lightning callbacks that Lightning itself does not provide."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -9,8 +10,14 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torchvision
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cxr_lightning import files
+from cxr_lightning.checkpoints import LAST_CHECKPOINT
+
+log = logging.getLogger(__name__)
 
 
 class EpochHistory(pl.callbacks.Checkpoint):
@@ -111,3 +118,35 @@ class FitThroughput(pl.Callback):
             "seconds_per_epoch": self.fit_seconds / epochs if epochs else None,
             "train_images_per_second": self.images / self.train_seconds if self.train_seconds else None,
         }
+
+
+class CheckpointOnSigterm(pl.Callback):
+    """Save ``<dirpath>/last.ckpt`` when SIGTERM stops a fit, so ``resume=auto`` loses nothing.
+
+    Lightning catches SIGTERM, finishes the current batch and raises ``SIGTERMException``; this hook
+    runs then, while the trainer's state is consistent. Other exceptions (a crash, a NaN loss, Ctrl+C
+    in the middle of an optimizer step) save nothing: their state may be broken.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None) -> None:
+        self.dirpath = Path(dirpath) if dirpath else None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:
+            return
+        path = self._dirpath(trainer) / LAST_CHECKPOINT
+        trainer.save_checkpoint(path)
+        log.warning(
+            "SIGTERM: saved %s at epoch %d, global step %d; continue with the same command plus resume=auto.",
+            path, trainer.current_epoch, trainer.global_step,
+        )
+
+    def _dirpath(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath is not None:
+            return self.dirpath
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath)
+        return Path(trainer.default_root_dir) / "checkpoints"

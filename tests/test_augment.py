@@ -4,12 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cxr_lightning.data.augment import (
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    BatchAugment,
-    normalize,
-)
+from cxr_lightning.data.augment import BatchAugment
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, normalize
 
 torch.set_num_threads(1)
 

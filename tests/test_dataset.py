@@ -78,17 +78,6 @@ def test_unreadable_image_error_names_file_and_hints_skip(table):
         ds[1]
 
 
-def test_skip_mode_substitutes_the_next_readable_row(table, caplog):
-    Path(table.loc[1, "path"]).write_bytes(b"")
-    ds = CXRDataset(table, LABELS, META, SIZE, on_error="skip")
-    with caplog.at_level(logging.WARNING, logger="cxr_lightning.data.dataset"):
-        sample = ds[1]
-    assert sample["index"] == 2
-    np.testing.assert_array_equal(sample["image"][0].numpy(), images.load_resized(table.loc[2, "path"], SIZE))
-    np.testing.assert_allclose(sample["labels"].numpy(), table.loc[2, LABELS].to_numpy(float))
-    assert table.loc[1, "path"] in caplog.text
-
-
 def test_missing_columns_and_values_are_reported(table):
     with pytest.raises(DataError, match=r"lacks column\(s\) \['meta:prior:Mass'\]"):
         CXRDataset(table, LABELS, META + ["meta:prior:Mass"], SIZE)

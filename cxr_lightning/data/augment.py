@@ -1,8 +1,9 @@
-"""Batch-level preprocessing on whatever device the batch is on: normalisation and augmentation.
+"""Batch-level training augmentation on whatever device the batch is on.
 
-Dataloader workers only copy uint8 pixels; float conversion, augmentation and normalisation run
-once per batch (on the GPU when there is one) in ``CXRDataModule.on_after_batch_transfer``. The CPU
-path is the same module applied to a CPU batch, so there is one augmentation implementation.
+Dataloader workers only copy uint8 pixels; the model's :class:`~cxr_lightning.models.preprocess.Preprocess`
+scales each batch to ``[0, 1]``, applies the data module's :class:`BatchAugment` while training
+(on the GPU when there is one) and normalises. The CPU path is the same module applied to a CPU
+batch, so there is one augmentation implementation.
 """
 from __future__ import annotations
 
@@ -12,29 +13,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# One-channel equivalents of the ImageNet statistics (means of the RGB means 0.485/0.456/0.406 and
-# of the stds 0.229/0.224/0.225; timm uses the same 0.449/0.226 for grey input). ImageNet
-# weights adapted to one channel (timm sums the first conv over RGB) see a grey image as R=G=B,
-# so the averaged statistics keep their activations closest to those they were trained with.
-DEFAULT_MEAN = 0.449
-DEFAULT_STD = 0.226
-
-
-def normalize(images: torch.Tensor, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` as float32.
-
-    ``uint8`` input is divided by 255; float input is taken to be already in ``[0, 1]`` (the
-    output of ``images.float() / 255`` and of :class:`BatchAugment`), as in torchvision.
-    """
-    if images.dtype == torch.uint8:
-        unit = images.to(torch.float32).div_(255.0)
-    elif images.is_floating_point():
-        unit = images.to(torch.float32)
-    else:
-        raise TypeError(f"normalize expects uint8 or float images, got {images.dtype}")
-    return (unit - mean) / std
-
 
 class BatchAugment(nn.Module):
     """Random per-sample affine transform and brightness/contrast for a ``(B, 1, H, W)`` float

@@ -31,10 +31,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
 from rich.progress import Progress
 
 from cxr_lightning import files
@@ -336,22 +334,7 @@ def cache_root(cache_dir: str | os.PathLike, data_root: str | os.PathLike) -> Pa
     return Path(cache_dir).expanduser() / "images" / f"{readable}-{digest}"
 
 
-def build(cfg: DictConfig) -> ImageCache:
-    """Build (or reuse) the cache that the data module of ``cfg.data`` reads, decoding in
-    ``cfg.workers`` processes (null: one per core; 0: in this process)."""
-    from cxr_lightning.build import instantiate
+if __name__ == "__main__":  # python -m cxr_lightning.data.cache: the command lives in the CLI layer
+    from cxr_lightning.cli import cache_main
 
-    workers = cfg.get("workers")
-    dm = instantiate(cfg.data, _convert_="all")
-    return dm.build_cache(workers=(os.cpu_count() or 1) if workers is None else int(workers))
-
-
-# An absolute path: Hydra resolves a relative one against the module path unless run as __main__.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="cache")
-def main(cfg: DictConfig) -> None:
-    cache = build(cfg)
-    print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
-
-
-if __name__ == "__main__":
-    main()
+    cache_main()

@@ -100,9 +100,10 @@ def new_patient_metadata(demographics: pd.DataFrame, meta_names: Sequence[str], 
     return encoded.reindex(columns=columns, fill_value=0.0).to_numpy(np.float32)
 
 
-def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFrame:
+def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str], encoded: np.ndarray | None = None) -> pd.DataFrame:
     """Copy of ``df`` with ``meta:prior:<name>`` (findings of the patient's previous visit) and
-    ``meta:has_prior``.
+    ``meta:has_prior``. ``encoded``: ``df``'s findings already multi-hot encoded in
+    ``label_names`` order (encoded here when not given).
 
     Visits are ordered by ``Follow-up #``, not by file name (``00000003_000.png`` is patient 3's
     eighth visit). Call this on the full label table before dropping rows, so that a previous
@@ -118,7 +119,9 @@ def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str]) -> pd.DataFra
         )
     order = np.lexsort((df[FOLLOW_UP].to_numpy(), df[PATIENT].to_numpy()))
     ordered = df.iloc[order]
-    findings = encode_labels(ordered.set_index(IMAGE)[FINDING_LABELS], names=list(label_names), source=_source(df))
+    if encoded is None:
+        encoded = encode_labels(df.set_index(IMAGE)[FINDING_LABELS], names=list(label_names), source=_source(df))
+    findings = np.asarray(encoded)[order]
     columns = [PRIOR_PREFIX + name for name in label_names]
     patient = ordered[PATIENT].to_numpy()
     previous = pd.DataFrame(findings, columns=columns).groupby(patient, sort=False).shift(1)

@@ -21,18 +21,14 @@ from cxr_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ON_ERROR = ("error", "skip")
-
-
 class CXRDataset(Dataset):
     """Rows of ``table`` as samples: ``image`` uint8 ``(1, S, S)``, ``meta`` float32 ``(M,)``,
     ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``).
 
     Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
-    ``table["path"]`` and resized. With ``on_error="skip"`` an image that fails to decode (the
-    datamodule already left out those unreadable at setup, so this means the file broke since) is
-    replaced by the next readable row, with a warning; its ``index`` then names the row actually
-    returned. With ``on_error="error"`` (default) the run stops with a :class:`DataError`.
+    ``table["path"]`` and resized. An image that fails to decode stops the run with a
+    :class:`DataError` naming it: the data module leaves unreadable images out at setup when asked
+    (``data.on_missing=skip data.verify_images=true``), so one failing now broke since.
     """
 
     def __init__(
@@ -42,10 +38,7 @@ class CXRDataset(Dataset):
         meta_cols: Sequence[str],
         image_size: int,
         cache: ImageCache | None = None,
-        on_error: str = "error",
     ) -> None:
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error={on_error!r}: expected one of {list(ON_ERROR)}")
         needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
         absent = [c for c in needed if c not in table.columns]
         if absent:
@@ -62,22 +55,18 @@ class CXRDataset(Dataset):
         self.cache = cache
         self.cache_rows = cache.rows(self.names) if cache is not None else None
         self.image_size = int(image_size)
-        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        if self.on_error == "skip":
-            index, pixels = self._first_readable(index)
-        else:
-            try:
-                pixels = self._pixels(index)
-            except DataError as exc:
-                raise DataError(
-                    f"{exc} (row {index}). To leave unreadable images out of the run, pass "
-                    f"data.on_missing=skip data.verify_images=true."
-                ) from exc
+        try:
+            pixels = self._pixels(index)
+        except DataError as exc:
+            raise DataError(
+                f"{exc} (row {index}). To leave unreadable images out of the run, pass "
+                f"data.on_missing=skip data.verify_images=true."
+            ) from exc
         return {
             "image": torch.from_numpy(pixels).unsqueeze(0),
             "meta": torch.from_numpy(self.meta[index]),
@@ -89,15 +78,6 @@ class CXRDataset(Dataset):
         if self.cache is not None:
             return self.cache[int(self.cache_rows[index])]
         return images.load_resized(self.paths[index], self.image_size)
-
-    def _first_readable(self, index: int) -> tuple[int, np.ndarray]:
-        for step in range(len(self)):
-            row = (index + step) % len(self)
-            try:
-                return row, self._pixels(row)
-            except DataError as exc:
-                log.warning("Using the next row instead of an unreadable image (data.on_missing=skip): %s", exc)
-        raise DataError(f"No image of this split can be read (the first tried: {self.paths[index]}).")
 
 
 def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str) -> np.ndarray:

@@ -905,21 +905,34 @@ def bbox_table_text(boxes: pd.DataFrame) -> str:
 # Cached generation
 
 
-def ensure_demo(cache_dir: str | os.PathLike, workers: int | None = None, **params: Any) -> Path:
-    """The demo dataset for ``params`` (``DEMO_DEFAULTS`` filled in), generated on first use
-    into ``cache_dir/demo-<hash>/`` and reused afterwards.
+def demo_dir(cache_dir: str | os.PathLike, **params: Any) -> Path:
+    """Where :func:`ensure_demo` keeps the demo for ``params``: ``cache_dir/demo-<hash of params>``."""
+    return Path(cache_dir).expanduser() / f"demo-{_digest(_marker(params))}"
 
-    Generation goes to a temporary directory renamed into place when complete, with the marker
-    file ``demo.json`` (the params) inside, so an interrupted run is never mistaken for a dataset.
-    """
+
+def _marker(params: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(params) - set(DEMO_DEFAULTS))
     if unknown:
         raise ConfigError(f"demo parameter(s) {unknown} unknown; expected some of {sorted(DEMO_DEFAULTS)}.")
     for name, value in params.items():
         (_check_integer if name == "seed" else _check_positive)(name, value)
-    full = {**DEMO_DEFAULTS, **{k: int(v) for k, v in params.items()}}
-    marker = {**full, "version": DEMO_VERSION}
-    digest = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:10]
+    return {**DEMO_DEFAULTS, **{k: int(v) for k, v in params.items()}, "version": DEMO_VERSION}
+
+
+def _digest(marker: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def ensure_demo(cache_dir: str | os.PathLike, workers: int | None = None, **params: Any) -> Path:
+    """The demo dataset for ``params`` (``DEMO_DEFAULTS`` filled in), generated on first use
+    into :func:`demo_dir` and reused afterwards.
+
+    Generation goes to a temporary directory renamed into place when complete, with the marker
+    file ``demo.json`` (the params) inside, so an interrupted run is never mistaken for a dataset.
+    """
+    marker = _marker(params)
+    full = {k: v for k, v in marker.items() if k != "version"}
+    digest = _digest(marker)
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / f"demo-{digest}"
     if _is_complete(target, marker):

@@ -1,12 +1,12 @@
 """Grad-CAM explanations of the classifier and their localisation scores against the NIH boxes.
 
-``python -m cxr_lightning.explain ckpt_path=PATH|run_dir=DIR [split=test n=16 | images=[...]]``
-runs :func:`explain` (conf/explain.yaml); :class:`CamGridCallback` logs a CAM grid at the end of
-training. The pieces: :mod:`.cams` (CAMs through ``pytorch_grad_cam``, zero-gradient detector),
+The library: :mod:`.cams` (CAMs through ``pytorch_grad_cam``, zero-gradient detector),
 :mod:`.localization` (pointing game, IoU/IoBB vs a random baseline), :mod:`.overlays` (PNG and
-TensorBoard grids), :mod:`.inputs` (which images, with which metadata), :mod:`.job` (the job).
+TensorBoard grids), :mod:`.inputs` (which images, with which metadata), :mod:`.sets` (CAMs of a
+whole image set). Built on it: :mod:`.job` (``python -m cxr_lightning.explain ckpt_path=PATH |
+run_dir=DIR [split=test n=16 | images=[...]]``, conf/explain.yaml) and :mod:`.callback` (a CAM
+grid in TensorBoard at the end of training); import those from their modules.
 """
-from cxr_lightning.explain.callback import CamGridCallback
 from cxr_lightning.explain.cams import (
     CAM_METHODS,
     EMPTY_HEATMAP,
@@ -18,7 +18,6 @@ from cxr_lightning.explain.cams import (
     is_blank,
 )
 from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning
-from cxr_lightning.explain.job import explain, image_set_cams, result_grid
 from cxr_lightning.explain.localization import (
     ALL_FINDINGS_ROW,
     BBOX_COLUMNS,
@@ -38,13 +37,13 @@ from cxr_lightning.explain.overlays import (
     render_overlay,
     save_overlay,
 )
+from cxr_lightning.explain.sets import image_set_cams, result_grid
 
 __all__ = [
     "ALL_FINDINGS_ROW",
     "BBOX_COLUMNS",
     "Box",
     "CAM_METHODS",
-    "CamGridCallback",
     "CamResult",
     "CamWarning",
     "EMPTY_HEATMAP",
@@ -55,7 +54,6 @@ __all__ = [
     "bbox_targets",
     "cam_grid",
     "compute_cams",
-    "explain",
     "heatmap_to_box",
     "image_set_cams",
     "iobb",

@@ -14,7 +14,7 @@ from cxr_lightning.callbacks import tensorboard_writer
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.explain.cams import CAM_METHODS
 from cxr_lightning.explain.inputs import load_split
-from cxr_lightning.explain.job import GRID_TAG, image_set_cams, result_grid
+from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cxr_lightning.data.cohort import new_patient_metadata
-from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.data.images import load_resized
 from cxr_lightning.data.nih import IMAGE
 from cxr_lightning.errors import ConfigError, DataError

@@ -27,10 +27,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
-from cxr_lightning.data.augment import normalize
-from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
+from cxr_lightning.checkpoints import load_model, resolve_checkpoint
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.explain.cams import CAM_METHODS, CamResult, CamWarning, compute_cams
+from cxr_lightning.explain.cams import CAM_METHODS, CamResult
 from cxr_lightning.explain.inputs import (
     ImageSet,
     data_table,
@@ -44,18 +45,14 @@ from cxr_lightning.explain.localization import (
     localization_scores,
     pair_boxes,
 )
-from cxr_lightning.explain.overlays import cam_grid, save_overlay
-from cxr_lightning.inference import (
-    datamodule_for,
-    default_device,
-    output_dir,
-    resolve_checkpoint,
-)
-from cxr_lightning.models.module import CXRClassifier, load_model
+from cxr_lightning.explain.overlays import save_overlay
+from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
+from cxr_lightning.inference import default_device
+from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.tasks.build import datamodule_for
 
 log = logging.getLogger(__name__)
 
-GRID_TAG = "cam_grid"
 # NIH's BBox_List_2017.csv (and the demo's) give boxes in the 1024-px space of the PNGs.
 BOX_SPACE = 1024
 
@@ -113,77 +110,12 @@ def job_output_dir(explicit: str | None, run_dir: str | None, hydra_run_dir: str
     conf/explain.yaml points Hydra's own run dir here too (resolver ``cxr.explain_dir``), so the
     job's log and ``.hydra/`` land beside its outputs.
     """
-    return output_dir(explicit or (None if run_dir else hydra_run_dir), run_dir, "explain")
-
-
-def image_set_cams(
-    model: CXRClassifier,
-    images: ImageSet,
-    targets: Sequence[Sequence[int]] | None,
-    top_k: int,
-    method: str,
-    batch_size: int,
-) -> CamResult:
-    """CAMs of every image of ``images``, ``batch_size`` images per model call, with one
-    :class:`CamWarning` per kind of uninformative CAM naming the images and findings."""
-    parts = []
-    with warnings.catch_warnings():
-        # Reported once below for the whole set, by image name rather than chunk-local index.
-        warnings.simplefilter("ignore", CamWarning)
-        for start in range(0, len(images), batch_size):
-            part = images.slice(start, start + batch_size)
-            parts.append(
-                compute_cams(
-                    model,
-                    normalize(part.images, model.hparams.mean, model.hparams.std),
-                    part.meta,
-                    model.cam_layer,
-                    targets=None if targets is None else targets[start : start + batch_size],
-                    top_k=top_k,
-                    method=method,
-                    batch_size=batch_size,
-                )
-            )
-    result = CamResult.concat(parts)
-    warn_uninformative(result, images.names, model.label_names, model.hparams.backbone["cam_layer"])
-    return result
-
-
-def warn_uninformative(result: CamResult, names: Sequence[str], label_names: Sequence[str], layer: str) -> None:
-    """A :class:`CamWarning` for CAMs with no gradient at ``layer`` and for blank ones, by name."""
-    kinds = (
-        (result.zero_gradient, "got NO GRADIENT at", "the logits do not depend on that layer's output; "
-         "check the backbone's cam_layer names a layer that feeds the head"),
-        (result.empty & ~result.zero_gradient, "are blank (no positive evidence after ReLU) at", ""),
-    )
-    for mask, what, hint in kinds:
-        if not mask.any():
-            continue
-        which = [f"{names[i]}/{label_names[c]}" for i, c in result.pairs[mask][:5]]
-        warnings.warn(
-            f"{result.method}: {int(mask.sum())} of {len(mask)} CAMs {what} cam_layer {layer!r}, e.g. "
-            f"{which}{' ...' if mask.sum() > 5 else ''}; their overlays are marked. {hint}".rstrip(),
-            CamWarning,
-            stacklevel=2,
-        )
-
-
-def result_grid(
-    images: ImageSet,
-    result: CamResult,
-    label_names: Sequence[str],
-    boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
-) -> torch.Tensor:
-    """Every CAM of ``result`` as a labelled overlay in one grid, one image per row."""
-    per_image = np.bincount(result.pairs[:, 0]).max() if len(result.pairs) else 1
-    return cam_grid(
-        images.images[torch.as_tensor(result.pairs[:, 0])],
-        result.heatmaps,
-        result.titles(label_names),
-        result.zero_gradient,
-        nrow=int(per_image),
-        boxes=boxes,
-    )
+    explicit = explicit or (None if run_dir else hydra_run_dir)
+    if explicit:
+        return Path(explicit)
+    if run_dir:
+        return Path(run_dir) / "explain"
+    raise ConfigError("Pass output_dir=DIR or run_dir=DIR for the explain outputs.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,10 +161,8 @@ def _finding_indices(findings: Any, label_names: Sequence[str]) -> list[int] | N
 
 def _datamodule(model: CXRClassifier, data: Any, required: bool) -> CXRDataModule | None:
     """The checkpoint's data module; for images=[...] a missing dataset only costs the metadata."""
-    given = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data or {})
-    overrides = {k: v for k, v in given.items() if v is not None}
     try:
-        return datamodule_for(model, overrides)
+        return datamodule_for(model, data)
     except DataError as exc:
         if required:
             raise

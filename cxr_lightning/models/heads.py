@@ -126,6 +126,18 @@ HEADS: dict[str, type[nn.Module]] = {
 }
 
 
+def head_class(name: str) -> type[nn.Module]:
+    """The head registered as ``name``: the one place head names are checked."""
+    if name not in HEADS:
+        raise ConfigError(f"head.name={name!r} is unknown; valid heads: {sorted(HEADS)} (head=<name>).")
+    return HEADS[name]
+
+
+def head_uses_image(name: str) -> bool:
+    """Whether head ``name`` reads image features (``metadata_only`` needs no backbone)."""
+    return bool(head_class(name).uses_image)
+
+
 def create_head(
     name: str,
     in_features: int,
@@ -135,10 +147,9 @@ def create_head(
     dropout: float = 0.5,
 ) -> nn.Module:
     """Build head ``name`` for ``in_features`` image features, ``meta_dim`` metadata values."""
-    if name not in HEADS:
-        raise ConfigError(f"head.name={name!r} is unknown; choose one of {sorted(HEADS)}.")
+    head = head_class(name)
     if num_labels < 1 or hidden < 1:
         raise ConfigError(f"head {name!r}: num_labels ({num_labels}) and hidden ({hidden}) must be positive.")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"head {name!r}: dropout={dropout} must lie in [0, 1).")
-    return HEADS[name](in_features=in_features, meta_dim=meta_dim, num_labels=num_labels, hidden=hidden, dropout=dropout)
+    return head(in_features=in_features, meta_dim=meta_dim, num_labels=num_labels, hidden=hidden, dropout=dropout)

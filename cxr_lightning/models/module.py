@@ -1,17 +1,17 @@
-"""``CXRClassifier``: backbone -> head -> loss and metrics, as a LightningModule.
+"""``CXRClassifier``: preprocessing -> backbone -> head -> loss and metrics, as a LightningModule.
 
 Everything needed to use a trained model later (label names, metadata layout, image size and
 normalisation, loss weights, the composed config) is a constructor argument and therefore saved
-in every checkpoint's hyperparameters; :func:`load_model` rebuilds the model from the checkpoint
-alone.
+in every checkpoint's hyperparameters; :func:`cxr_lightning.checkpoints.load_model` rebuilds the
+model from the checkpoint alone. The label names and metadata layout come from the config, so
+the model is built before any data is read; the two facts that need the training split (class
+weights and the age used for missing ages) are taken from the data module in :meth:`setup`, when
+the Trainer has set it up, and recorded in the hyperparameters from there.
 """
 from __future__ import annotations
 
 import logging
-import os
-import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,17 +20,18 @@ from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torchmetrics import MeanMetric
 
-from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.faults import check_finite_loss
+from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
-from cxr_lightning.models.heads import create_head
+from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.heads import create_head, head_uses_image
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
 
 log = logging.getLogger(__name__)
-# _log_metrics logs values torchmetrics has already synchronised across DDP ranks.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level")
 STAGES = ("train", "val", "test")
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class CXRClassifier(pl.LightningModule):
@@ -42,16 +43,22 @@ class CXRClassifier(pl.LightningModule):
         optimizer: Mapping[str, Any],
         label_names: Sequence[str],
         meta_names: Sequence[str],
-        pos_frac: Sequence[float],
         image_size: int,
-        mean: float,
-        std: float,
+        mean: float = DEFAULT_MEAN,
+        std: float = DEFAULT_STD,
+        pos_frac: Sequence[float] | None = None,
         age_fill: float | None = None,
+        scheduler: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         config: Mapping[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        scheduler_factory: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The factories are code, built from the optimizer/scheduler configs (kept as plain data).
+        self.save_hyperparameters(ignore=["optimizer_factory", "scheduler_factory"])
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.preprocess = Preprocess(mean, std)
         self.label_names = list(label_names)
         self.meta_names = list(meta_names)
         head_cfg = dict(head)
@@ -59,7 +66,7 @@ class CXRClassifier(pl.LightningModule):
         # metadata_only has no image branch: no backbone to build, run or keep in DDP's buckets.
         self.backbone: nn.Module | None = None
         in_features = 0
-        if _head_uses_image(head_name):
+        if head_uses_image(head_name):
             self.backbone = create_backbone(
                 backbone["name"],
                 pretrained=bool(backbone.get("pretrained", False)),
@@ -76,9 +83,9 @@ class CXRClassifier(pl.LightningModule):
             num_labels=len(self.label_names),
             **head_cfg,
         )
-        pos = torch.tensor(list(pos_frac), dtype=torch.float32)
-        loss_cfg = dict(loss)
-        self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
+        self.criterion: nn.Module | None = None
+        if pos_frac is not None:
+            self._build_criterion(pos_frac)
         # Attributes, not a ModuleDict: "train" would shadow nn.Module.train.
         self.train_metrics = LabelMetrics(self.label_names)
         self.val_metrics = LabelMetrics(self.label_names)
@@ -93,6 +100,38 @@ class CXRClassifier(pl.LightningModule):
         self.test_loss = MeanMetric()
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def _build_criterion(self, pos_frac: Sequence[float]) -> None:
+        pos = torch.tensor(list(pos_frac), dtype=torch.float32)
+        loss_cfg = dict(self.hparams.loss)
+        self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
+        self.criterion.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Take the class weights and the age fill from the training split, once (a checkpoint
+        already carries them)."""
+        if self.criterion is not None:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "label_stats"):
+            raise ConfigError(
+                "This model has no class weights yet: fit it with a CXRDataModule (trainer.fit(model, datamodule=dm)), "
+                "or build it with pos_frac=... ."
+            )
+        for what, mine, theirs in (("labels", self.label_names, dm.label_names), ("metadata", self.meta_names, dm.meta_names)):
+            if list(theirs) != list(mine):
+                raise DataError(f"The data module gives {what} {list(theirs)}, the model was built for {list(mine)}.")
+        self.hparams.pos_frac = [float(v) for v in dm.label_stats["pos_frac"]]
+        self.hparams.age_fill = float(dm.age_fill)
+        self._build_criterion(self.hparams.pos_frac)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Once per batch on the device: dataloader workers only copy uint8 pixels.
+        trainer = self._trainer
+        training = trainer is not None and trainer.training
+        augment = getattr(trainer.datamodule, "augment", None) if training else None
+        batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
+        return batch
 
     # ------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -156,49 +195,13 @@ class CXRClassifier(pl.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> Any:
-        cfg = self.hparams.optimizer
-        if cfg.get("name", "adam") != "adam":
-            raise ConfigError(f"optimizer.name={cfg['name']!r}: only 'adam' is provided.")
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-        scheduler = cfg.get("scheduler")
-        if scheduler is None:
+        if self.optimizer_factory is None:
+            raise ConfigError(
+                "No optimizer: build the model with cxr_lightning.tasks.build.build_model(cfg), which makes "
+                "one from the optimizer config (optimizer=adam|adamw|sgd)."
+            )
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
             return optimizer
-        if scheduler == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=1)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}
-        if scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": optimizer, "lr_scheduler": sched}
-        raise ConfigError(f"optimizer.scheduler={scheduler!r}: expected null, 'plateau' or 'cosine'.")
-
-
-def _head_uses_image(name: str) -> bool:
-    from cxr_lightning.models.heads import HEADS
-
-    if name not in HEADS:
-        raise ConfigError(f"Unknown head {name!r}; valid heads: {sorted(HEADS)}.")
-    return bool(getattr(HEADS[name], "uses_image", True))
-
-
-def load_model(ckpt_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CXRClassifier:
-    """Rebuild a trained model from its checkpoint alone, in eval mode, without downloading weights."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
-    hparams = ckpt.get("hyper_parameters")
-    if not hparams or "label_names" not in hparams:
-        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
-    hparams = dict(hparams)
-    # The state dict holds the trained weights: never fetch or load pretrained ones again.
-    hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
-    # channels_last is a training-speed choice for GPUs, not part of the model.
-    hparams["channels_last"] = False
-    model = CXRClassifier(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
-
+        # monitor is read by ReduceLROnPlateau only.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/loss"}}

@@ -86,10 +86,7 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
 
 
 def check_head(name: str) -> None:
-    from cxr_lightning.models.heads import HEADS
-
-    if name not in HEADS:
-        raise ConfigError(f"head.name={name!r} is unknown; valid heads: {sorted(HEADS)} (head=<name>).")
+    head_class(name)
 
 
 def check_loss(name: str) -> None:
@@ -163,9 +160,7 @@ def checkpoint_hparams(ckpt_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_metadata_use(cfg: DictConfig) -> None:
-    from cxr_lightning.models.heads import HEADS
-
-    head = HEADS[cfg.head.name]
+    head = head_class(cfg.head.name)
     if cfg.data.get("prior_labels", True) and not getattr(head, "uses_meta", True):
         _warn_once(
             f"head={cfg.head.name} ignores metadata, so data.prior_labels=true only adds inputs the model "

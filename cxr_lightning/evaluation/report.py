@@ -1,6 +1,6 @@
 """Rendering of an evaluation: markdown tables, ``report.md`` and the ROC, PR and reliability figures.
 
-Pure presentation: the numbers come from :mod:`cxr_lightning.metrics` (via ``evaluate``); this
+Pure presentation: the numbers come from :mod:`.statistics` (via :mod:`.job`); this
 module only lays them out. Figures use matplotlib's object API on an Agg canvas (no pyplot, no
 display, no global state), one small panel per label so that fifteen curves stay readable.
 """
@@ -23,7 +23,7 @@ from torchmetrics.functional.classification import (
 )
 
 from cxr_lightning.files import atomic_path
-from cxr_lightning.metrics import reliability_curve
+from cxr_lightning.evaluation.statistics import reliability_curve
 
 FIGURES = {"roc": "roc.png", "pr": "pr.png", "reliability": "reliability.png"}
 _PANEL_INCHES = 2.4

@@ -2,7 +2,7 @@
 
 Registered in ``conf/hydra/default.yaml`` under ``hydra.callbacks``, so every multirun
 (``python -m cxr_lightning.train -m ...``) ends with ``comparison.{csv,md,png}`` in its sweep
-directory (see :mod:`cxr_lightning.compare`).
+directory (see :mod:`cxr_lightning.tasks.compare`).
 
 Hydra skips ``on_multirun_end`` when a job raised (the sweeper re-raises the job's exception),
 which is exactly when the report matters most. So the callback also records each failed job's
@@ -28,7 +28,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.files import write_text
-from cxr_lightning.compare import DEFAULT_BY, ERROR, write_comparison
+from cxr_lightning.tasks.compare import DEFAULT_BY, ERROR, write_comparison
+from cxr_lightning.cli import JobError
 from cxr_lightning.errors import ConfigError, CXRError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class CompareOnMultirunEnd(Callback):
             return
         if job_return.status == JobStatus.FAILED:
             exc = job_return._return_value  # reading .return_value would re-raise it
-            write_text(Path(config.hydra.runtime.output_dir) / ERROR, f"{type(exc).__name__}: {exc}\n")
+            # A framework error arrives as the one-line JobError of cli.run_task, already named.
+            reason = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
+            write_text(Path(config.hydra.runtime.output_dir) / ERROR, reason + "\n")
         try:
             write_comparison(config.hydra.sweep.dir, by=self.by)
         except (CXRError, OSError) as exc:  # a report glitch must not fail a finished run

@@ -1,0 +1,177 @@
+"""The command layer: one thin ``main`` per command behind one task wrapper.
+
+``python -m cxr_lightning.<command>`` runs the ``<command>_main`` below. Each composes its config
+from the configs shipped inside the package (:data:`CONFIG_PATH`, so a regular ``pip install``
+works from any directory; users add their own through ``--config-dir`` or ``hydra.searchpath``),
+sets up the run (warning filters), calls a task function of :mod:`cxr_lightning.tasks` (or of
+:mod:`cxr_lightning.evaluation` / :mod:`cxr_lightning.explain`), and turns what can go wrong into
+an exit status:
+
+- a framework error (:class:`~cxr_lightning.errors.CXRError`): one readable line on stderr, no
+  traceback, exit status 2; under a Hydra multirun the job fails with that one line, and the
+  sweep records it;
+- SIGTERM (SLURM preemption, ``kill``): ``last.ckpt`` is saved by the callbacks, exit status 143.
+
+Nothing below this package imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from cxr_lightning.errors import CXRError
+
+log = logging.getLogger("cxr_lightning")
+
+CONFIG_PATH = "pkg://cxr_lightning.conf"
+# The exit status of a process ended by SIGTERM, so schedulers see a preempted run as not finished.
+EXIT_SIGTERM = 128 + int(signal.SIGTERM)
+EXIT_ERROR = 2
+
+
+class JobError(CompactHydraException):
+    """A framework error inside a multirun job: Hydra prints its message alone, on one line."""
+
+
+def quiet_known_warnings() -> None:
+    """Warnings a user cannot act on, filtered where a run starts (never at import)."""
+    # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, once per batch.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # CXRClassifier logs epoch metrics that torchmetrics has already synchronised across ranks.
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
+    )
+
+
+def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
+    """Call ``task(*args)`` with the exit-status contract above."""
+    quiet_known_warnings()
+    try:
+        return task(*args)
+    except SIGTERMException:
+        raise SystemExit(EXIT_SIGTERM) from None
+    except CXRError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobError(message) from exc
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def hydra_command(config_name: str, task: Callable[[DictConfig], Any], result: Callable[[Any], Any] | None = None):
+    """A ``main()`` composing ``config_name`` from the shipped configs and running ``task`` on it;
+    ``result`` turns the task's return value into what Hydra returns (a sweeper's objective)."""
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
+    def main(cfg: DictConfig) -> Any:
+        value = run_task(task, cfg)
+        return result(value) if result is not None else None
+
+    return main
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hydra commands. Imports stay inside: `python -m cxr_lightning.compare` need not load torch's
+# training stack, and each command's own imports start only when it runs.
+def train_main() -> None:
+    from cxr_lightning.tasks.train import train, selection_objective
+
+    hydra_command("train", train, selection_objective)()
+
+
+def evaluate_main() -> None:
+    from cxr_lightning.evaluation.job import evaluate
+
+    hydra_command("evaluate", evaluate, lambda result: float(result.metrics["auroc_mean"]))()
+
+
+def explain_main() -> None:
+    from cxr_lightning.explain.job import explain, job_output_dir
+
+    # Hydra's run dir (log, .hydra/) follows the job's output dir; see conf/explain.yaml.
+    OmegaConf.register_new_resolver(
+        "cxr.explain_dir", lambda explicit, run_dir, fallback: str(job_output_dir(explicit, run_dir, fallback)),
+        replace=True,
+    )
+    hydra_command("explain", explain)()
+
+
+def predict_main() -> None:
+    from cxr_lightning.tasks.predict import predict, report_failures
+
+    hydra_command("predict", lambda cfg: report_failures(predict(cfg)))()
+
+
+def export_main() -> None:
+    from cxr_lightning.tasks.export import export
+
+    def task(cfg: DictConfig) -> None:
+        result = export(cfg)
+        print(f"{result.path} ({result.format}; max |logit difference| to the checkpoint {result.max_abs_diff:.2g})")
+
+    hydra_command("export", task)()
+
+
+def bench_main() -> None:
+    from cxr_lightning.tasks.bench import run_bench
+
+    hydra_command("bench", run_bench)()
+
+
+def cache_main() -> None:
+    from cxr_lightning.tasks.cache import build_cache
+
+    def task(cfg: DictConfig) -> None:
+        cache = build_cache(cfg)
+        print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
+
+    hydra_command("cache", task)()
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands that take a directory, not a config
+def compare_main(argv: Sequence[str] | None = None):
+    from cxr_lightning.tasks.compare import DEFAULT_BY, write_comparison
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_lightning.compare",
+        description="Compare the runs of a sweep: writes comparison.csv, comparison.md and comparison.png.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of run directories)")
+    parser.add_argument(
+        "--by", default=",".join(DEFAULT_BY),
+        help="comma-separated config keys to group runs by (default: backbone), e.g. backbone,head or data.image_size",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: SWEEP_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    written = run_task(write_comparison, args.sweep_dir, args.by, args.out)
+    print(written.csv, written.markdown, written.figure, sep="\n")
+    return written
+
+
+def summary_main(argv: Sequence[str] | None = None) -> int:
+    from cxr_lightning.tasks.summary import print_summary
+
+    parser = argparse.ArgumentParser(prog="python -m cxr_lightning.summary", description="Print a run's headline figures.")
+    parser.add_argument("run_dir", type=Path)
+    return run_task(print_summary, parser.parse_args(argv).run_dir)
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    from cxr_lightning.data.demo.__main__ import main
+
+    return run_task(main, argv)

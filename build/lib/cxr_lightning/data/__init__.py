@@ -1,0 +1,1 @@
+"""Data layer: NIH files -> tables -> torch dataset -> batches."""

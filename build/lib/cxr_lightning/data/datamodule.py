@@ -1,0 +1,255 @@
+"""``CXRDataModule``: ChestX-ray14 (real or demo) as train/val/test loaders.
+
+It glues the table side (:func:`~cxr_lightning.data.tables.build_tables`) and the pixel side
+(``dataset``, ``cache``) together, and hands the model its training augmentation; the logic
+lives in those modules. ``prepare_data`` (one process per node) generates the demo and builds the
+image cache; ``setup`` (every process) only reads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
+
+from cxr_lightning.data.augment import BatchAugment
+from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
+from cxr_lightning.data.dataset import CXRDataset
+from cxr_lightning.data.demo import demo_dir, ensure_demo
+from cxr_lightning.data.tables import ON_MISSING, SPLITS, SplitTables, build_tables, meta_names, output_labels
+from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.files import write_text
+
+log = logging.getLogger(__name__)
+
+
+class CXRDataModule(pl.LightningDataModule):
+    """ChestX-ray14 read exactly as NIH ships it, split by patient.
+
+    Args mirror ``conf/data/*.yaml``; see the README's configuration section.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        root: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike = ".cache",
+        demo: Mapping[str, Any] | None = None,
+        label_table: str = "auto",
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        fold: int | None = None,
+        folds: int | None = None,
+        prior_labels: bool = True,
+        drop_no_finding: bool = False,
+        on_missing: str = "error",
+        verify_images: bool = False,
+        cache: bool = False,
+        augment: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in ("demo", "nih"):
+            raise ConfigError(f"data.source={source!r}: expected 'demo' or 'nih'.")
+        if source == "nih" and not root:
+            raise ConfigError("data=nih needs data.root=DIR, the folder holding the NIH download.")
+        if on_missing not in ON_MISSING:
+            raise ConfigError(f"data.on_missing={on_missing!r}: expected one of {list(ON_MISSING)}.")
+        if (fold is None) != (folds is None):
+            raise ConfigError("data.fold and data.folds go together: data.fold=k data.folds=K (0 <= k < K).")
+        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+            raise ConfigError(f"data.fold={fold} data.folds={folds}: need folds >= 2 and 0 <= fold < folds.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction}: must lie strictly between 0 and 1.")
+        self.source = source
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.demo_params = dict(demo or {})
+        # The demo's folder is known before it exists: prepare_data generates it there.
+        self.root = Path(root).expanduser() if root else demo_dir(self.cache_dir, **self.demo_params)
+        self.label_table = label_table
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.split_options = {
+            "label_table": label_table,
+            "drop_no_finding": bool(drop_no_finding),
+            "prior_labels": bool(prior_labels),
+            "val_fraction": float(val_fraction),
+            "test_fraction": float(test_fraction),
+            "split_seed": int(split_seed),
+            "fold": fold,
+            "folds": folds,
+            "on_missing": on_missing,
+            "verify_images": bool(verify_images),
+        }
+        self.label_names = output_labels(bool(drop_no_finding))
+        self.meta_names = meta_names(self.label_names, bool(prior_labels))
+        self.use_cache = bool(cache)
+        aug = dict(augment or {})
+        # Read by the model's preprocessing while its trainer trains (CXRClassifier.on_after_batch_transfer).
+        self.augment: BatchAugment | None = BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) \
+            if aug.pop("enabled", True) else None
+        self.tables: SplitTables | None = None
+        self.image_cache: ImageCache | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup(): the place to generate the
+        # demo and build the image cache once, so DDP ranks only open the cache (see dataset()).
+        if self.source == "demo":
+            ensure_demo(self.cache_dir, **self.demo_params)
+        if self.use_cache and self.image_cache is None:
+            self.image_cache = self.build_cache()
+
+    def build_cache(self, workers: int | None = None) -> ImageCache:
+        """Decode and resize every image of the label table (all splits) into the cache for
+        ``image_size``, or reuse the existing one when its fingerprint matches; ``workers``
+        decoding processes (default ``num_workers``, at least one; 0: in this process)."""
+        self.setup()
+        images = self.tables.images()
+        return ImageCache.get_or_build(
+            paths=images["path"].tolist(),
+            names=images["Image Index"].tolist(),
+            size=self.image_size,
+            cache_root=cache_root(self.cache_dir, self.root),
+            fingerprint_extra=self.tables.label_table_digest,
+            workers=max(1, self.num_workers) if workers is None else workers,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tables is not None:
+            return
+        if not self.root.is_dir():
+            hint = ("Lightning's Trainer calls prepare_data() first, which generates it" if self.source == "demo"
+                    else "Point it at the folder of the NIH download (see README, 'Using the real dataset')")
+            raise DataError(f"data.root={self.root} does not exist. {hint}.")
+        tables = build_tables(self.root, workers=self.num_workers, **self.split_options)
+        if tables.label_names != self.label_names or tables.meta_names != self.meta_names:
+            raise DataError(f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names}).")
+        self.tables = tables
+
+    def _opened_cache(self) -> ImageCache | None:
+        """The image cache that prepare_data() built (this process or another rank's): opened, never
+        built here, and refused when it does not match this data."""
+        if not self.use_cache:
+            return None
+        if self.image_cache is None:
+            self.setup()
+            images = self.tables.images()
+            fingerprint = compute_fingerprint(
+                images["path"].tolist(), images["Image Index"].tolist(), self.image_size, self.tables.label_table_digest
+            )
+            try:
+                self.image_cache = ImageCache.open(cache_root(self.cache_dir, self.root), self.image_size, fingerprint)
+            except DataError as exc:
+                raise DataError(
+                    f"{exc} The data module's prepare_data(), which Lightning calls before setup(), builds it too."
+                ) from exc
+        return self.image_cache
+
+    # ----------------------------------------------------------------------------------------
+    # What the rest of the framework reads
+    def _tables(self) -> SplitTables:
+        if self.tables is None:
+            self.setup()
+        return self.tables
+
+    @property
+    def meta_dim(self) -> int:
+        return len(self.meta_names)
+
+    @property
+    def meta_cols(self) -> list[str]:
+        return self._tables().meta_cols
+
+    @property
+    def label_cols(self) -> list[str]:
+        return self._tables().label_cols
+
+    @property
+    def label_stats(self) -> pd.DataFrame:
+        return self._tables().label_stats
+
+    @property
+    def age_fill(self) -> float:
+        return self._tables().age_fill
+
+    @property
+    def bbox_table(self) -> pd.DataFrame | None:
+        return self._tables().bbox_table
+
+    @property
+    def label_table_name(self) -> str:
+        return self._tables().label_table.name
+
+    def split_table(self, split: str) -> pd.DataFrame:
+        """One split as a DataFrame: label-table columns, ``path``, ``label:*`` and ``meta:*``."""
+        if split not in SPLITS:
+            raise ConfigError(f"Unknown split {split!r}; expected one of {list(SPLITS)}.")
+        return self._tables().tables[split]
+
+    def save_split(self, out_dir: str | os.PathLike) -> Path:
+        """Write the validation patients to ``val_patients.txt`` so that a run can be reproduced."""
+        val = np.sort(self.split_table("val")["Patient ID"].unique())
+        path = Path(out_dir) / "val_patients.txt"
+        write_text(path, "".join(f"{p}\n" for p in val))
+        return path
+
+    # ----------------------------------------------------------------------------------------
+    # Loaders
+    def dataset(self, split: str) -> CXRDataset:
+        return CXRDataset(
+            self.split_table(split),
+            label_cols=self.label_cols,
+            meta_cols=self.meta_cols,
+            image_size=self.image_size,
+            cache=self._opened_cache(),
+        )
+
+    def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        # A sampler (the benchmark's draws with replacement) replaces shuffling.
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"))
+
+    def _eval_sampler(self, split: str) -> Sampler | None:
+        """Under DDP, each validation/test image goes to exactly one rank.
+
+        Lightning's default DistributedSampler pads a split to a multiple of the world size by
+        repeating images, which the rank-synchronised AUROC and loss would count twice; so N GPUs
+        would score a checkpoint differently from one. Evaluation has no gradient all-reduce, so
+        ranks may run one batch more or less than each other."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            range(len(self.split_table(split))), num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )

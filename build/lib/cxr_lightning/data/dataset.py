@@ -1,0 +1,119 @@
+"""Torch ``Dataset`` over a split table: one row -> ``{"image", "meta", "labels", "index"}``.
+
+Samples carry uint8 pixels only; float conversion, augmentation and normalisation happen per
+batch on the device (see :mod:`cxr_lightning.data.augment`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import track
+from torch.utils.data import Dataset
+
+from cxr_lightning.data import images
+from cxr_lightning.data.cache import ImageCache
+from cxr_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+class CXRDataset(Dataset):
+    """Rows of ``table`` as samples: ``image`` uint8 ``(1, S, S)``, ``meta`` float32 ``(M,)``,
+    ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``).
+
+    Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
+    ``table["path"]`` and resized. An image that fails to decode stops the run with a
+    :class:`DataError` naming it: the data module leaves unreadable images out at setup when asked
+    (``data.on_missing=skip data.verify_images=true``), so one failing now broke since.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        label_cols: Sequence[str],
+        meta_cols: Sequence[str],
+        image_size: int,
+        cache: ImageCache | None = None,
+    ) -> None:
+        needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
+        absent = [c for c in needed if c not in table.columns]
+        if absent:
+            raise DataError(f"Split table lacks column(s) {absent}; it has {list(table.columns)}.")
+        if cache is not None and cache.size != image_size:
+            raise DataError(
+                f"Image cache {cache.directory} holds {cache.size} px images but image_size={image_size}."
+            )
+        # numpy once here: __getitem__ must not touch pandas (slow, and per worker per item).
+        self.labels = _float_block(table, label_cols, "label")
+        self.meta = _float_block(table, meta_cols, "metadata")
+        self.paths: list[str] = table["path"].astype(str).tolist() if "path" in table.columns else []
+        self.names: list[str] = table["Image Index"].astype(str).tolist() if "Image Index" in table.columns else []
+        self.cache = cache
+        self.cache_rows = cache.rows(self.names) if cache is not None else None
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        try:
+            pixels = self._pixels(index)
+        except DataError as exc:
+            raise DataError(
+                f"{exc} (row {index}). To leave unreadable images out of the run, pass "
+                f"data.on_missing=skip data.verify_images=true."
+            ) from exc
+        return {
+            "image": torch.from_numpy(pixels).unsqueeze(0),
+            "meta": torch.from_numpy(self.meta[index]),
+            "labels": torch.from_numpy(self.labels[index]),
+            "index": index,
+        }
+
+    def _pixels(self, index: int) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache[int(self.cache_rows[index])]
+        return images.load_resized(self.paths[index], self.image_size)
+
+
+def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str) -> np.ndarray:
+    try:
+        block = table[list(cols)].to_numpy(dtype=np.float32, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"The {what} columns {list(cols)} must be numeric: {exc}") from exc
+    nan_rows = np.isnan(block).any(axis=1)
+    if nan_rows.any():
+        bad_cols = [c for c, bad in zip(cols, np.isnan(block).any(axis=0)) if bad]
+        raise DataError(
+            f"Missing {what} values in column(s) {bad_cols} at rows {list(table.index[nan_rows][:5])}; "
+            f"{what} columns must be filled before building a dataset."
+        )
+    return np.ascontiguousarray(block)
+
+
+def find_unreadable(paths: Sequence[str], workers: int = 1) -> list[str]:
+    """The subset of ``paths`` that fail :func:`images.check_readable`, in input order; the reasons
+    are logged. Runs in ``workers`` threads: the check is file I/O and CRCs, which release the GIL."""
+    paths = [str(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(
+            track(pool.map(_unreadable_reason, paths), total=len(paths), description="Checking images", transient=True)
+        )
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    for _, reason in bad[:20]:
+        log.warning("%s", reason)
+    if len(bad) > 20:
+        log.warning("... and %d more unreadable images.", len(bad) - 20)
+    return [p for p, _ in bad]
+
+
+def _unreadable_reason(path: str) -> str | None:
+    try:
+        images.check_readable(path)
+    except DataError as exc:
+        return str(exc)
+    return None

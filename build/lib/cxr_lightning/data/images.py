@@ -1,0 +1,214 @@
+"""Decode any chest X-ray file (PNG, JPEG, DICOM) to one uint8 channel, and resize it.
+
+Every pixel path in the framework goes through :func:`load_resized`: the dataset when it decodes
+on the fly, the cache when it is built, ``predict`` on a new file. So the model always sees the
+same pixels for the same file, whichever path produced them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from cxr_lightning.data.nih import parse_ages
+from cxr_lightning.errors import DataError
+
+# Recorded in the cache fingerprint: changing the resampling must invalidate every cache.
+RESIZE_METHOD = "PIL-bilinear-antialias"
+
+_DICOM_MAGIC_OFFSET = 128
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` to a ``uint8`` array of shape ``(H, W)``.
+
+    PNG/JPEG/other PIL formats: gray stays gray, 16-bit gray is scaled by its bit depth
+    (``round(v * 255 / 65535)``), colour becomes luminance exactly as ``PIL.Image.convert("L")``
+    does and alpha is dropped. DICOM (``.dcm`` or the ``DICM`` magic): modality LUT (rescale
+    slope/intercept), VOI LUT or window, MONOCHROME1 inverted, then min-max scaled to 0..255.
+
+    Raises :class:`DataError` naming the file for anything missing, empty, truncated or undecodable.
+    """
+    path = Path(path)
+    _check_nonempty(path)
+    if _is_dicom(path):
+        return _read_dicom(path)
+    return _read_pil(path)
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize a ``uint8 (H, W)`` image to ``(size, size)`` with PIL's antialiased bilinear filter.
+
+    PIL widens the bilinear kernel by the reduction factor, so downscaling 1024 -> 224 averages
+    every source pixel (no aliasing of fine lung texture), and the result is deterministic and
+    the same in the cache and on-the-fly paths. Non-square images are stretched to a square
+    (NIH images are 1024x1024).
+    """
+    if img.dtype != np.uint8 or img.ndim != 2:
+        raise ValueError(f"resize expects a uint8 (H, W) array, got {img.dtype} {img.shape}")
+    if img.shape == (size, size):
+        return img
+    return np.array(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))  # writable copy
+
+
+def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
+    """``resize(read_image(path), size)``: the one way pixels enter the framework."""
+    return resize(read_image(path), size)
+
+
+def read_dicom_demographics(path: str | os.PathLike) -> dict[str, Any]:
+    """Age (float years), sex (``"M"``/``"F"``) and view (``"PA"``, ``"AP"``, ``"LL"``...) from a
+    DICOM header; each is ``None`` when the tag is absent or unusable."""
+    path = Path(path)
+    _check_nonempty(path)
+    ds = _dcmread(path, stop_before_pixels=True)
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    return {
+        "age": parse_dicom_age(str(ds.get("PatientAge", "") or "")),
+        "sex": sex if sex in ("M", "F") else None,
+        "view": view or None,
+    }
+
+
+def parse_dicom_age(value: str) -> float | None:
+    """DICOM age string (``058Y``, ``011M``, ``003W``, ``005D``) to years; ``None`` if unparsable."""
+    years = parse_ages(pd.Series([value])).iloc[0]
+    return None if pd.isna(years) else float(years)
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Cheap check that ``path`` can be decoded, without decoding the pixels; :class:`DataError` if not.
+
+    PIL formats must pass ``Image.verify`` (for PNG: every chunk's CRC up to IEND, so truncated files
+    are caught; for JPEG only the header is checked); DICOM needs a parseable header with pixel data.
+    """
+    path = Path(path)
+    _check_nonempty(path)
+    if _is_dicom(path):
+        # defer_size: large elements (the pixels) are not read, only located.
+        if "PixelData" not in _dcmread(path, defer_size=1024):
+            raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
+        return
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except UnidentifiedImageError:
+        raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
+    except Exception as exc:  # PIL signals corruption with OSError, SyntaxError, struct.error...
+        raise DataError(f"Image file {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file by suffix or by the ``DICM`` magic at byte 128."""
+    return _is_dicom(Path(path))
+
+
+# ------------------------------------------------------------------------------------------------
+def _check_nonempty(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"Image file {path} does not exist.") from None
+    except OSError as exc:
+        raise DataError(f"Image file {path} cannot be accessed: {exc}") from exc
+    if size == 0:
+        raise DataError(f"Image file {path} is empty (0 bytes); re-download or remove it.")
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(_DICOM_MAGIC_OFFSET)
+            return fh.read(4) == b"DICM"
+    except OSError as exc:
+        raise DataError(f"Image file {path} cannot be read: {exc}") from exc
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _pil_to_gray(im, path)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
+    except Exception as exc:  # PIL signals truncation/corruption with OSError, SyntaxError, ValueError, zlib.error...
+        raise DataError(
+            f"Image file {path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-download or remove it."
+        ) from exc
+
+
+def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
+    if im.mode == "L":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if im.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own I;16 -> L conversion clips at 255 instead of scaling, so scale here.
+        values = np.asarray(im).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(
+                f"Image file {path}: 32-bit integer pixels outside the 16-bit range are not supported; "
+                f"save it as an 8- or 16-bit PNG."
+            )
+        return ((values * 255 + 32767) // 65535).astype(np.uint8)
+    if im.mode == "F":
+        raise DataError(f"Image file {path}: floating-point images are not supported; save it as an 8- or 16-bit PNG.")
+    # RGB(A), LA, P, 1, CMYK, YCbCr: PIL's ITU-R 601-2 luma, which maps gray RGB to itself.
+    return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+
+
+def _dcmread(path: Path, **kwargs: Any):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        # force: a .dcm file without the 128-byte preamble (older writers) is still DICOM.
+        return pydicom.dcmread(path, force=True, **kwargs)
+    except InvalidDicomError as exc:
+        raise DataError(f"DICOM file {path} is not valid DICOM: {exc}") from exc
+    except Exception as exc:  # pydicom reports truncated headers as EOFError/OSError/ValueError
+        raise DataError(f"DICOM file {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+    ds = _dcmread(path)
+    if "PixelData" not in ds:
+        raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # truncated data, or no decoder plug-in for a compressed transfer syntax
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = (
+            f" Its transfer syntax {syntax.name} is compressed: `pip install pylibjpeg pylibjpeg-libjpeg "
+            f"pylibjpeg-openjpeg` adds the decoders."
+            if syntax is not None and syntax.is_compressed
+            else ""
+        )
+        reason = f"{type(exc).__name__}: {exc}"
+        raise DataError(f"DICOM file {path}: cannot decode its pixel data ({reason}).{hint}") from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if not photometric.startswith("MONOCHROME"):
+        raise DataError(
+            f"DICOM file {path}: photometric interpretation {photometric} is not a grayscale radiograph."
+        )
+    if pixels.ndim != 2:
+        raise DataError(f"DICOM file {path}: expected one 2-D frame, got pixel data of shape {pixels.shape}.")
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":  # low values are white: invert so that bone is bright
+        scaled = 255.0 - scaled
+    return np.rint(scaled).astype(np.uint8)

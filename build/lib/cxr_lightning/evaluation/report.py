@@ -1,0 +1,250 @@
+"""Rendering of an evaluation: markdown tables, ``report.md`` and the ROC, PR and reliability figures.
+
+Pure presentation: the numbers come from :mod:`.statistics` (via :mod:`.job`); this
+module only lays them out. Figures use matplotlib's object API on an Agg canvas (no pyplot, no
+display, no global state), one small panel per label so that fifteen curves stay readable.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchmetrics.functional.classification import (
+    binary_precision_recall_curve,
+    binary_roc,
+)
+
+from cxr_lightning.files import atomic_path
+from cxr_lightning.evaluation.statistics import reliability_curve
+
+FIGURES = {"roc": "roc.png", "pr": "pr.png", "reliability": "reliability.png"}
+_PANEL_INCHES = 2.4
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = True) -> str:
+    """A GitHub-flavoured markdown table of ``frame``; floats to ``digits`` places, NaN as ``n/a``.
+
+    (``DataFrame.to_markdown`` would need the ``tabulate`` package for these few lines.)
+    """
+    table = frame.reset_index() if index else frame
+    header = [str(c) for c in table.columns]
+    cells = [[_cell(v, digits) for v in row] for row in table.itertuples(index=False)]
+    numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+    rule = ["---:" if is_num else "---" for is_num in numeric]
+    lines = [header, rule, *cells]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def interval(estimate: float, lower: float, upper: float, digits: int = 3) -> str:
+    """``0.812 (0.790-0.833)``; ``n/a`` for an undefined estimate."""
+    if estimate is None or not np.isfinite(estimate):
+        return "n/a"
+    if lower is None or not (np.isfinite(lower) and np.isfinite(upper)):
+        return f"{estimate:.{digits}f}"
+    return f"{estimate:.{digits}f} ({lower:.{digits}f}–{upper:.{digits}f})"
+
+
+def render_report(
+    summary: Mapping[str, Any],
+    config: Mapping[str, Any],
+    per_class: pd.DataFrame,
+    subgroups: pd.DataFrame,
+    figures: Mapping[str, str] = FIGURES,
+) -> str:
+    """The text of ``report.md``.
+
+    ``summary`` holds the run's facts (checkpoint, split, label table, counts, bootstrap and
+    threshold settings); ``config`` the checkpoint's training-config summary; ``per_class`` and
+    ``subgroups`` the tables ``evaluate`` writes as CSV.
+    """
+    level = round(100 * (1 - float(summary["alpha"])))
+    boot = f"{summary['n_boot']} patient-level bootstrap resamples (seed {summary['seed']})"
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- Checkpoint: `{summary['checkpoint']}` (sha256 `{str(summary['checkpoint_sha256'])[:12]}…`)",
+        f"- Data: `{summary['data_root']}`, label table `{summary['label_table']}`",
+        f"- Evaluated split: **{summary['split']}**: {summary['n_images']} images of {summary['n_patients']} patients",
+        f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
+        f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`, saved to "
+        f"`{summary['thresholds_file']}`",
+        f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
+        "resampled together.",
+        "",
+        "## Model",
+        "",
+        markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False),
+        "## Per-label results",
+        "",
+        f"AUROC and AUPRC with {level}% intervals; sensitivity, specificity, precision and F1 at the "
+        "label's threshold (positive if p >= threshold); ECE over equal-width probability bins. "
+        "`n/a`: undefined in this split (no positives, or no negatives, for that label).",
+        "",
+        markdown_table(_per_class_display(per_class)),
+        "## Subgroups",
+        "",
+        f"Mean AUROC over the labels defined in each subgroup, with {level}% patient-bootstrap intervals.",
+        "",
+        markdown_table(_subgroup_display(subgroups), index=False),
+    ]
+    undefined = summary.get("undefined_labels") or []
+    if undefined:
+        lines += [f"Labels without a defined AUROC in this split (left out of the mean): {', '.join(undefined)}.", ""]
+    fallback = summary.get("fallback_threshold_labels") or []
+    if fallback:
+        lines += [
+            f"Labels without positives or negatives in the val split, given the fallback threshold "
+            f"0.5: {', '.join(fallback)}.",
+            "",
+        ]
+    lines += [
+        "## Figures",
+        "",
+        f"![ROC curves]({figures['roc']})",
+        "",
+        f"![Precision-recall curves]({figures['pr']})",
+        "",
+        f"![Reliability diagrams]({figures['reliability']})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
+    rows = per_class
+    return pd.DataFrame(
+        {
+            "n_pos": rows["n_pos"],
+            "AUROC": [interval(*v) for v in rows[["auroc", "auroc_lower", "auroc_upper"]].to_numpy()],
+            "AUPRC": [interval(*v) for v in rows[["auprc", "auprc_lower", "auprc_upper"]].to_numpy()],
+            "threshold": rows["threshold"],
+            "sensitivity": rows["sensitivity"],
+            "specificity": rows["specificity"],
+            "precision": rows["precision"],
+            "F1": rows["f1"],
+            "ECE": rows["ece"],
+        },
+        index=rows.index,
+    )
+
+
+def _subgroup_display(subgroups: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "attribute": subgroups["attribute"],
+            "group": subgroups["group"],
+            "images": subgroups["n_images"],
+            "patients": subgroups["n_patients"],
+            "labels": subgroups["n_labels"],
+            "mean AUROC": [interval(*v) for v in subgroups[["auroc_mean", "lower", "upper"]].to_numpy()],
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Render ``fig`` to a PNG at ``path`` atomically."""
+    FigureCanvasAgg(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)
+
+
+def _panels(n: int, title: str, xlabel: str, ylabel: str) -> tuple[Figure, list[Any]]:
+    """A grid of ``n`` unit-square panels sharing axes; unused grid cells are hidden."""
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    height = _PANEL_INCHES * rows + 0.9
+    fig = Figure(figsize=(_PANEL_INCHES * cols, height))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel().tolist()
+    # Fixed margins and shared, outer-only tick labels: constrained layout and per-panel labels
+    # measure every text box and cost seconds per figure.
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.55 / height, top=1 - 0.85 / height, wspace=0.1, hspace=0.45)
+    for i, ax in enumerate(axes):
+        ax.set_xticks([0.0, 0.5, 1.0])
+        ax.set_yticks([0.0, 0.5, 1.0])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        # tick labels on the lowest panel of each column and the first of each row
+        ax.tick_params(labelsize=7, labelbottom=i + cols >= n, labelleft=i % cols == 0)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    return fig, axes[:n]
+
+
+def _undefined(ax: Any, name: str, why: str) -> None:
+    ax.set_title(name, fontsize=9)
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+
+
+def _column(y: np.ndarray, p: np.ndarray, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(p[:, j])), torch.from_numpy(np.ascontiguousarray(y[:, j])).long()
+
+
+def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], auroc: Sequence[float]) -> Figure:
+    """One ROC panel per label with its AUROC, chance diagonal dashed."""
+    fig, axes = _panels(len(label_names), "ROC curves", "1 - specificity", "sensitivity")
+    for j, (ax, name) in enumerate(zip(axes, label_names)):
+        if not np.isfinite(auroc[j]):
+            _undefined(ax, name, "undefined:\nno positives or\nno negatives")
+            continue
+        fpr, tpr, _ = binary_roc(*_column(y_true, y_prob, j))
+        ax.plot(fpr.numpy(), tpr.numpy(), lw=1.5)
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+        ax.set_title(f"{name}\nAUROC {auroc[j]:.3f}", fontsize=9)
+    return fig
+
+
+def pr_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], auprc: Sequence[float]) -> Figure:
+    """One precision-recall panel per label with its AUPRC, prevalence (chance level) dashed."""
+    fig, axes = _panels(len(label_names), "Precision-recall curves", "recall", "precision")
+    for j, (ax, name) in enumerate(zip(axes, label_names)):
+        if not np.isfinite(auprc[j]):
+            _undefined(ax, name, "undefined:\nno positives")
+            continue
+        precision, recall, _ = binary_precision_recall_curve(*_column(y_true, y_prob, j))
+        ax.plot(recall.numpy(), precision.numpy(), lw=1.5)
+        ax.axhline(float(y_true[:, j].mean()), ls="--", lw=0.8, color="grey")
+        ax.set_title(f"{name}\nAUPRC {auprc[j]:.3f}", fontsize=9)
+    return fig
+
+
+def reliability_figure(
+    y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], ece: Sequence[float], n_bins: int
+) -> Figure:
+    """One reliability diagram per label: observed positive rate against mean probability per bin
+    (marker area ~ images in the bin), perfect calibration dashed, ECE in the title."""
+    fig, axes = _panels(len(label_names), "Reliability diagrams", "mean predicted probability", "observed positive rate")
+    for j, (ax, name) in enumerate(zip(axes, label_names)):
+        _, accuracy, confidence, counts = reliability_curve(y_true[:, j], y_prob[:, j], n_bins)
+        filled = counts > 0
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+        ax.plot(confidence[filled], accuracy[filled], lw=1.0)
+        ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3)
+        ax.set_title(f"{name}\nECE {ece[j]:.3f}", fontsize=9)
+    return fig

@@ -1,0 +1,253 @@
+"""Image backbones: a timm network without its classifier, reading one-channel radiographs.
+
+``create_backbone`` builds any timm model headless (``num_classes=0``) with global pooling, so its
+output is one feature vector per image. Weights come from nowhere (random init), from timm's hub
+(``pretrained=True``) or from a local timm/torchvision state dict (``weights=PATH``); in every case
+a three-channel ImageNet first convolution is folded to one channel by timm's ``adapt_input_conv``.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import adapt_input_conv, load_state_dict
+from timm.models.vgg import ConvMlp
+from torch import nn
+
+from cxr_lightning.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# The six architectures compared in the seed study (conf/backbone/<name>.yaml); any timm name works.
+BACKBONE_NAMES: tuple[str, ...] = (
+    "densenet121",
+    "vgg19",
+    "resnet50",
+    "inception_v3",
+    "mobilenetv2_100",
+    "efficientnet_b3",
+)
+
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
+WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
+
+# Names timm gives the functions that convert foreign (e.g. torchvision) layouts of a model family's
+# weights; timm applies them to every checkpoint it downloads, we apply them to local files too.
+_TIMM_FILTER_FN_NAMES = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
+
+_OFFLINE_HINT = (
+    "Supply the weights offline instead: download them on a machine with network access and pass "
+    "backbone.weights=/path/to/file.pth (or .safetensors; a timm or torchvision state dict), or copy "
+    "a populated Hugging Face cache (~/.cache/huggingface, or $HF_HOME) and run with HF_HUB_OFFLINE=1."
+)
+
+
+class Backbone(nn.Module):
+    """A headless timm network: ``forward(x) -> (B, num_features)`` pooled image features.
+
+    ``model`` is the timm network itself; layer paths (``get_layer``, ``cam_layer`` in the config)
+    are relative to it, e.g. ``"layer4"`` for a ResNet.
+    """
+
+    def __init__(self, model: nn.Module, timm_name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.timm_name = timm_name
+        self.num_features: int = int(model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map ``(B, C, h, w)``, before global pooling."""
+        return self.model.forward_features(x)
+
+    def get_layer(self, path: str) -> nn.Module:
+        """The sub-module at dotted ``path`` (e.g. ``"features.norm5"``), for hooks such as Grad-CAM."""
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(_unknown_layer_message(self.model, path, self.timm_name)) from None
+
+
+def check_name_and_pool(name: str, global_pool: str) -> None:
+    """ConfigError unless ``name`` is a timm model and ``global_pool`` one timm supports here."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(
+            f"backbone.name={name!r} is not a timm model"
+            + (f" (did you mean one of {close}?)" if close else "")
+            + f". The six studied backbones are backbone={{{','.join(BACKBONE_NAMES)}}} (conf/backbone/); "
+            "any other model name that timm.list_models() prints also works as backbone.name."
+        )
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"backbone.global_pool={global_pool!r} is not supported; use one of {list(GLOBAL_POOLS)}.")
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    global_pool: str = "avg",
+    in_chans: int = 1,
+    drop_rate: float = 0.0,
+) -> Backbone:
+    """Build timm model ``name`` without classifier, reading ``in_chans`` channels.
+
+    ``weights`` (a local state dict file) takes precedence over ``pretrained``, so a machine without
+    network can set both and still start from ImageNet weights. ``drop_rate`` is timm's dropout on
+    the pooled features.
+    """
+    check_name_and_pool(name, global_pool)
+
+    kwargs: dict[str, Any] = dict(num_classes=0, global_pool=global_pool, in_chans=in_chans, drop_rate=drop_rate)
+    if pretrained and weights is None:
+        model = _create_pretrained(name, kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    _remove_vgg_pre_logits(model)
+    if weights is not None:
+        _load_local_weights(model, Path(weights).expanduser())
+    return Backbone(model, timm_name=name)
+
+
+def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ConfigError(
+            f"timm has no pretrained weights for backbone {name!r}; set backbone.pretrained=false "
+            "or backbone.weights=/path/to/file.pth."
+        )
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 -- hub, HTTP and cache failures have no common base class
+        raise CheckpointError(
+            f"could not obtain the pretrained (ImageNet) weights of backbone {name!r} through timm "
+            f"({type(err).__name__}: {err}). {_OFFLINE_HINT}"
+        ) from err
+
+
+def _remove_vgg_pre_logits(model: nn.Module) -> None:
+    """Drop VGG's 4096-unit fully connected block so the pooled conv features are the output.
+
+    Keras' ``include_top=False`` VGG19 (the seed's) has no such block; keeping it would add ~120M
+    parameters and squash the last feature map to 1x1, where Grad-CAM maps are all zero.
+    """
+    if isinstance(getattr(model, "pre_logits", None), ConvMlp):
+        model.pre_logits = nn.Identity()
+        model.head_hidden_size = model.num_features
+
+
+def _load_local_weights(model: nn.Module, path: Path) -> None:
+    """Load a timm or torchvision state dict file into ``model``, the way timm loads hub weights."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"backbone weights file {path} does not exist; fix backbone.weights or set backbone.weights=null."
+        )
+    if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+        raise CheckpointError(f"backbone weights file {path}: expected one of {list(WEIGHT_SUFFIXES)}.")
+    try:
+        # timm's loader: torch.load(weights_only=True) or safetensors; unwraps "state_dict"/"model"
+        # entries and strips DDP/compile prefixes.
+        state_dict = load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- pickle, zip and safetensors errors differ
+        raise CheckpointError(
+            f"cannot read backbone weights file {path} ({type(err).__name__}: {err}); it must be a "
+            "tensor-only state dict saved with torch.save or safetensors."
+        ) from err
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"backbone weights file {path} does not hold a state dict of tensors.")
+
+    state_dict = _apply_timm_filter(model, state_dict)
+    _adapt_first_conv(model, state_dict)
+    # The classifier is replaced by our head; VGG's fc block was removed by _remove_vgg_pre_logits.
+    dropped = tuple(f"{c}." for c in _cfg_names(model, "classifier"))
+    if isinstance(getattr(model, "pre_logits", None), nn.Identity):
+        dropped += ("pre_logits.",)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
+
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches: the file is for another architecture or width
+        detail = " ".join(str(err).split())  # torch lists one mismatch per line
+        raise CheckpointError(
+            f"backbone weights file {path} does not fit {_arch(model)} (is it for another architecture?): {detail}"
+        ) from err
+    # Old torchvision files predate BatchNorm's step counter; it is not a learned weight.
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise CheckpointError(
+            f"backbone weights file {path} lacks {len(missing)} of the tensors of {_arch(model)}: "
+            f"{_preview(missing)}"
+            + (f"; it has unexpected ones: {_preview(result.unexpected_keys)}" if result.unexpected_keys else "")
+            + ". Is it a timm or torchvision state dict of that architecture?"
+        )
+    if result.unexpected_keys:
+        log.warning("ignored %d tensors of %s that %s has no place for: %s",
+                    len(result.unexpected_keys), path, _arch(model), _preview(result.unexpected_keys))
+    log.info("loaded backbone weights of %s from %s", _arch(model), path)
+
+
+def _apply_timm_filter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = next((getattr(module, n) for n in _TIMM_FILTER_FN_NAMES if hasattr(module, n)), None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except TypeError:  # timm's older filters take the state dict alone (as timm's own loader allows)
+        return filter_fn(state_dict)
+
+
+def _adapt_first_conv(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    for conv_name in _cfg_names(model, "first_conv"):
+        key = f"{conv_name}.weight"
+        if key not in state_dict:
+            continue
+        target_chans = model.get_submodule(conv_name).weight.shape[1]
+        source = state_dict[key]
+        if source.ndim == 4 and source.shape[1] != target_chans:
+            state_dict[key] = adapt_input_conv(target_chans, source, base_chans=source.shape[1])
+
+
+def _cfg_names(model: nn.Module, key: str) -> tuple[str, ...]:
+    value = (getattr(model, "pretrained_cfg", None) or {}).get(key)
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _arch(model: nn.Module) -> str:
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _unknown_layer_message(model: nn.Module, path: str, timm_name: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    # Children of the deepest part of the path that exists show where the path went wrong.
+    parts = path.split(".")
+    parent_path, children = "", [n for n, _ in model.named_children()]
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth])
+        try:
+            parent = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        parent_path, children = prefix, [f"{prefix}.{n}" for n, _ in parent.named_children()]
+        break
+    close = difflib.get_close_matches(path, names, n=6, cutoff=0.5)
+    where = f"under {parent_path!r}" if parent_path else "at the top level"
+    return (
+        f"backbone {timm_name!r} has no layer {path!r} (fix backbone.cam_layer). "
+        + (f"Closest names: {close}. " if close else "")
+        + f"Modules {where}: {_preview(children, n=12)}."
+    )

@@ -1,0 +1,207 @@
+"""``CXRClassifier``: preprocessing -> backbone -> head -> loss and metrics, as a LightningModule.
+
+Everything needed to use a trained model later (label names, metadata layout, image size and
+normalisation, loss weights, the composed config) is a constructor argument and therefore saved
+in every checkpoint's hyperparameters; :func:`cxr_lightning.checkpoints.load_model` rebuilds the
+model from the checkpoint alone. The label names and metadata layout come from the config, so
+the model is built before any data is read; the two facts that need the training split (class
+weights and the age used for missing ages) are taken from the data module in :meth:`setup`, when
+the Trainer has set it up, and recorded in the hyperparameters from there.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BaseFinetuning
+from torch import nn
+from torchmetrics import MeanMetric
+
+from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.losses import create_loss
+from cxr_lightning.metrics import LabelMetrics
+from cxr_lightning.models.backbones import create_backbone
+from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.heads import create_head, head_uses_image
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
+
+log = logging.getLogger(__name__)
+STAGES = ("train", "val", "test")
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class CXRClassifier(pl.LightningModule):
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        head: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        label_names: Sequence[str],
+        meta_names: Sequence[str],
+        image_size: int,
+        mean: float = DEFAULT_MEAN,
+        std: float = DEFAULT_STD,
+        pos_frac: Sequence[float] | None = None,
+        age_fill: float | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        config: Mapping[str, Any] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
+        scheduler_factory: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        # The factories are code, built from the optimizer/scheduler configs (kept as plain data).
+        self.save_hyperparameters(ignore=["optimizer_factory", "scheduler_factory"])
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.preprocess = Preprocess(mean, std)
+        self.label_names = list(label_names)
+        self.meta_names = list(meta_names)
+        head_cfg = dict(head)
+        head_name = head_cfg.pop("name")
+        # metadata_only has no image branch: no backbone to build, run or keep in DDP's buckets.
+        self.backbone: nn.Module | None = None
+        in_features = 0
+        if head_uses_image(head_name):
+            self.backbone = create_backbone(
+                backbone["name"],
+                pretrained=bool(backbone.get("pretrained", False)),
+                weights=backbone.get("weights"),
+                global_pool=backbone.get("global_pool", "avg"),
+            )
+            in_features = self.backbone.num_features
+            if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:
+                BaseFinetuning.freeze(self.backbone, train_bn=False)
+        self.head = create_head(
+            head_name,
+            in_features=in_features,
+            meta_dim=len(self.meta_names),
+            num_labels=len(self.label_names),
+            **head_cfg,
+        )
+        self.criterion: nn.Module | None = None
+        if pos_frac is not None:
+            self._build_criterion(pos_frac)
+        # Attributes, not a ModuleDict: "train" would shadow nn.Module.train.
+        self.train_metrics = LabelMetrics(self.label_names)
+        self.val_metrics = LabelMetrics(self.label_names)
+        self.test_metrics = LabelMetrics(self.label_names)
+        # The epoch's mean loss as torchmetrics too, weighted by batch size and summed across DDP
+        # ranks on compute(): every cross-rank sync then happens in _log_metrics, on every rank in
+        # the same order. Lightning's self.log(sync_dist=True) would all-reduce wherever a
+        # rank-zero-only callback (the progress bar) first reads the epoch's metrics, out of step
+        # with the label metrics' all-gathers on the other ranks: a DDP deadlock.
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _build_criterion(self, pos_frac: Sequence[float]) -> None:
+        pos = torch.tensor(list(pos_frac), dtype=torch.float32)
+        loss_cfg = dict(self.hparams.loss)
+        self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
+        self.criterion.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """Take the class weights and the age fill from the training split, once (a checkpoint
+        already carries them)."""
+        if self.criterion is not None:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "label_stats"):
+            raise ConfigError(
+                "This model has no class weights yet: fit it with a CXRDataModule (trainer.fit(model, datamodule=dm)), "
+                "or build it with pos_frac=... ."
+            )
+        for what, mine, theirs in (("labels", self.label_names, dm.label_names), ("metadata", self.meta_names, dm.meta_names)):
+            if list(theirs) != list(mine):
+                raise DataError(f"The data module gives {what} {list(theirs)}, the model was built for {list(mine)}.")
+        self.hparams.pos_frac = [float(v) for v in dm.label_stats["pos_frac"]]
+        self.hparams.age_fill = float(dm.age_fill)
+        self._build_criterion(self.hparams.pos_frac)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Once per batch on the device: dataloader workers only copy uint8 pixels.
+        trainer = self._trainer
+        training = trainer is not None and trainer.training
+        augment = getattr(trainer.datamodule, "augment", None) if training else None
+        batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
+        return batch
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        if self.backbone is None:
+            features = meta.new_zeros(meta.shape[0], 0)
+        else:
+            if self.hparams.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            features = self.backbone(image)
+        return self.head(features, meta)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The layer Grad-CAM hooks, named by the backbone's config."""
+        if self.backbone is None:
+            raise ConfigError("head=metadata_only has no image branch to explain.")
+        return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"], batch["meta"])
+        loss = self.criterion(logits, batch["labels"])
+        check_finite_loss(self, batch, stage, loss, logits)
+        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
+        getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self(batch["image"], batch["meta"]))
+
+    def _log_metrics(self, stage: str) -> None:
+        metric, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        self.log(f"{stage}/loss", loss.compute(), prog_bar=True, sync_dist=False)  # already synced
+        values = metric.compute()
+        skipped = metric.skipped_labels()
+        if skipped and not self.trainer.sanity_checking:
+            valid = len(self.label_names) - len(skipped)
+            log.warning(
+                "%s AUROC mean over %d/%d labels: no positives or no negatives for %s",
+                stage, valid, len(self.label_names), ", ".join(skipped),
+            )
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
+        metric.reset()
+        loss.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ConfigError(
+                "No optimizer: build the model with cxr_lightning.tasks.build.build_model(cfg), which makes "
+                "one from the optimizer config (optimizer=adam|adamw|sgd)."
+            )
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        # monitor is read by ReduceLROnPlateau only.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/loss"}}

@@ -1,0 +1,182 @@
+"""Turn a composed Hydra config into the objects a task needs: data module, model, callbacks, and
+the data module a checkpoint was trained on.
+
+This is where ``_target_`` configs are instantiated; the library below (``data/``, ``models/``)
+takes plain values and callables, and never imports Hydra.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.data.tables import meta_names, output_labels
+from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
+from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD
+
+
+def instantiate(cfg, **kwargs):
+    """``hydra.utils.instantiate`` that lets the framework's own errors through unwrapped."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except hydra.errors.InstantiationException as exc:
+        if isinstance(exc.__cause__, CXRError):
+            raise exc.__cause__ from None
+        raise
+
+
+def build_datamodule(cfg: DictConfig) -> CXRDataModule:
+    """The data module of ``cfg.data``, not set up: ``Trainer.fit`` runs its ``prepare_data`` (demo
+    generation, image cache) on one process per node and then ``setup`` on every rank."""
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifier:
+    """The model of ``cfg``. Its labels and metadata layout follow from the data config alone; the
+    training split's class weights and age fill come from ``dm`` when it is already set up, else
+    from the Trainer's data module at ``setup`` (see :meth:`CXRClassifier.setup`)."""
+    labels = output_labels(bool(cfg.data.get("drop_no_finding", False)))
+    stats = {}
+    if dm is not None and dm.tables is not None:
+        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill}
+    model = CXRClassifier(
+        backbone=_plain(cfg.backbone),
+        head=_plain(cfg.head),
+        loss=_plain(cfg.loss),
+        optimizer=_plain(cfg.optimizer),
+        scheduler=_plain(cfg.get("scheduler")),
+        label_names=labels,
+        meta_names=meta_names(labels, bool(cfg.data.get("prior_labels", True))),
+        image_size=int(cfg.data.image_size),
+        mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
+        std=float(cfg.backbone.get("std", DEFAULT_STD)),
+        channels_last=use_channels_last(cfg),
+        config=_plain(cfg),
+        optimizer_factory=optimizer_factory(cfg),
+        scheduler_factory=scheduler_factory(cfg),
+        **stats,
+    )
+    if cfg.get("compile", False) and model.backbone is not None:
+        # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
+        model.backbone.compile()
+    return model
+
+
+def optimizer_factory(cfg: DictConfig):
+    """``params -> torch.optim.Optimizer`` from the ``optimizer`` config (``_target_``, ``_partial_``)."""
+    return _partial(cfg.get("optimizer"), "optimizer", "optimizer=adam|adamw|sgd")
+
+
+def scheduler_factory(cfg: DictConfig):
+    """``optimizer -> scheduler`` from the ``scheduler`` config, or None without one."""
+    if cfg.get("scheduler") is None:
+        return None
+    return _partial(cfg.scheduler, "scheduler", "scheduler=plateau|cosine")
+
+
+def _partial(node: Any, key: str, choices: str):
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"{key} needs a _target_ (a class path) and _partial_: true; pick {choices}.")
+    if not node.get("_partial_", False):
+        raise ConfigError(f"{key}._partial_ must be true: the model passes the parameters (or optimizer) itself.")
+    try:
+        return hydra.utils.instantiate(node)
+    except hydra.errors.InstantiationException as exc:
+        raise ConfigError(f"{key}._target_={node._target_}: {exc}. Pick {choices} or a class path that exists.") from None
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def use_channels_last(cfg: DictConfig) -> bool:
+    """The ``channels_last`` key: true, false, or auto (on when the trainer runs on a CUDA GPU)."""
+    value = cfg.get("channels_last", "auto")
+    if value == "auto":
+        accelerator = str(cfg.trainer.get("accelerator", "auto"))
+        return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if not isinstance(value, bool):
+        raise ConfigError(f"channels_last={value!r}: expected true, false or auto.")
+    return value
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
+    if cfg.backbone.get("freeze") and unfreeze_at is not None:
+        # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).
+        callbacks.append(
+            pl.callbacks.BackboneFinetuning(
+                unfreeze_backbone_at_epoch=int(unfreeze_at),
+                lambda_func=_keep_lr,
+                backbone_initial_ratio_lr=float(cfg.backbone.get("finetune_lr_scale", 0.1)),
+                should_align=False,
+                train_bn=True,
+            )
+        )
+    return callbacks
+
+
+def _keep_lr(epoch: int) -> float:
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The data a checkpoint was trained on
+# Always as trained: these define the split, the labels or the model's inputs.
+SPLIT_DEFINING = frozenset(
+    {"source", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
+     "prior_labels", "drop_no_finding"}
+)
+
+
+def data_overrides(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    """The non-null ``data.*`` overrides of an evaluate/explain/compare job, checked: they may say
+    where and how to load the data, never change the split or the model's inputs."""
+    given = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data or {})
+    chosen = {k: v for k, v in given.items() if v is not None}
+    fixed = sorted(set(chosen) & SPLIT_DEFINING)
+    if fixed:
+        raise ConfigError(
+            f"data override(s) {fixed} would change the split or the model's inputs; they always come from "
+            "the checkpoint's training config. Only where and how to load the data can change."
+        )
+    allowed = set(inspect.signature(CXRDataModule).parameters) - SPLIT_DEFINING
+    unknown = sorted(set(chosen) - allowed)
+    if unknown:
+        raise ConfigError(f"Unknown data override(s) {unknown}; CXRDataModule takes {sorted(allowed)}.")
+    return chosen
+
+
+def datamodule_for(model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None) -> CXRDataModule:
+    """The data module the checkpoint was trained on (its composed config) with the checked
+    :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs."""
+    trained = dict(model.hparams.config["data"]) if model.hparams.get("config") else {}
+    cfg = {**trained, **data_overrides(data)}
+    cfg.pop("_target_", None)
+    cfg["image_size"] = model.hparams.image_size
+    dm = CXRDataModule(**cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    check_compatible(model, dm)
+    return dm
+
+
+def check_compatible(model: CXRClassifier, dm: CXRDataModule) -> None:
+    if list(dm.label_names) != list(model.hparams.label_names):
+        raise CheckpointError(
+            f"The checkpoint predicts {len(model.hparams.label_names)} labels {list(model.hparams.label_names)}, "
+            f"the data gives {len(dm.label_names)} {list(dm.label_names)}; set data.drop_no_finding to match the checkpoint."
+        )
+    if list(dm.meta_names) != list(model.hparams.meta_names):
+        raise CheckpointError(
+            f"The checkpoint expects metadata {list(model.hparams.meta_names)}, the data gives {list(dm.meta_names)}; "
+            "set data.prior_labels (and drop_no_finding) as in training."
+        )

@@ -1,0 +1,384 @@
+"""Compare the runs of a sweep: ``python -m cxr_lightning.compare DIR [--by backbone,head]``.
+
+Reads every run directory under ``DIR`` (its ``config.yaml``, ``metrics.json`` and
+``history.csv``, as written by :func:`cxr_lightning.train.train`) and writes three files into
+``DIR`` (or ``--out``):
+
+* ``comparison.csv``: one row per group (by default per backbone) with the mean, standard
+  deviation and count over the group's runs (seeds or folds) of every metric;
+* ``comparison.md``: the same as readable tables, per-finding test AUROC, and every run with its
+  status: a run without ``metrics.json`` is listed as failed, with the reason when the sweep
+  callback recorded one (``error.txt``);
+* ``comparison.png``: mean test AUROC per group with standard-deviation error bars, and the
+  validation-loss curve of every run.
+
+``cxr_lightning.sweep.CompareOnMultirunEnd`` calls :func:`write_comparison` when a Hydra sweep
+ends, so a sweep leaves these files in its directory by itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cxr_lightning.files import atomic_path, write_text
+from cxr_lightning.errors import CXRError, DataError
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"  # the resolved config train.py writes before fitting
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # Hydra's copy, there even when a run failed before train.py wrote its own
+METRICS = "metrics.json"
+HISTORY = "history.csv"
+ERROR = "error.txt"  # the exception of a failed job, written by sweep.CompareOnMultirunEnd
+OUTPUT_STEM = "comparison"
+
+DEFAULT_BY: tuple[str, ...] = ("backbone",)
+# metrics.json key -> heading in the report, in report order.
+SUMMARY_METRICS: dict[str, str] = {
+    "params": "parameters",
+    "best_val_loss": "best val loss",
+    "test.auroc_mean": "test AUROC",
+    "test.f1_macro": "test macro F1",
+    "epochs": "epochs",
+    "seconds_per_epoch": "s / epoch",
+    "train_images_per_second": "train images / s",
+}
+AUROC_PREFIX = "test.auroc."
+UNSET = "?"  # group value of a run whose config lacks the key or cannot resolve it
+
+
+@dataclass(frozen=True)
+class ComparisonFiles:
+    csv: Path
+    markdown: Path
+    figure: Path
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+def find_runs(sweep_dir: str | Path) -> list[Path]:
+    """Every run directory under ``sweep_dir`` (itself included): one holding a run config."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory; pass the sweep (multirun) directory to compare.")
+    candidates = {p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != HYDRA_CONFIG.parent.name}
+    candidates |= {p.parent.parent for p in root.rglob(str(HYDRA_CONFIG))}
+    return sorted(candidates)
+
+
+def read_runs(sweep_dir: str | Path, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """One row per run: ``run`` (path relative to ``sweep_dir``), ``status`` (``ok``/``failed``),
+    ``reason``, one column per ``by`` key, ``seed``, ``fold``, every numeric metric of its
+    ``metrics.json`` and ``history`` (the path of its ``history.csv``, or None)."""
+    root = Path(sweep_dir)
+    by = _check_by(by)
+    run_dirs = find_runs(root)
+    if not run_dirs:
+        raise DataError(
+            f"no runs under {root}: no */{RUN_CONFIG} or */{HYDRA_CONFIG}. Pass the directory a sweep "
+            "(python -m cxr_lightning.train -m ...) wrote, e.g. outputs/<task>/multirun_<time>."
+        )
+    rows = [_read_run(root, d, by) for d in run_dirs]
+    runs = pd.DataFrame(rows)
+    for key in by:
+        if (runs[key] == UNSET).all():
+            raise DataError(
+                f"--by {key}: no run under {root} has config key {key!r}; use config keys such as "
+                "backbone, head, loss, seed, data.image_size or optimizer.lr."
+            )
+    return runs
+
+
+def _check_by(by: Sequence[str] | str) -> list[str]:
+    keys = [k.strip() for k in (by.split(",") if isinstance(by, str) else by) if k.strip()]
+    if not keys:
+        raise DataError("--by needs at least one config key, e.g. --by backbone or --by backbone,head.")
+    reserved = {"run", "status", "reason", "history"}
+    if reserved & set(keys):
+        raise DataError(f"--by {','.join(keys)}: {sorted(reserved & set(keys))} name report columns, not config keys.")
+    return keys
+
+
+def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
+    config_path = run_dir / RUN_CONFIG if (run_dir / RUN_CONFIG).is_file() else run_dir / HYDRA_CONFIG
+    try:
+        cfg = OmegaConf.load(config_path)
+    except Exception as exc:  # noqa: BLE001 -- YAML and OmegaConf errors share no base class
+        raise DataError(f"cannot read {config_path}: {exc}") from exc
+    row: dict[str, Any] = {
+        "run": run_dir.relative_to(root).as_posix() if run_dir != root else ".",
+        **{key: _group_value(cfg, key) for key in by},
+        "seed": _config_scalar(cfg, "seed"),
+        "fold": _config_scalar(cfg, "data.fold"),
+        "history": str(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else None,
+    }
+    metrics_path = run_dir / METRICS
+    if not metrics_path.is_file():
+        return {**row, "status": "failed", "reason": _failure_reason(run_dir)}
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return {**row, "status": "failed", "reason": f"unreadable {METRICS}: {exc}"}
+    numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
+    return {**row, "status": "ok", "reason": "", **numeric}
+
+
+def _failure_reason(run_dir: Path) -> str:
+    error = run_dir / ERROR
+    if error.is_file():
+        lines = error.read_text().strip().splitlines()
+        return lines[0] if lines else f"no {METRICS}"
+    return f"no {METRICS} (crashed, killed or still running)"
+
+
+def _group_value(cfg: DictConfig, key: str) -> str:
+    node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig):
+        # A config group (backbone, head, loss): its name says which option was chosen.
+        node = OmegaConf.select(node, "name", throw_on_resolution_failure=False)
+    if node is None or isinstance(node, (DictConfig, ListConfig)):
+        return UNSET
+    return str(node)
+
+
+def _config_scalar(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    return _number(value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summarising
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The metric columns of a run table in report order: summary metrics, then per-finding AUROC."""
+    summary = [c for c in SUMMARY_METRICS if c in runs.columns]
+    return summary + [c for c in runs.columns if c.startswith(AUROC_PREFIX)]
+
+
+def summarize(runs: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """One row per group: ``n_runs`` (finished), ``n_failed``, ``seeds``, ``folds`` and, per metric,
+    ``<metric>_mean``, ``<metric>_std`` (sample standard deviation, NaN for one run) and
+    ``<metric>_n`` (runs with a value). Sorted by mean test AUROC, best first."""
+    by = _check_by(by)
+    flags = runs.assign(_ok=runs["status"] == "ok", _failed=runs["status"] == "failed")
+    summary = flags.groupby(by, sort=True).agg(
+        n_runs=("_ok", "sum"), n_failed=("_failed", "sum"), seeds=("seed", _distinct), folds=("fold", _distinct)
+    )
+    ok = runs[runs["status"] == "ok"]
+    metrics = metric_columns(runs)
+    if metrics and not ok.empty:
+        stats = ok.groupby(by, sort=True)[metrics].agg(["mean", "std", "count"])
+        stats.columns = [f"{m}_{'n' if s == 'count' else s}" for m, s in stats.columns]
+        summary = summary.join(stats, how="left")
+        counts = [f"{m}_n" for m in metrics]
+        summary[counts] = summary[counts].fillna(0).astype(int)  # groups whose runs all failed
+    order_key = "test.auroc_mean_mean"
+    if order_key in summary.columns:
+        summary = summary.sort_values(order_key, ascending=False, na_position="last", kind="stable")
+    return summary.reset_index()
+
+
+def _distinct(values: pd.Series) -> str:
+    present = np.unique(values.dropna().to_numpy())
+    return ",".join(str(int(v)) if float(v).is_integer() else str(v) for v in present)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+def write_comparison(
+    sweep_dir: str | Path, by: Sequence[str] | str = DEFAULT_BY, out_dir: str | Path | None = None
+) -> ComparisonFiles:
+    """Read the runs under ``sweep_dir`` and write ``comparison.{csv,md,png}`` into ``out_dir``
+    (default: ``sweep_dir``); returns their paths."""
+    by = _check_by(by)
+    runs = read_runs(sweep_dir, by)
+    summary = summarize(runs, by)
+    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
+    files = ComparisonFiles(
+        csv=out / f"{OUTPUT_STEM}.csv", markdown=out / f"{OUTPUT_STEM}.md", figure=out / f"{OUTPUT_STEM}.png"
+    )
+    write_text(files.csv, summary.to_csv(index=False))
+    write_text(files.markdown, render_markdown(runs, summary, by, Path(sweep_dir), files.figure.name))
+    with atomic_path(files.figure) as tmp:
+        plot_comparison(runs, summary, by, tmp)
+    n_failed = int((runs["status"] == "failed").sum())
+    log.info(
+        "Compared %d run(s) (%d failed) by %s: %s, %s, %s",
+        len(runs), n_failed, ",".join(by), files.csv, files.markdown, files.figure,
+    )
+    return files
+
+
+def render_markdown(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str], sweep_dir: Path, figure: str) -> str:
+    n_ok = int((runs["status"] == "ok").sum())
+    n_failed = len(runs) - n_ok
+    seeds, folds = _distinct(runs["seed"]), _distinct(runs["fold"])
+    spread = [f"seeds {seeds}" if seeds else "", f"folds {folds}" if folds else ""]
+    lines = [
+        f"# Comparison of {sweep_dir.name or sweep_dir}",
+        "",
+        f"{len(runs)} run(s) under `{sweep_dir}`: {n_ok} finished, {n_failed} failed. "
+        f"Grouped by {', '.join(by)}; each cell is the mean ± sample standard deviation over the "
+        f"group's finished runs ({'; '.join(s for s in spread if s) or 'one configuration each'}), "
+        "n = finished runs.",
+        "",
+        f"![comparison]({figure})",
+        "",
+    ]
+    headers = [*by, "n", "failed", *(SUMMARY_METRICS[m] for m in SUMMARY_METRICS if f"{m}_mean" in summary)]
+    body = [
+        [
+            *(str(row[k]) for k in by),
+            str(int(row["n_runs"])),
+            str(int(row["n_failed"])),
+            *(_cell(row, m) for m in SUMMARY_METRICS if f"{m}_mean" in summary),
+        ]
+        for _, row in summary.iterrows()
+    ]
+    lines += _markdown_table(headers, body) + [""]
+
+    aurocs = [c for c in metric_columns(runs) if c.startswith(AUROC_PREFIX)]
+    if aurocs:
+        group_names = [_group_label(row, by) for _, row in summary.iterrows()]
+        lines += ["## Test AUROC per finding", ""]
+        per_label = [
+            [m.removeprefix(AUROC_PREFIX), *(_cell(row, m) for _, row in summary.iterrows())] for m in aurocs
+        ]
+        lines += _markdown_table(["finding", *group_names], per_label) + [""]
+        lines += ["NaN: the test split has no positive (or no negative) case of the finding.", ""]
+
+    lines += ["## Runs", ""]
+    run_rows = [
+        [
+            f"`{r['run']}`",
+            r["status"],
+            *(str(r[k]) for k in by),
+            _fmt_int(r["seed"]),
+            _fmt_int(r["fold"]),
+            _fmt("test.auroc_mean", r.get("test.auroc_mean", math.nan)),
+            _fmt("best_val_loss", r.get("best_val_loss", math.nan)),
+            _fmt("epochs", r.get("epochs", math.nan)),
+            r["reason"],
+        ]
+        for _, r in runs.iterrows()  # one line per run for the report: tens of rows, not data
+    ]
+    lines += _markdown_table(
+        ["run", "status", *by, "seed", "fold", "test AUROC", "best val loss", "epochs", "failure"], run_rows
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return out
+
+
+_DECIMALS = {"params": 0, "best_val_loss": 4, "epochs": 1, "seconds_per_epoch": 1, "train_images_per_second": 1}
+
+
+def _fmt(metric: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "NaN"
+    if metric == "params":
+        return f"{value / 1e6:.2f} M"
+    return f"{value:.{_DECIMALS.get(metric, 3)}f}"
+
+
+def _fmt_int(value: float) -> str:
+    return "" if value is None or math.isnan(value) else str(int(value))
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    mean, std, n = row.get(f"{metric}_mean"), row.get(f"{metric}_std"), row.get(f"{metric}_n", 0)
+    if not n:
+        return "NaN"
+    text = _fmt(metric, mean)
+    if n > 1 and not math.isnan(std):
+        text += f" ± {_fmt(metric, std)}"
+    if n != row["n_runs"]:
+        text += f" (n={int(n)})"
+    return text
+
+
+def _group_label(row: pd.Series, by: Sequence[str]) -> str:
+    return " / ".join(str(row[k]) for k in by)
+
+
+def plot_comparison(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str], path: Path) -> None:
+    """Left: mean test AUROC per group (error bars: standard deviation); right: validation loss
+    per epoch of every run with a history, coloured by group (failed runs dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = [_group_label(row, by) for _, row in summary.iterrows()]
+    colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+
+    mean = summary.get("test.auroc_mean_mean", pd.Series(np.nan, index=summary.index)).to_numpy(float)
+    std = summary.get("test.auroc_mean_std", pd.Series(np.nan, index=summary.index)).to_numpy(float)
+    n = summary.get("test.auroc_mean_n", pd.Series(0, index=summary.index)).to_numpy(int)
+    x = np.arange(len(labels))
+    ax_auc.bar(x, np.nan_to_num(mean), yerr=np.nan_to_num(std), capsize=4, color=[colours[lb] for lb in labels])
+    for xi, m, k in zip(x, mean, n):
+        ax_auc.annotate(f"n={k}", (xi, 0 if math.isnan(m) else m), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 3), textcoords="offset points")
+    ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    ax_auc.set_xticks(x, labels, rotation=30, ha="right")
+    ax_auc.set_ylabel("test mean AUROC")
+    ax_auc.set_ylim(0.0, 1.0)
+    ax_auc.set_title(f"Test mean AUROC by {', '.join(by)} (± std)")
+    ax_auc.legend(loc="lower right", fontsize=8)
+
+    seen: set[str] = set()
+    for _, run in runs[runs["history"].notna()].iterrows():  # one curve per run: tens of runs
+        curve = _val_loss_curve(Path(run["history"]))
+        if curve is None:
+            continue
+        label = _group_label(run, by)
+        ax_loss.plot(
+            curve.index, curve.to_numpy(), marker="o", ms=3, lw=1.2, color=colours.get(label, "black"),
+            ls="--" if run["status"] == "failed" else "-", label=None if label in seen else label,
+        )
+        seen.add(label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set_ylabel("validation loss")
+    if seen and all(line.get_ydata().min() > 0 for line in ax_loss.get_lines()):
+        ax_loss.set_yscale("log")  # one diverging first epoch would flatten every other curve
+    ax_loss.set_title("Validation loss per run (dashed: failed)")
+    if seen:
+        ax_loss.legend(fontsize=8)
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _val_loss_curve(history: Path) -> pd.Series | None:
+    try:
+        table = pd.read_csv(history)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        log.warning("Leaving %s out of the loss plot: cannot read it (%s)", history, exc)
+        return None
+    if not {"epoch", "val/loss"} <= set(table.columns):
+        log.warning("Leaving %s out of the loss plot: it has no epoch and val/loss columns", history)
+        return None
+    return table.set_index("epoch")["val/loss"].dropna()

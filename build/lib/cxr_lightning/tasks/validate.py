@@ -1,0 +1,180 @@
+"""Checks of a composed config that run before any expensive work (data loading, model building).
+
+:func:`validate_config` reads only the config, a folder listing and at most a checkpoint's
+hyperparameters, so a typo fails in a second with a message that says what to pass instead,
+not after the label table, the image index and a model have been built.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cxr_lightning.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None) -> None:
+    """Raise ConfigError/DataError/CheckpointError for a config that cannot run; ``ckpt_path`` is the
+    checkpoint a fit will continue from (see :func:`cxr_lightning.faults.resolve_resume`)."""
+    check_data_root(cfg.data)
+    check_backbone(cfg.backbone, int(cfg.data.image_size))
+    check_head(cfg.head.name)
+    check_loss(cfg.loss.name)
+    _check_metadata_use(cfg)
+    check_finetuning_devices(cfg)
+    if ckpt_path:
+        check_checkpoint_fits(cfg, ckpt_path)
+
+
+def check_finetuning_devices(cfg: DictConfig) -> None:
+    """Unfreezing mid-training is single-device only: DDP never all-reduces parameters that were
+    frozen when it wrapped the model (Lightning issue #20340), so the ranks' backbones drift apart."""
+    trainer = cfg.get("trainer", {})
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    several = nodes not in (None, 1) or not (devices in (1, "1") or devices == [0] or devices is None)
+    if cfg.backbone.get("freeze") and cfg.backbone.get("unfreeze_at_epoch") is not None and several:
+        raise ConfigError(
+            f"backbone.unfreeze_at_epoch={cfg.backbone.unfreeze_at_epoch} with trainer.devices={devices} "
+            f"trainer.num_nodes={nodes}: DDP does not synchronise a backbone unfrozen mid-training "
+            "(Lightning issue #20340). Train this recipe on one device (trainer.devices=1)."
+        )
+
+
+def check_data_root(data: DictConfig) -> None:
+    """The data root exists and holds the label table (a demo without a root is generated later)."""
+    # data/nih.yaml says root: ???, which its demo defaults turn into null when composed.
+    root = None if OmegaConf.is_missing(data, "root") else data.get("root")
+    if not root:
+        if data.get("source") == "nih":
+            raise ConfigError(
+                "data=nih needs data.root=DIR: the folder holding the NIH download (Data_Entry_2017_v2020.csv, "
+                "train_val_list.txt, test_list.txt, BBox_List_2017.csv, images_001/ ... images_012/)."
+            )
+        return
+    from cxr_lightning.data import nih
+
+    table = data.get("label_table", "auto")
+    if table == "auto":
+        nih.find_label_table(Path(root).expanduser())  # DataError: which files NIH provides, where they go
+        return
+    path = Path(root).expanduser() / str(table)
+    if not path.is_file():
+        raise DataError(
+            f"data.label_table={table}: {path} does not exist. Put the table in data.root or pass "
+            f"data.label_table=auto to use the first of {list(nih.LABEL_TABLES)} found there."
+        )
+
+
+def check_backbone(backbone: DictConfig, image_size: int) -> None:
+    from cxr_lightning.models.backbones import check_name_and_pool
+
+    name = str(backbone.name)
+    check_name_and_pool(name, backbone.get("global_pool", "avg"))
+    minimum = int(backbone.get("min_input_size", 32))
+    if image_size < minimum:
+        raise ConfigError(
+            f"data.image_size={image_size} is below {name}'s minimum input size of {minimum} px; "
+            f"pass data.image_size={minimum} or larger."
+        )
+
+
+def check_head(name: str) -> None:
+    head_class(name)
+
+
+def check_loss(name: str) -> None:
+    from cxr_lightning.losses import LOSSES
+
+    if name not in LOSSES:
+        raise ConfigError(f"loss.name={name!r} is unknown; valid losses: {sorted(LOSSES)} (loss=<name>).")
+
+
+def expected_label_names(data: DictConfig) -> list[str]:
+    """The labels a data module built from ``data`` will produce (``CXRDataModule.label_names``)."""
+    from cxr_lightning import labels
+
+    return labels.label_names(bool(data.get("drop_no_finding", False)))
+
+
+def expected_meta_names(data: DictConfig) -> list[str]:
+    """The metadata layout a data module built from ``data`` will produce (``CXRDataModule.meta_names``)."""
+    from cxr_lightning.data import cohort
+
+    names = [c.removeprefix("meta:") for c in cohort.DEMOGRAPHIC_COLUMNS]
+    if data.get("prior_labels", True):
+        prior = cohort.PRIOR_PREFIX.removeprefix("meta:")
+        names += [prior + n for n in expected_label_names(data)] + [cohort.HAS_PRIOR.removeprefix("meta:")]
+    return names
+
+
+def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None:
+    """The checkpoint a fit continues from has this config's labels, metadata, backbone and head."""
+    hparams = checkpoint_hparams(ckpt_path)
+    problems = []
+    labels = expected_label_names(cfg.data)
+    if list(hparams["label_names"]) != labels:
+        problems.append(
+            f"it predicts {len(hparams['label_names'])} labels, this config {len(labels)} "
+            "(set data.drop_no_finding as in that run)"
+        )
+    meta = expected_meta_names(cfg.data)
+    if list(hparams.get("meta_names", [])) != meta:
+        problems.append(
+            f"it expects metadata {_short(hparams.get('meta_names', []))}, this config gives {_short(meta)} "
+            "(set data.prior_labels and data.drop_no_finding as in that run)"
+        )
+    for group in ("backbone", "head"):
+        trained = (hparams.get(group) or {}).get("name")
+        if trained is not None and trained != cfg[group].name:
+            problems.append(f"it was trained with {group}.name={trained}, this config asks for {cfg[group].name}")
+    if problems:
+        raise CheckpointError(
+            f"Cannot continue training from {ckpt_path}: " + "; ".join(problems)
+            + ". Use the checkpoint's settings, or start a new run (resume=null ckpt_path=null)."
+        )
+
+
+def checkpoint_hparams(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """A cxr-lightning checkpoint's hyperparameters, read without loading its weights into memory."""
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    try:
+        # mmap: the tensors stay on disk; only the pickled metadata is read.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # truncated, not a zip-format torch file, foreign pickle
+        raise CheckpointError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}); is it complete?") from exc
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hparams or "label_names" not in hparams:
+        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
+    return dict(hparams)
+
+
+def _check_metadata_use(cfg: DictConfig) -> None:
+    head = head_class(cfg.head.name)
+    if cfg.data.get("prior_labels", True) and not getattr(head, "uses_meta", True):
+        _warn_once(
+            f"head={cfg.head.name} ignores metadata, so data.prior_labels=true only adds inputs the model "
+            "never reads; use head=fusion or fusion_residual to learn from prior visits."
+        )
+
+
+def _warn_once(message: str) -> None:
+    # Once per process: a sweep running many fits in one process should not repeat it.
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _short(names: Sequence[str]) -> str:
+    names = list(names)
+    return f"{names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)} values)"

@@ -1,0 +1,199 @@
+"""The one place a checkpoint, or a file kept beside one, is read or written.
+
+- :func:`read_checkpoint` is the only ``torch.load`` of the package: model loading, the config
+  checks, resuming a fit (through :class:`AtomicCheckpointIO`) and export all go through it.
+- :func:`load_model` rebuilds a trained :class:`CXRClassifier` from a checkpoint alone.
+- :class:`AtomicCheckpointIO` writes every checkpoint Lightning saves to a temporary file beside it
+  and renames it into place, and refuses to write a model whose weights are no longer finite.
+- :func:`resolve_checkpoint` turns ``ckpt_path=`` / ``run_dir=`` into a file.
+- Thresholds chosen by evaluate live beside their checkpoint (``<stem>.thresholds.json``) with the
+  checkpoint's sha256, so a retrained checkpoint never inherits stale ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
+from cxr_lightning.files import atomic_path, file_digest, write_json
+from cxr_lightning.models.module import CXRClassifier
+
+LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+# The decision threshold of a label without one chosen on the validation split.
+DEFAULT_THRESHOLD = 0.5
+THRESHOLDS_SUFFIX = ".thresholds.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict stored at ``path``; :class:`CheckpointError` naming the file when it is
+    missing, truncated or not a checkpoint. ``mmap`` leaves the tensors on disk (for reading
+    hyperparameters only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as exc:  # truncated, not a zip-format torch file, foreign pickle
+        raise CheckpointError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}); is it complete?") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint.")
+    return ckpt
+
+
+def checkpoint_hparams(path: str | os.PathLike) -> dict[str, Any]:
+    """A cxr-lightning checkpoint's hyperparameters, read without loading its weights into memory."""
+    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
+    if not hparams or "label_names" not in hparams:
+        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
+    return dict(hparams)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CXRClassifier:
+    """Rebuild a trained model from its checkpoint alone, in eval mode, without downloading weights."""
+    ckpt = read_checkpoint(path, map_location=map_location)
+    hparams = ckpt.get("hyper_parameters")
+    if not hparams or "label_names" not in hparams:
+        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
+    hparams = dict(hparams)
+    # The state dict holds the trained weights: never fetch or load pretrained ones again.
+    hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
+    # channels_last is a training-speed choice for GPUs, not part of the model.
+    hparams["channels_last"] = False
+    model = CXRClassifier(**hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
+    """``ckpt_path`` as given, or the best checkpoint recorded in ``run_dir/metrics.json``, else
+    the run's ``last.ckpt``."""
+    if ckpt_path:
+        return Path(ckpt_path)
+    if not run_dir:
+        raise ConfigError("Pass ckpt_path=PATH (a .ckpt file) or run_dir=DIR (a training run directory).")
+    metrics_path = Path(run_dir) / "metrics.json"
+    if metrics_path.is_file():
+        best = json.loads(metrics_path.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return Path(best)
+    last = Path(run_dir) / "checkpoints" / LAST_CHECKPOINT
+    if last.is_file():
+        return last
+    raise CheckpointError(f"{run_dir} holds no finished run (no metrics.json best checkpoint, no checkpoints/{LAST_CHECKPOINT}).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint is written to a temporary file in its folder, synced and renamed into place,
+    and read back through :func:`read_checkpoint`.
+
+    Lightning's own writer stages the file in the system temp folder and moves it, which is a copy
+    (not atomic) when that folder is on another file system. A model whose weights hold NaN/inf is
+    not written at all, so a diverged state never replaces the last good checkpoint.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        bad = non_finite_weights(checkpoint.get("state_dict", {}))
+        if bad:
+            raise TrainingError(
+                f"Not writing checkpoint {path}: the model's weights hold NaN/inf values ({', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}), so training has diverged. The checkpoints already in "
+                f"{path.parent} are kept. Lower optimizer.lr, set trainer.gradient_clip_val=1.0 or use "
+                "trainer.precision=32-true, and restart from the last good checkpoint (ckpt_path=FILE)."
+            )
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location)
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` with any NaN or inf."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Thresholds beside the checkpoint (written by evaluate, read by predict)
+def thresholds_path(ckpt_path: str | os.PathLike) -> Path:
+    """``<checkpoint dir>/<checkpoint stem>.thresholds.json``."""
+    ckpt = Path(ckpt_path)
+    return ckpt.with_name(ckpt.stem + THRESHOLDS_SUFFIX)
+
+
+def save_thresholds(
+    ckpt_path: str | os.PathLike,
+    label_names: Sequence[str],
+    thresholds: Sequence[float],
+    method: str,
+    n_images: int,
+    fallback: Sequence[str] = (),
+) -> Path:
+    """Write the per-label thresholds with the checkpoint's fingerprint."""
+    ckpt = Path(ckpt_path)
+    return write_json(
+        thresholds_path(ckpt),
+        {
+            "thresholds": {name: float(t) for name, t in zip(label_names, thresholds)},
+            "method": method,
+            "chosen_on": "val",
+            "n_images": int(n_images),
+            "fallback_labels": list(fallback),
+            "checkpoint": ckpt.name,
+            "checkpoint_sha256": file_digest(ckpt),
+            "checkpoint_size": ckpt.stat().st_size,
+        },
+    )
+
+
+def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -> tuple[np.ndarray, Path | None]:
+    """The thresholds ``evaluate`` saved for this checkpoint, in ``label_names`` order, and their file.
+
+    Without a thresholds file every label gets :data:`DEFAULT_THRESHOLD` (with a warning) and the
+    file is ``None``; a file written for another checkpoint, or for other labels, is a
+    :class:`CheckpointError`.
+    """
+    ckpt, path = Path(ckpt_path), thresholds_path(ckpt_path)
+    if not path.is_file():
+        warnings.warn(
+            f"No thresholds file {path}: calling findings at probability >= {DEFAULT_THRESHOLD} for every label. "
+            f"Run `python -m cxr_lightning.evaluate ckpt_path={ckpt}` to choose them on the validation split.",
+            stacklevel=2,
+        )
+        return np.full(len(label_names), DEFAULT_THRESHOLD), None
+    try:
+        saved = json.loads(path.read_text())
+        by_label = {str(k): float(v) for k, v in saved["thresholds"].items()}
+        size, digest = int(saved["checkpoint_size"]), str(saved["checkpoint_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"Thresholds file {path} is malformed ({exc}); delete it and rerun evaluate.") from exc
+    if size != ckpt.stat().st_size or digest != file_digest(ckpt):
+        raise CheckpointError(
+            f"Thresholds file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
+            f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
+        )
+    missing = [n for n in label_names if n not in by_label]
+    if missing:
+        raise CheckpointError(f"Thresholds file {path} has no threshold for {missing}; rerun evaluate.")
+    return np.array([by_label[n] for n in label_names]), path

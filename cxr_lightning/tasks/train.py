@@ -1,0 +1,92 @@
+"""The train task behind ``python -m cxr_lightning.train [group=option ...]``: fit, test the best
+checkpoint and write ``metrics.json``.
+
+Example: ``python -m cxr_lightning.train backbone=efficientnet_b3 head=fusion_residual``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from cxr_lightning import files
+from cxr_lightning.callbacks import FitThroughput
+from cxr_lightning.checkpoints import AtomicCheckpointIO
+from cxr_lightning.tasks.build import build_callbacks, build_datamodule, build_model
+from cxr_lightning.tasks.resume import resolve_resume
+from cxr_lightning.tasks.validate import validate_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
+    # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
+    cfg, ckpt_path = resolve_resume(cfg)
+    validate_config(cfg, ckpt_path)
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dm = build_datamodule(cfg)
+    model = build_model(cfg)
+    throughput = FitThroughput()
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=[*build_callbacks(cfg), throughput],
+        logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
+        plugins=[AtomicCheckpointIO()],
+    )
+    if trainer.is_global_zero:
+        files.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    if trainer.is_global_zero:
+        dm.save_split(out)
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    # The monitoring ModelCheckpoint: trainer.checkpoint_callback may be another Checkpoint subclass.
+    checkpoint = next(
+        (c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor), None
+    )
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test_after_fit", True):
+        results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
+        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+
+    metrics = {
+        **{k.replace("/", "."): v for k, v in test_metrics.items()},
+        "best_checkpoint": best,
+        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+        **throughput.summary(trainer),
+        "params": sum(p.numel() for p in model.parameters()),
+        "label_table": dm.label_table_name,
+        "label_names": dm.label_names,
+        "meta_names": dm.meta_names,
+        "n_images": {s: len(dm.split_table(s)) for s in ("train", "val", "test")},
+        "n_patients": {s: int(dm.split_table(s)["Patient ID"].nunique()) for s in ("train", "val", "test")},
+        "backbone": cfg.backbone.name,
+        "head": cfg.head.name,
+        "loss": cfg.loss.name,
+        "seed": cfg.seed,
+        "image_size": dm.image_size,
+        "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
+    }
+    if trainer.is_global_zero:
+        files.write_json(out / "metrics.json", metrics)
+        log.info("Run directory: %s", out)
+        log.info("  metrics:     %s", out / "metrics.json")
+        log.info("  checkpoint:  %s", best or out / "checkpoints")
+        log.info("  TensorBoard: tensorboard --logdir %s", out)
+    return metrics
+
+
+def selection_objective(metrics: dict[str, Any]) -> float | None:
+    """The number a Hydra sweeper (Optuna) optimises for a finished run."""
+    return metrics.get("best_val_loss")
