@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cxr_lightning import files
 from cxr_lightning.data.augment import normalize
 from cxr_lightning.data.datamodule import SPLITS, CXRDataModule
+from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult, CamWarning, compute_cams
 from cxr_lightning.explain.inputs import (
@@ -56,8 +57,6 @@ from cxr_lightning.models.module import CXRClassifier, load_model
 log = logging.getLogger(__name__)
 
 GRID_TAG = "cam_grid"
-# NIH's BBox_List_2017.csv (and the demo's) give boxes in the 1024-px space of the PNGs.
-BOX_SPACE = 1024
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
@@ -288,7 +287,7 @@ def _pair_boxes(result: CamResult, images: ImageSet, label_names: Sequence[str],
     if boxes is None:
         return [[] for _ in result.pairs]
     size = tuple(images.images.shape[-2:])
-    return pair_boxes(result.pairs, images.names, label_names, boxes, size, BOX_SPACE)
+    return pair_boxes(result.pairs, images.names, label_names, boxes, size, ORIGINAL_SIZE)
 
 
 def _log_grid(
@@ -335,7 +334,7 @@ def _localization(
     result = image_set_cams(model, images, targets, top_k=1, method=method, batch_size=batch_size)
     scores = localization_scores(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
-        tuple(images.images.shape[-2:]), original_size=BOX_SPACE, seed=seed,
+        tuple(images.images.shape[-2:]), original_size=ORIGINAL_SIZE, seed=seed,
     )
     files.write_text(out / "localization.csv", scores.to_csv())
     pooled = scores.loc[ALL_FINDINGS_ROW]
