@@ -1,7 +1,7 @@
 """The ChestX-ray14 label vocabulary and the parsing of NIH's ``"A|B"`` finding strings."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,23 +28,21 @@ FINDINGS: tuple[str, ...] = (
 NO_FINDING = "No Finding"
 ALL_LABELS: tuple[str, ...] = FINDINGS + (NO_FINDING,)
 
-# BBox_List_2017.csv spells one finding differently from the label table.
-ALIASES = {"Infiltrate": "Infiltration"}
-
 
 def label_names(drop_no_finding: bool = False) -> list[str]:
     """The model's output labels, in order."""
     return list(FINDINGS if drop_no_finding else ALL_LABELS)
 
 
-def canonical(name: str) -> str:
-    """Map a spelling used in some NIH file to the label-table spelling."""
-    name = name.strip()
-    return ALIASES.get(name, name)
-
-
-def encode_labels(findings: pd.Series, names: Sequence[str] = ALL_LABELS, source: str = "label table") -> np.ndarray:
+def encode_labels(
+    findings: pd.Series,
+    names: Sequence[str] = ALL_LABELS,
+    source: str = "label table",
+    aliases: Mapping[str, str] | None = None,
+) -> np.ndarray:
     """Multi-hot encode ``"A|B"`` strings into a ``(len(findings), len(names))`` float32 array.
+
+    ``aliases`` maps the spellings of some other file (e.g. ``nih.BBOX_SPELLINGS``) to these names.
 
     Unknown names raise :class:`DataError` naming them and a few rows where they occur, so a typo
     in a label table is never silently read as "negative for everything".
@@ -52,7 +50,8 @@ def encode_labels(findings: pd.Series, names: Sequence[str] = ALL_LABELS, source
     # Encode the few hundred distinct strings, not the 112k rows, then index back.
     codes, uniques = pd.factorize(findings.fillna("").astype(str))
     dummies = pd.Series(uniques).str.get_dummies(sep="|")
-    dummies.columns = [canonical(c) for c in dummies.columns]
+    spelled = [c.strip() for c in dummies.columns]
+    dummies.columns = [aliases.get(c, c) for c in spelled] if aliases else spelled
     if dummies.columns.duplicated().any():
         dummies = dummies.T.groupby(level=0).max().T
     unknown = sorted(set(dummies.columns) - set(ALL_LABELS) - {""})

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cxr_lightning.data import demo, nih
+from cxr_lightning.cli import demo_main as main
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.labels import FINDINGS, NO_FINDING, encode_labels
 
@@ -129,10 +130,12 @@ def test_refuses_a_non_empty_output_directory(tmp_path: Path) -> None:
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(["--out", str(tmp_path / "cli"), "--patients", "4", "--image-size", "32", "--seed", "3"]) == 0
+    assert main(["--out", str(tmp_path / "cli"), "--patients", "4", "--image-size", "32", "--seed", "3"]) == 0
     assert "images of 4 patients" in capsys.readouterr().out
     assert (tmp_path / "cli" / "Data_Entry_2017_v2020.csv").exists()
-    assert demo.main(["--out", str(tmp_path / "cli"), "--patients", "4"]) == 2
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--out", str(tmp_path / "cli"), "--patients", "4"])
+    assert exit_status.value.code == 2
     assert "not an empty directory" in capsys.readouterr().err
 
 
@@ -308,7 +311,7 @@ def test_ensure_demo_generates_once_then_reuses(tmp_path: Path, monkeypatch: pyt
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("regenerated a cached demo")
 
-    monkeypatch.setattr(demo, "generate", refuse)
+    monkeypatch.setattr(demo.write, "generate", refuse)
     assert demo.ensure_demo(tmp_path, **params) == first
     assert _files(first) == before
     assert not [p for p in tmp_path.iterdir() if p != first]  # no temporary folders left
@@ -321,11 +324,11 @@ def test_ensure_demo_never_reuses_an_interrupted_generation(tmp_path: Path, monk
         real_generate(out, **{**kwargs, "images": False})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "generate", interrupted)
+    monkeypatch.setattr(demo.write, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         demo.ensure_demo(tmp_path, patients=3, image_size=32)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(demo, "generate", real_generate)
+    monkeypatch.setattr(demo.write, "generate", real_generate)
     done = demo.ensure_demo(tmp_path, patients=3, image_size=32)
     assert list(done.rglob("*.png"))
 

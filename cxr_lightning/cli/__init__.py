@@ -20,6 +20,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -172,6 +173,23 @@ def summary_main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    from cxr_lightning.data.demo.__main__ import main
+    from cxr_lightning.data import nih
+    from cxr_lightning.data.demo import DEMO_DEFAULTS, generate
 
-    return run_task(main, argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_lightning.data.demo",
+        description="Write a synthetic miniature ChestX-ray14 in the exact NIH layout "
+        "(a demo for exercising the pipeline, not evidence about real X-rays).",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="new or empty directory to write into")
+    parser.add_argument("--patients", type=int, default=DEMO_DEFAULTS["patients"])
+    parser.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"])
+    parser.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--images-per-folder", type=int, default=DEMO_DEFAULTS["images_per_folder"])
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = run_task(generate, args.out, args.patients, args.image_size, args.seed, args.workers, args.images_per_folder)
+    n_images = len((out / nih.LABEL_TABLE).read_text().splitlines()) - 1
+    print(f"Wrote {n_images} images of {args.patients} patients to {out} in {time.perf_counter() - start:.1f} s.")
+    return 0

@@ -14,15 +14,29 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.labels import canonical, encode_labels
+from cxr_lightning.labels import encode_labels
 
 log = logging.getLogger(__name__)
 
 NIH_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+LABEL_TABLE = "Data_Entry_2017_v2020.csv"
 # In order of preference: v2020 carries NIH's 2020 relabelling of 181 images.
-LABEL_TABLES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "sample_labels.csv")
+LABEL_TABLES = (LABEL_TABLE, "Data_Entry_2017.csv", "sample_labels.csv")
+# Byte for byte, so that files written here read like NIH's (see _COLUMN_ALIASES for the split).
+LABEL_TABLE_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 BBOX_TABLE = "BBox_List_2017.csv"
+BBOX_TABLE_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+# NIH drew boxes for these eight findings only, and spells one of them differently.
+BOX_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"
+)
+BBOX_SPELLINGS = {"Infiltrate": "Infiltration"}
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+# The released PNGs are this many pixels square, and the BBox list measures boxes in that space.
+ORIGINAL_SIZE = 1024
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT = "Image Index", "Finding Labels", "Follow-up #", "Patient ID"
@@ -56,6 +70,16 @@ _AGE_PATTERN = r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$"
 _UNITS_PER_YEAR = {"": 1.0, "Y": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}
 MAX_AGE = 100.0
 _SHOW = 5  # how many offending rows an error message lists
+
+
+def image_name(patient_id: int, number: int) -> str:
+    """NIH's file name for image ``number`` (from 0) of patient ``patient_id`` (from 1)."""
+    return f"{patient_id:08d}_{number:03d}.png"
+
+
+def image_folder(k: int) -> str:
+    """The folder that NIH's ``k``-th image archive (from 1) extracts to, relative to the root."""
+    return f"images_{k:03d}/images"
 
 
 def find_label_table(root: str | os.PathLike) -> Path:
@@ -241,9 +265,8 @@ def read_bbox_table(path: str | os.PathLike) -> pd.DataFrame:
     malformed = image.isna() | label.isna() | box.isna().any(axis=1) | (box["w"] <= 0) | (box["h"] <= 0)
     _reject(raw, malformed, path, "a missing name/label or a box that is not four numbers with w, h > 0",
             name_col=0)
-    spelling = {name: canonical(name) for name in label.unique()}
-    label = label.map(spelling)
-    encode_labels(pd.Series(label.to_numpy(), index=image.to_numpy()), source=str(path))
+    encode_labels(pd.Series(label.to_numpy(), index=image.to_numpy()), source=str(path), aliases=BBOX_SPELLINGS)
+    label = label.replace(BBOX_SPELLINGS)
     out = pd.concat([image.rename(IMAGE), label.rename("Finding Label"), box], axis=1).reset_index(drop=True)
     out.attrs["source"] = path.name
     return out

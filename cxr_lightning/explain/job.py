@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cxr_lightning import files
 from cxr_lightning.checkpoints import load_model, resolve_checkpoint
 from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult
@@ -53,8 +54,6 @@ from cxr_lightning.tasks.build import datamodule_for
 
 log = logging.getLogger(__name__)
 
-# NIH's BBox_List_2017.csv (and the demo's) give boxes in the 1024-px space of the PNGs.
-BOX_SPACE = 1024
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
@@ -218,7 +217,7 @@ def _pair_boxes(result: CamResult, images: ImageSet, label_names: Sequence[str],
     if boxes is None:
         return [[] for _ in result.pairs]
     size = tuple(images.images.shape[-2:])
-    return pair_boxes(result.pairs, images.names, label_names, boxes, size, BOX_SPACE)
+    return pair_boxes(result.pairs, images.names, label_names, boxes, size, ORIGINAL_SIZE)
 
 
 def _log_grid(
@@ -265,7 +264,7 @@ def _localization(
     result = image_set_cams(model, images, targets, top_k=1, method=method, batch_size=batch_size)
     scores = localization_scores(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
-        tuple(images.images.shape[-2:]), original_size=BOX_SPACE, seed=seed,
+        tuple(images.images.shape[-2:]), original_size=ORIGINAL_SIZE, seed=seed,
     )
     files.write_text(out / "localization.csv", scores.to_csv())
     pooled = scores.loc[ALL_FINDINGS_ROW]

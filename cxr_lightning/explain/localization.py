@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CamWarning, is_blank
 
@@ -119,7 +120,7 @@ def localization_scores(
     label_names: Sequence[str],
     bbox_table: pd.DataFrame,
     image_size: int | tuple[int, int],
-    original_size: float = 1024,
+    original_size: float = ORIGINAL_SIZE,
     thresholds: Sequence[float] = (0.1, 0.3, 0.5),
     binarize_threshold: float = 0.5,
     seed: int = 0,
@@ -251,7 +252,7 @@ def pair_boxes(
     label_names: Sequence[str],
     bbox_table: pd.DataFrame,
     image_size: int | tuple[int, int],
-    original_size: float = 1024,
+    original_size: float = ORIGINAL_SIZE,
 ) -> list[list[Box]]:
     """Per (image, class) pair, that finding's ground-truth boxes on that image, rescaled to
     ``image_size`` like :func:`localization_scores` does (empty where there are none): for

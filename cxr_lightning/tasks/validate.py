@@ -49,17 +49,17 @@ def check_finetuning_devices(cfg: DictConfig) -> None:
 
 def check_data_root(data: DictConfig) -> None:
     """The data root exists and holds the label table (a demo without a root is generated later)."""
+    from cxr_lightning.data import nih
+
     # data/nih.yaml says root: ???, which its demo defaults turn into null when composed.
     root = None if OmegaConf.is_missing(data, "root") else data.get("root")
     if not root:
         if data.get("source") == "nih":
             raise ConfigError(
-                "data=nih needs data.root=DIR: the folder holding the NIH download (Data_Entry_2017_v2020.csv, "
-                "train_val_list.txt, test_list.txt, BBox_List_2017.csv, images_001/ ... images_012/)."
+                f"data=nih needs data.root=DIR: the folder holding the NIH download ({nih.LABEL_TABLE}, "
+                f"{nih.TRAIN_VAL_LIST}, {nih.TEST_LIST}, {nih.BBOX_TABLE}, images_001/ ... images_012/)."
             )
         return
-    from cxr_lightning.data import nih
-
     table = data.get("label_table", "auto")
     if table == "auto":
         nih.find_label_table(Path(root).expanduser())  # DataError: which files NIH provides, where they go

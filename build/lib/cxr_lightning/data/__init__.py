@@ -1,1 +1,0 @@
-"""Data layer: NIH files -> tables -> torch dataset -> batches."""

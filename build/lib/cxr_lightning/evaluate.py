@@ -1,6 +1,0 @@
-"""Evaluate a checkpoint: ``python -m cxr_lightning.evaluate ckpt_path=PATH | run_dir=DIR``
-(:func:`cxr_lightning.evaluation.job.evaluate`)."""
-from cxr_lightning.cli import evaluate_main
-
-if __name__ == "__main__":
-    evaluate_main()

@@ -1,1 +1,0 @@
-"""Floor 2: the tasks behind the commands, as plain functions of a composed config (or a folder)."""
