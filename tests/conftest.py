@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -48,13 +48,13 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
 
 
 def compose_config(overrides: list[str], config_name: str = "train"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="cxr_lightning.conf", version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
 
 
 def fit_tiny(root: Path, out: Path, head: str = "fusion_residual") -> tuple[Path, Path]:
     """A one-epoch fit of the tiny backbone, not tested afterwards: (run directory, best checkpoint)."""
-    from cxr_lightning.train import train
+    from cxr_lightning.tasks.train import train
 
     metrics = train(compose_config(tiny_overrides(root, out) + [f"head={head}", "test_after_fit=false"]))
     return out, Path(metrics["best_checkpoint"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import compose_config, tiny_overrides
 
-from cxr_lightning import bench
-from cxr_lightning.build import build_model, instantiate, use_channels_last
+from cxr_lightning.tasks import bench
+from cxr_lightning.tasks.build import build_model, instantiate, use_channels_last
 from cxr_lightning.data import images
 from cxr_lightning.data.cache import ImageCache, cache_root
 from cxr_lightning.errors import ConfigError, DataError

@@ -193,14 +193,15 @@ def test_cache_root_is_per_dataset(tmp_path):
 def test_command_line_builds_where_the_data_module_looks(tiny_demo, tmp_path, monkeypatch, capsys):
     from conftest import compose_config, tiny_overrides
 
-    from cxr_lightning.build import instantiate
+    from cxr_lightning.cli import cache_main
+    from cxr_lightning.tasks.build import instantiate
 
     # The Hydra entry point itself, in this process (a subprocess would spend seconds importing torch).
     monkeypatch.setattr(sys, "argv", [
         "cache", "data=nih", f"data.root={tiny_demo}", f"data.image_size={SIZE}",
         f"paths.cache_dir={tmp_path / 'cache'}", "workers=0", f"hydra.run.dir={tmp_path / 'run'}",
     ])
-    cache_mod.main()
+    cache_main()
     directory = cache_mod.cache_root(tmp_path / "cache", tiny_demo) / f"{SIZE}px"
     out = capsys.readouterr().out
     assert f"{directory}: " in out and f"images of {SIZE} px" in out

@@ -14,7 +14,8 @@ import pytest
 from conftest import tiny_overrides
 from omegaconf import OmegaConf
 
-from cxr_lightning import compare
+from cxr_lightning import cli
+from cxr_lightning.tasks import compare
 from cxr_lightning.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,14 +144,15 @@ def test_bad_input_is_named(tmp_path, fake_sweep):
         compare.write_comparison(sweep, by="backbone,status")
 
 
-def test_cli_writes_into_out(fake_sweep, tmp_path_factory):
+def test_cli_writes_into_out(fake_sweep, tmp_path_factory, capsys):
     sweep, _ = fake_sweep
     out = tmp_path_factory.mktemp("report")
-    files = compare.main([str(sweep), "--by", "backbone", "--out", str(out)])
+    files = cli.compare_main([str(sweep), "--by", "backbone", "--out", str(out)])
     assert files.csv.parent == out and all(p.is_file() for p in (files.csv, files.markdown, files.figure))
     assert not (sweep / "comparison.csv").exists()
-    with pytest.raises(SystemExit, match="error: .* is not a directory"):
-        compare.main([str(out / "missing")])
+    with pytest.raises(SystemExit) as exit_status:
+        cli.compare_main([str(out / "missing")])
+    assert exit_status.value.code == 2 and "is not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

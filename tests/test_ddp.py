@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 from conftest import CONF_DIR, tiny_overrides
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from cxr_lightning.build import build_datamodule
+from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
-from cxr_lightning.models.module import load_model
-from cxr_lightning.sweep import CompareOnMultirunEnd, check_multirun_strategy
+from cxr_lightning.checkpoints import load_model
+from cxr_lightning.cli.sweep import CompareOnMultirunEnd, check_multirun_strategy
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_eval_sampler_gives_each_image_to_one_rank(tiny_demo, tmp_path):
 
 
 def _job_config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="cxr_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN

@@ -13,15 +13,11 @@ import torch
 from conftest import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
-from cxr_lightning import files, inference
+from cxr_lightning import files
+from cxr_lightning.checkpoints import load_model, load_thresholds, save_thresholds, thresholds_path
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.evaluate import (
-    evaluate,
-    load_thresholds,
-    save_thresholds,
-    thresholds_path,
-)
-from cxr_lightning.models.module import load_model
+from cxr_lightning.evaluation.job import evaluate, predict_split
+from cxr_lightning.tasks.build import datamodule_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +42,12 @@ def predictions(fitted):
     """Val and test probabilities computed here, independently of evaluate's own pass."""
     _, ckpt = fitted
     model = load_model(ckpt)
-    dm = inference.datamodule_for(model, {"num_workers": 0})
+    dm = datamodule_for(model, {"num_workers": 0})
     labels = list(model.hparams.label_names)
     cols = [f"label:{n}" for n in labels]
     out = {}
     for split in ("val", "test"):
-        probs, table = inference.predict_split(model, dm, split)
+        probs, table = predict_split(model, dm, split)
         out[split] = (probs, table[cols].to_numpy(), table)
     return labels, out
 

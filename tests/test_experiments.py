@@ -10,12 +10,12 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 from conftest import CONF_DIR, compose_config
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from cxr_lightning.build import build_callbacks
+from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.models.backbones import BACKBONE_NAMES
-from cxr_lightning.validate import validate_config
+from cxr_lightning.tasks.validate import validate_config
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -29,7 +29,7 @@ PLUGINS = {
 
 
 def _compose(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="cxr_lightning.conf", version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 

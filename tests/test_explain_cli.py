@@ -16,16 +16,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cxr_lightning.data.nih import read_bbox_table
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.explain import (
-    NO_GRADIENT,
-    CamWarning,
-    UnknownMetadataWarning,
-    explain,
-)
+from cxr_lightning.explain import NO_GRADIENT, CamWarning, UnknownMetadataWarning
 from cxr_lightning.explain import job as explain_job
-from cxr_lightning.inference import datamodule_for, predict_split
-from cxr_lightning.models.module import load_model
-from cxr_lightning.train import train
+from cxr_lightning.explain.job import explain
+from cxr_lightning.evaluation.job import predict_split
+from cxr_lightning.tasks.build import datamodule_for
+from cxr_lightning.checkpoints import load_model
+from cxr_lightning.tasks.train import train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

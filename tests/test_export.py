@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import compose_config, fit_tiny
 
-from cxr_lightning import export as export_module
+from cxr_lightning.tasks import export as export_module
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.export import export, read_onnx_metadata, read_torchscript_metadata
-from cxr_lightning.models.module import load_model
+from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
+from cxr_lightning.checkpoints import load_model
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow

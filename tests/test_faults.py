@@ -17,9 +17,11 @@ import torch
 from conftest import compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
-from cxr_lightning import faults, files
+from cxr_lightning import checkpoints, cli, files
+from cxr_lightning.models import divergence
+from cxr_lightning.tasks import resume as resuming
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
-from cxr_lightning.train import train
+from cxr_lightning.tasks.train import train
 
 TESTS = Path(__file__).parent
 SIGNAL_ENV = "CXR_TEST_SIGNAL_AT"
@@ -77,7 +79,7 @@ def test_checkpoint_io_writes_beside_the_target_and_renames(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "replace", recording_replace)
     path = tmp_path / "checkpoints" / "last.ckpt"
-    faults.AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(3.0)}, "global_step": 7}, path)
+    checkpoints.AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(3.0)}, "global_step": 7}, path)
     assert torch.load(path, weights_only=False)["global_step"] == 7
     [(src, dst)] = renames
     assert dst == path and src.parent == path.parent and src != path  # same folder: an atomic rename
@@ -85,14 +87,14 @@ def test_checkpoint_io_writes_beside_the_target_and_renames(tmp_path, monkeypatc
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    checkpoint_io = faults.AtomicCheckpointIO()
+    checkpoint_io = checkpoints.AtomicCheckpointIO()
     checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
 
     def crash_mid_write(obj, f):
         Path(f).write_bytes(b"PK\x03\x04 half a zip")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(faults.torch, "save", crash_mid_write)
+    monkeypatch.setattr(checkpoints.torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="No space left"):
         checkpoint_io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
     kept = torch.load(path, weights_only=False)
@@ -102,13 +104,13 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_
 
 def test_checkpoint_io_refuses_non_finite_weights(tmp_path):
     path = tmp_path / "last.ckpt"
-    checkpoint_io = faults.AtomicCheckpointIO()
+    checkpoint_io = checkpoints.AtomicCheckpointIO()
     checkpoint_io.save_checkpoint({"state_dict": {"head.w": torch.ones(2)}, "global_step": 1}, path)
     diverged = {"backbone.w": torch.ones(2), "head.w": torch.tensor([1.0, float("inf")]), "steps": torch.tensor([3])}
     with pytest.raises(TrainingError, match=rf"Not writing checkpoint {path}: .*NaN/inf values \(head.w\).*are kept"):
         checkpoint_io.save_checkpoint({"state_dict": diverged, "global_step": 2}, path)
     assert torch.load(path, weights_only=False)["global_step"] == 1
-    assert faults.non_finite_weights({"a": torch.tensor([float("nan")]), "b": torch.ones(1)}) == ["a"]
+    assert checkpoints.non_finite_weights({"a": torch.tensor([float("nan")]), "b": torch.ones(1)}) == ["a"]
 
 
 # --- resume: which run and which checkpoint ----------------------------------------------------------
@@ -142,7 +144,7 @@ def test_resume_auto_continues_the_latest_interrupted_run_with_the_same_config(t
     write_run(outputs / "no_checkpoint", cfg, last=False)
     write_run(outputs / "other_config", run_config(outputs / "now", "trainer.max_epochs=9"))
 
-    resumed, ckpt = faults.resolve_resume(cfg)
+    resumed, ckpt = resuming.resolve_resume(cfg)
 
     assert ckpt == str(latest / "checkpoints" / "last.ckpt")
     assert resumed.paths.output_dir == str(latest)
@@ -150,7 +152,7 @@ def test_resume_auto_continues_the_latest_interrupted_run_with_the_same_config(t
     assert resumed.callbacks.model_checkpoint.dirpath == str(latest / "checkpoints")
     assert resumed.callbacks.history.path == str(latest / "history.csv")
     assert cfg.paths.output_dir == str(outputs / "now")  # the caller's config is untouched
-    assert str(latest) in (outputs / "now" / faults.RESUMED_NOTE).read_text()
+    assert str(latest) in (outputs / "now" / resuming.RESUMED_NOTE).read_text()
 
 
 def test_resume_auto_without_an_interrupted_run_starts_a_new_one(tmp_path):
@@ -158,19 +160,19 @@ def test_resume_auto_without_an_interrupted_run_starts_a_new_one(tmp_path):
     cfg = run_config(outputs / "now", "resume=auto")
     write_run(outputs / "finished", cfg, finished=True)
     write_run(outputs / "other_config", run_config(outputs / "now", "trainer.max_epochs=9"))
-    resumed, ckpt = faults.resolve_resume(cfg)
+    resumed, ckpt = resuming.resolve_resume(cfg)
     assert ckpt is None and resumed.paths.output_dir == str(outputs / "now")
-    assert not (outputs / "now" / faults.RESUMED_NOTE).exists()
-    assert faults.config_differences(cfg, outputs / "other_config") == ["trainer.max_epochs: 9 -> 1"]
+    assert not (outputs / "now" / resuming.RESUMED_NOTE).exists()
+    assert resuming.config_differences(cfg, outputs / "other_config") == ["trainer.max_epochs: 9 -> 1"]
 
 
 def test_resume_auto_in_an_old_run_directory_continues_it(tmp_path):
     old = tmp_path / "outputs" / "train" / "old"
     cfg = run_config(old, "resume=auto", "trainer.max_epochs=5")  # hydra.run.dir=<old run>, more epochs
     write_run(old, run_config(old), finished=True)
-    resumed, ckpt = faults.resolve_resume(cfg)
+    resumed, ckpt = resuming.resolve_resume(cfg)
     assert ckpt == str(old / "checkpoints" / "last.ckpt") and resumed.paths.output_dir == str(old)
-    assert not (old / faults.RESUMED_NOTE).exists()
+    assert not (old / resuming.RESUMED_NOTE).exists()
 
 
 def test_resume_takes_a_newer_slurm_requeue_checkpoint_over_last(tmp_path):
@@ -179,10 +181,10 @@ def test_resume_takes_a_newer_slurm_requeue_checkpoint_over_last(tmp_path):
     run = write_run(outputs / "requeued", cfg, age_s=60)
     hpc = run / "hpc_ckpt_1.ckpt"  # Lightning's save on SLURM's requeue signal (SIGUSR1)
     hpc.write_text("checkpoint")
-    assert faults.resolve_resume(cfg)[1] == str(hpc)
+    assert resuming.resolve_resume(cfg)[1] == str(hpc)
     old = hpc.stat().st_mtime - 120
     os.utime(hpc, (old, old))
-    assert faults.resolve_resume(cfg)[1] == str(run / "checkpoints" / "last.ckpt")
+    assert resuming.resolve_resume(cfg)[1] == str(run / "checkpoints" / "last.ckpt")
 
 
 def test_resume_path_is_a_run_directory_or_one_of_its_checkpoints(tmp_path):
@@ -191,18 +193,18 @@ def test_resume_path_is_a_run_directory_or_one_of_its_checkpoints(tmp_path):
     best = run / "checkpoints" / "epoch002.ckpt"
     best.write_text("checkpoint")
     for resume, expected in ((run, run / "checkpoints" / "last.ckpt"), (best, best)):
-        resumed, ckpt = faults.resolve_resume(run_config(tmp_path / "now", f"resume={resume}"))
+        resumed, ckpt = resuming.resolve_resume(run_config(tmp_path / "now", f"resume={resume}"))
         assert (resumed.paths.output_dir, ckpt) == (str(run), str(expected))
 
     (run / "checkpoints" / "last.ckpt").unlink()
     with pytest.raises(CheckpointError, match=rf"resume={run}: no checkpoints/last.ckpt in that folder"):
-        faults.resolve_resume(run_config(tmp_path / "now", f"resume={run}"))
+        resuming.resolve_resume(run_config(tmp_path / "now", f"resume={run}"))
     loose = tmp_path / "downloaded.ckpt"
     loose.write_text("checkpoint")
     with pytest.raises(CheckpointError, match=rf"not inside a run directory.*pass ckpt_path={loose} instead"):
-        faults.resolve_resume(run_config(tmp_path / "now", f"resume={loose}"))
+        resuming.resolve_resume(run_config(tmp_path / "now", f"resume={loose}"))
     with pytest.raises(ConfigError, match="Pass one of them"):
-        faults.resolve_resume(run_config(tmp_path / "now", f"resume={run}", f"ckpt_path={loose}"))
+        resuming.resolve_resume(run_config(tmp_path / "now", f"resume={run}", f"ckpt_path={loose}"))
 
 
 # --- a diverging fit ----------------------------------------------------------------------------------
@@ -231,10 +233,10 @@ def test_non_finite_loss_stops_training_naming_step_and_image_and_keeps_the_last
         "optimizer.lr, set trainer.gradient_clip_val=1.0 or use trainer.precision=32-true, then restart from "
         "the last good checkpoint (ckpt_path=FILE)."
     )
-    assert PoisonMetaAtStep.checkpoint_io is faults.AtomicCheckpointIO
+    assert PoisonMetaAtStep.checkpoint_io is checkpoints.AtomicCheckpointIO
     kept = torch.load(last, weights_only=False)
     assert kept["global_step"] == 3
-    assert not faults.non_finite_weights(kept["state_dict"])
+    assert not checkpoints.non_finite_weights(kept["state_dict"])
     assert not (out / "metrics.json").exists()
 
 
@@ -258,14 +260,14 @@ def stub_module(others_finite: bool):
 def test_every_ddp_rank_stops_when_one_rank_has_a_non_finite_loss():
     batch = {"image": torch.zeros(2, 1, 4, 4), "meta": torch.zeros(2, 3), "index": torch.tensor([4, 9])}
     logits, finite, nan = torch.zeros(2, 5), torch.tensor(0.3), torch.tensor(float("nan"))
-    faults.check_finite_loss(stub_module(True), batch, "train", finite, logits)  # all finite: goes on
+    divergence.check_finite_loss(stub_module(True), batch, "train", finite, logits)  # all finite: goes on
     with pytest.raises(TrainingError, match="loss is NaN/inf on another process at global step 7"):
-        faults.check_finite_loss(stub_module(False), batch, "train", finite, logits)
+        divergence.check_finite_loss(stub_module(False), batch, "train", finite, logits)
     with pytest.raises(TrainingError, match=r"train loss is nan at global step 7, epoch 1; the batch's 2 images: "
                        r"train row 4, train row 9\. Nothing is saved from this state \(no checkpoint was written"):
-        faults.check_finite_loss(stub_module(False), batch, "train", nan, logits)
+        divergence.check_finite_loss(stub_module(False), batch, "train", nan, logits)
     # No per-step collective in eval, where ranks may run different numbers of batches.
-    faults.check_finite_loss(stub_module(False), batch, "val", nan, logits)
+    divergence.check_finite_loss(stub_module(False), batch, "val", nan, logits)
 
 
 # --- killed and resumed training processes -----------------------------------------------------------
@@ -328,7 +330,7 @@ def interrupted_training(tiny_demo, tmp_path_factory):
 def test_sigterm_saves_last_checkpoint_at_the_interrupted_step_and_exits_143(interrupted_training):
     first, _, _, stages = interrupted_training
     stage = stages[first.name]
-    assert stage["proc"].returncode == faults.EXIT_SIGTERM == 143, stage["proc"].stderr[-3000:]
+    assert stage["proc"].returncode == cli.EXIT_SIGTERM == 143, stage["proc"].stderr[-3000:]
     # Step 5 is neither an epoch end (4, 8) nor a step checkpoint (3, 6): only the SIGTERM hook saves it.
     assert (stage["ckpt"]["global_step"], stage["ckpt"]["epoch"]) == (5, 1)
     log = (first / "train.log").read_text()  # Hydra's log file of the run
@@ -344,7 +346,7 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_the_step_checkpoint(interr
     # Resumed from step 5 in the first directory; killed at step 10, last saved at step 9 (epoch 2, batch 1).
     assert (stage["ckpt"]["global_step"], stage["ckpt"]["epoch"]) == (9, 2)
     assert stage["history"]["epoch"].tolist() == [0, 1] and not stage["metrics"]
-    assert str(first) in (second / faults.RESUMED_NOTE).read_text()
+    assert str(first) in (second / resuming.RESUMED_NOTE).read_text()
     assert not (second / "checkpoints").exists()
 
 
@@ -353,7 +355,7 @@ def test_resume_auto_finishes_the_killed_run_in_its_own_directory(interrupted_tr
     first, _, third, stages = interrupted_training
     proc = stages[third.name]["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert str(first) in (third / faults.RESUMED_NOTE).read_text()
+    assert str(first) in (third / resuming.RESUMED_NOTE).read_text()
     assert last_checkpoint(first)["global_step"] == EPOCHS * BATCHES  # no batch lost or repeated
     history = pd.read_csv(first / "history.csv")
     assert history["epoch"].tolist() == list(range(EPOCHS))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from conftest import compose_config, tiny_overrides
 
-from cxr_lightning.build import build_datamodule
+from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
 

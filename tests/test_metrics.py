@@ -14,8 +14,8 @@ from torchmetrics.functional.classification import (
 )
 
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.metrics import (
-    LabelMetrics,
+from cxr_lightning.metrics import LabelMetrics
+from cxr_lightning.evaluation.statistics import (
     _resample_indices,
     age_bands,
     bootstrap_ci,

@@ -153,7 +153,7 @@ def check_contract(df: pd.DataFrame, path: Path, written: str) -> None:
     assert pd.api.types.is_float_dtype(ages)
     assert ((ages >= 0) & (ages <= nih.MAX_AGE) | ages.isna()).all()
     # "Mass||Nodule" (an empty name between separators) reads as Mass and Nodule; no name is unknown.
-    findings = set(df[nih.FINDINGS].str.split("|").explode()) - {""}
+    findings = set(df[nih.FINDING_LABELS].str.split("|").explode()) - {""}
     assert findings and findings <= set(ALL_LABELS), findings - set(ALL_LABELS)
     for col in nih.GEOMETRY_COLUMNS:
         assert pd.api.types.is_float_dtype(df[col])

@@ -14,10 +14,12 @@ from PIL import Image
 
 from cxr_lightning import inference
 from cxr_lightning.data.cohort import new_patient_metadata
+from cxr_lightning.tasks.build import datamodule_for
+from cxr_lightning.evaluation.job import predict_split
 from cxr_lightning.errors import DataError
-from cxr_lightning.evaluate import save_thresholds
-from cxr_lightning.models.module import load_model
-from cxr_lightning.predict import predict
+from cxr_lightning.checkpoints import save_thresholds
+from cxr_lightning.checkpoints import load_model
+from cxr_lightning.tasks.predict import predict
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -90,8 +92,8 @@ def test_every_format_of_the_same_pixels_gives_the_same_prediction(fitted, gray,
 
 def test_predictions_match_the_evaluation_path_for_first_visits(fitted, model, tmp_path):
     """Metadata from a demographics CSV is encoded exactly as training encodes the label table."""
-    dm = inference.datamodule_for(model, {"num_workers": 0})
-    probs, table = inference.predict_split(model, dm, "test")
+    dm = datamodule_for(model, {"num_workers": 0})
+    probs, table = predict_split(model, dm, "test")
     first = (table["meta:has_prior"] == 0).to_numpy()
     assert first.sum() >= 3
     table, probs = table[first], probs[first]

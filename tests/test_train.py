@@ -9,8 +9,8 @@ import torch
 from conftest import compose_config, tiny_overrides
 
 from cxr_lightning.labels import ALL_LABELS
-from cxr_lightning.models.module import load_model
-from cxr_lightning.train import train
+from cxr_lightning.checkpoints import load_model
+from cxr_lightning.tasks.train import train
 
 pytestmark = pytest.mark.slow
 

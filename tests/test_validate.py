@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import FIXTURES, compose_config, tiny_overrides
 
-from cxr_lightning import labels, validate
-from cxr_lightning.build import build_datamodule
+from cxr_lightning import labels
+from cxr_lightning.tasks import validate
+from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.backbones import BACKBONE_NAMES
-from cxr_lightning.train import train
+from cxr_lightning.tasks.train import train
 
 # The NIH fixture holds a label table but no images: enough for every check, useless for training.
 TABLE_ONLY = FIXTURES / "nih"
@@ -36,7 +37,7 @@ def no_data_loading(monkeypatch):
     monkeypatch.setattr(CXRDataModule, "__init__", refuse)
     monkeypatch.setattr(CXRDataModule, "setup", refuse)
     monkeypatch.setattr(CXRDataModule, "prepare_data", refuse)
-    monkeypatch.setattr("cxr_lightning.train.build_datamodule", refuse)
+    monkeypatch.setattr("cxr_lightning.tasks.train.build_datamodule", refuse)
 
 
 def config(tmp_path: Path, *overrides: str, root: Path = TABLE_ONLY):
@@ -154,14 +155,14 @@ def test_unknown_group_option_lists_the_available_ones(group, option):
         compose_config([f"{group}={option}"])
     message = str(info.value)
     assert f"Could not find '{group}/{option}'" in message
-    available = sorted(p.stem for p in (Path(validate.__file__).parents[1] / "conf" / group).glob("*.yaml"))
+    available = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml"))
     assert f"Available options in '{group}':\n\t" + "\n\t".join(available) in message
 
 
 def test_baseline_with_prior_labels_warns_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(validate, "_warned", set())
     cfg = config(tmp_path, "head=baseline")
-    with caplog.at_level(logging.WARNING, logger="cxr_lightning.validate"):
+    with caplog.at_level(logging.WARNING, logger="cxr_lightning.tasks.validate"):
         validate.validate_config(cfg)
         validate.validate_config(cfg)
     warnings = [r.getMessage() for r in caplog.records if "ignores metadata" in r.getMessage()]
@@ -171,7 +172,7 @@ def test_baseline_with_prior_labels_warns_once(tmp_path, monkeypatch, caplog):
     ]
     caplog.clear()
     monkeypatch.setattr(validate, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="cxr_lightning.validate"):
+    with caplog.at_level(logging.WARNING, logger="cxr_lightning.tasks.validate"):
         validate.validate_config(config(tmp_path, "head=baseline", "data.prior_labels=false"))
         validate.validate_config(config(tmp_path, "head=fusion", "data.prior_labels=true"))
     assert not caplog.records
@@ -184,5 +185,10 @@ def test_expected_names_are_what_the_data_module_produces(tiny_demo, tmp_path, o
     # The checkpoint check predicts the data module's layout from the config alone; it must not drift.
     cfg = config(tmp_path, *overrides, root=tiny_demo)
     dm = build_datamodule(cfg)
+    dm.setup()
     assert validate.expected_label_names(cfg.data) == dm.label_names
-    assert validate.expected_meta_names(cfg.data) == dm.meta_names
+    table = dm.split_table("train")
+    assert sorted(c for c in table.columns if c.startswith("label:")) == sorted(f"label:{n}" for n in dm.label_names)
+    assert sorted(c for c in table.columns if c.startswith("meta:")) == sorted(
+        f"meta:{n}" for n in validate.expected_meta_names(cfg.data)
+    )

@@ -136,7 +136,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     return Evaluation(out, metrics, per_class, subgroups, thresholds_file)
 
 
-def predict_split(model: CXRClassifier, dm, split: str, device: str) -> tuple[np.ndarray, pd.DataFrame]:
+def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:
     """Probabilities ``(N, L)`` for every image of ``split``, with the split's table in the same order."""
     return inference.predict_probabilities(model, dm.loader(split, shuffle=False), device), dm.split_table(split)
 

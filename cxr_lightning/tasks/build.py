@@ -16,10 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.data.tables import meta_names, output_labels
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD
+from cxr_lightning.tasks.validate import expected_label_names, expected_meta_names
 
 
 def instantiate(cfg, **kwargs):
@@ -42,7 +42,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     """The model of ``cfg``. Its labels and metadata layout follow from the data config alone; the
     training split's class weights and age fill come from ``dm`` when it is already set up, else
     from the Trainer's data module at ``setup`` (see :meth:`CXRClassifier.setup`)."""
-    labels = output_labels(bool(cfg.data.get("drop_no_finding", False)))
+    labels = expected_label_names(cfg.data)
     stats = {}
     if dm is not None and dm.tables is not None:
         stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill}
@@ -53,7 +53,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         optimizer=_plain(cfg.optimizer),
         scheduler=_plain(cfg.get("scheduler")),
         label_names=labels,
-        meta_names=meta_names(labels, bool(cfg.data.get("prior_labels", True))),
+        meta_names=expected_meta_names(cfg.data),
         image_size=int(cfg.data.image_size),
         mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
         std=float(cfg.backbone.get("std", DEFAULT_STD)),

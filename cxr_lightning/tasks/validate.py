@@ -14,7 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cxr_lightning.checkpoints import checkpoint_hparams
+from cxr_lightning.data.tables import meta_names, output_labels
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
+from cxr_lightning.models.heads import head_class
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -27,6 +30,7 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     check_backbone(cfg.backbone, int(cfg.data.image_size))
     check_head(cfg.head.name)
     check_loss(cfg.loss.name)
+    check_optimizer(cfg)
     _check_metadata_use(cfg)
     check_finetuning_devices(cfg)
     if ckpt_path:
@@ -96,22 +100,33 @@ def check_loss(name: str) -> None:
         raise ConfigError(f"loss.name={name!r} is unknown; valid losses: {sorted(LOSSES)} (loss=<name>).")
 
 
-def expected_label_names(data: DictConfig) -> list[str]:
-    """The labels a data module built from ``data`` will produce (``CXRDataModule.label_names``)."""
-    from cxr_lightning import labels
+def check_optimizer(cfg: DictConfig) -> None:
+    """The optimizer (and scheduler) configs build, and accept their arguments, on a stand-in parameter."""
+    import torch
 
-    return labels.label_names(bool(data.get("drop_no_finding", False)))
+    from cxr_lightning.tasks.build import optimizer_factory, scheduler_factory
+
+    probe = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        optimizer = optimizer_factory(cfg)(probe)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optimizer={OmegaConf.to_container(cfg.optimizer)}: {exc}") from None
+    make_scheduler = scheduler_factory(cfg)
+    if make_scheduler is not None:
+        try:
+            make_scheduler(optimizer)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"scheduler={OmegaConf.to_container(cfg.scheduler, resolve=True)}: {exc}") from None
+
+
+def expected_label_names(data: DictConfig) -> list[str]:
+    """The labels a data module built from ``data`` produces, from the config alone."""
+    return output_labels(bool(data.get("drop_no_finding", False)))
 
 
 def expected_meta_names(data: DictConfig) -> list[str]:
-    """The metadata layout a data module built from ``data`` will produce (``CXRDataModule.meta_names``)."""
-    from cxr_lightning.data import cohort
-
-    names = [c.removeprefix("meta:") for c in cohort.DEMOGRAPHIC_COLUMNS]
-    if data.get("prior_labels", True):
-        prior = cohort.PRIOR_PREFIX.removeprefix("meta:")
-        names += [prior + n for n in expected_label_names(data)] + [cohort.HAS_PRIOR.removeprefix("meta:")]
-    return names
+    """The metadata layout a data module built from ``data`` produces, from the config alone."""
+    return meta_names(expected_label_names(data), bool(data.get("prior_labels", True)))
 
 
 def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None:
@@ -139,24 +154,6 @@ def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None
             f"Cannot continue training from {ckpt_path}: " + "; ".join(problems)
             + ". Use the checkpoint's settings, or start a new run (resume=null ckpt_path=null)."
         )
-
-
-def checkpoint_hparams(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    """A cxr-lightning checkpoint's hyperparameters, read without loading its weights into memory."""
-    import torch
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist.")
-    try:
-        # mmap: the tensors stay on disk; only the pickled metadata is read.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # truncated, not a zip-format torch file, foreign pickle
-        raise CheckpointError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}); is it complete?") from exc
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hparams or "label_names" not in hparams:
-        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
-    return dict(hparams)
 
 
 def _check_metadata_use(cfg: DictConfig) -> None:
