@@ -31,7 +31,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cxr_lightning.errors import CXRError
 
@@ -51,6 +50,8 @@ def quiet_known_warnings() -> None:
     """Warnings a user cannot act on, filtered where a run starts (never at import)."""
     # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, once per batch.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # The model, not the data module, preprocesses batches (models/preprocess.py), by design.
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
     # CXRClassifier logs epoch metrics that torchmetrics has already synchronised across ranks.
     warnings.filterwarnings(
         "ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
@@ -59,6 +60,8 @@ def quiet_known_warnings() -> None:
 
 def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
     """Call ``task(*args)`` with the exit-status contract above."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     quiet_known_warnings()
     try:
         return task(*args)
@@ -72,74 +75,105 @@ def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
         raise SystemExit(EXIT_ERROR) from None
 
 
-def hydra_command(config_name: str, task: Callable[[DictConfig], Any], result: Callable[[Any], Any] | None = None):
-    """A ``main()`` composing ``config_name`` from the shipped configs and running ``task`` on it;
-    ``result`` turns the task's return value into what Hydra returns (a sweeper's objective)."""
+def hydra_command(config_name: str, load_task: Callable[[], Callable[[DictConfig], Any]], result: Callable[[Any], Any] | None = None):
+    """A ``main()`` composing ``config_name`` from the shipped configs and running the task that
+    ``load_task()`` imports; ``result`` turns its return value into what Hydra returns (a sweeper's
+    objective). The task is imported only when it runs, so ``--cfg job`` and ``--help`` answer at
+    once, without loading torch."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
-        value = run_task(task, cfg)
+        value = run_task(load_task(), cfg)
         return result(value) if result is not None else None
 
     return main
 
 
 # --------------------------------------------------------------------------------------------------
-# The Hydra commands. Imports stay inside: `python -m cxr_lightning.compare` need not load torch's
-# training stack, and each command's own imports start only when it runs.
-def train_main() -> None:
-    from cxr_lightning.tasks.train import train, selection_objective
+# The Hydra commands
+def _train():
+    from cxr_lightning.tasks.train import train
 
-    hydra_command("train", train, selection_objective)()
+    return train
+
+
+def train_main() -> None:
+    hydra_command("train", _train, lambda metrics: metrics.get("best_val_loss"))()
+
+
+def _evaluate():
+    from cxr_lightning.evaluation.job import evaluate
+
+    return evaluate
 
 
 def evaluate_main() -> None:
-    from cxr_lightning.evaluation.job import evaluate
+    hydra_command("evaluate", _evaluate, lambda result: float(result.metrics["auroc_mean"]))()
 
-    hydra_command("evaluate", evaluate, lambda result: float(result.metrics["auroc_mean"]))()
+
+def _explain():
+    from cxr_lightning.explain.job import explain
+
+    return explain
 
 
 def explain_main() -> None:
-    from cxr_lightning.explain.job import explain, job_output_dir
+    def explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> str:
+        from cxr_lightning.explain.job import job_output_dir
+
+        return str(job_output_dir(explicit, run_dir, fallback))
 
     # Hydra's run dir (log, .hydra/) follows the job's output dir; see conf/explain.yaml.
-    OmegaConf.register_new_resolver(
-        "cxr.explain_dir", lambda explicit, run_dir, fallback: str(job_output_dir(explicit, run_dir, fallback)),
-        replace=True,
-    )
-    hydra_command("explain", explain)()
+    OmegaConf.register_new_resolver("cxr.explain_dir", explain_dir, replace=True)
+    hydra_command("explain", _explain)()
+
+
+def _predict():
+    from cxr_lightning.tasks.predict import predict, report_failures
+
+    return lambda cfg: report_failures(predict(cfg))
 
 
 def predict_main() -> None:
-    from cxr_lightning.tasks.predict import predict, report_failures
-
-    hydra_command("predict", lambda cfg: report_failures(predict(cfg)))()
+    hydra_command("predict", _predict)()
 
 
-def export_main() -> None:
+def _export():
     from cxr_lightning.tasks.export import export
 
     def task(cfg: DictConfig) -> None:
         result = export(cfg)
         print(f"{result.path} ({result.format}; max |logit difference| to the checkpoint {result.max_abs_diff:.2g})")
 
-    hydra_command("export", task)()
+    return task
+
+
+def export_main() -> None:
+    hydra_command("export", _export)()
+
+
+def _bench():
+    from cxr_lightning.tasks.bench import run_bench
+
+    return run_bench
 
 
 def bench_main() -> None:
-    from cxr_lightning.tasks.bench import run_bench
-
-    hydra_command("bench", run_bench)()
+    hydra_command("bench", _bench)()
 
 
-def cache_main() -> None:
+def _cache():
     from cxr_lightning.tasks.cache import build_cache
 
     def task(cfg: DictConfig) -> None:
         cache = build_cache(cfg)
         print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
 
-    hydra_command("cache", task)()
+    return task
+
+
+def cache_main() -> None:
+    hydra_command("cache", _cache)()
 
 
 # --------------------------------------------------------------------------------------------------

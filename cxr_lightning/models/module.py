@@ -126,7 +126,10 @@ class CXRClassifier(pl.LightningModule):
         self._build_criterion(self.hparams.pos_frac)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # Once per batch on the device: dataloader workers only copy uint8 pixels.
+        # Once per batch on the device: dataloader workers only copy uint8 pixels. Lightning's
+        # to_onnx also sends its (image, meta) example through here; that is the graph's input.
+        if not isinstance(batch, dict):
+            return batch
         trainer = self._trainer
         training = trainer is not None and trainer.training
         augment = getattr(trainer.datamodule, "augment", None) if training else None

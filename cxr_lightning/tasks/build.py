@@ -19,7 +19,7 @@ from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD
-from cxr_lightning.tasks.validate import expected_label_names, expected_meta_names
+from cxr_lightning.data.tables import meta_names, output_labels
 
 
 def instantiate(cfg, **kwargs):
@@ -67,6 +67,16 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
         model.backbone.compile()
     return model
+
+
+def expected_label_names(data: DictConfig) -> list[str]:
+    """The labels a data module built from ``data`` produces, from the config alone."""
+    return output_labels(bool(data.get("drop_no_finding", False)))
+
+
+def expected_meta_names(data: DictConfig) -> list[str]:
+    """The metadata layout a data module built from ``data`` produces, from the config alone."""
+    return meta_names(expected_label_names(data), bool(data.get("prior_labels", True)))
 
 
 def optimizer_factory(cfg: DictConfig):

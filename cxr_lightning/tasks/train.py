@@ -86,7 +86,3 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("  TensorBoard: tensorboard --logdir %s", out)
     return metrics
 
-
-def selection_objective(metrics: dict[str, Any]) -> float | None:
-    """The number a Hydra sweeper (Optuna) optimises for a finished run."""
-    return metrics.get("best_val_loss")

@@ -15,9 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.checkpoints import checkpoint_hparams
-from cxr_lightning.data.tables import meta_names, output_labels
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.heads import head_class
+from cxr_lightning.tasks.build import expected_label_names, expected_meta_names, optimizer_factory, scheduler_factory
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -104,8 +104,6 @@ def check_optimizer(cfg: DictConfig) -> None:
     """The optimizer (and scheduler) configs build, and accept their arguments, on a stand-in parameter."""
     import torch
 
-    from cxr_lightning.tasks.build import optimizer_factory, scheduler_factory
-
     probe = [torch.nn.Parameter(torch.zeros(1))]
     try:
         optimizer = optimizer_factory(cfg)(probe)
@@ -117,16 +115,6 @@ def check_optimizer(cfg: DictConfig) -> None:
             make_scheduler(optimizer)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"scheduler={OmegaConf.to_container(cfg.scheduler, resolve=True)}: {exc}") from None
-
-
-def expected_label_names(data: DictConfig) -> list[str]:
-    """The labels a data module built from ``data`` produces, from the config alone."""
-    return output_labels(bool(data.get("drop_no_finding", False)))
-
-
-def expected_meta_names(data: DictConfig) -> list[str]:
-    """The metadata layout a data module built from ``data`` produces, from the config alone."""
-    return meta_names(expected_label_names(data), bool(data.get("prior_labels", True)))
 
 
 def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None:

@@ -1,0 +1,225 @@
+"""The package's shape: no import circles, the library free of Hydra and of the layers above it,
+one preprocessing for every consumer, and a package that works when pip-installed."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cxr_lightning"
+
+# Floor 3: the commands. Floor 2: the tasks. Everything else is the library (floor 1).
+COMMANDS = {"cxr_lightning.cli", "cxr_lightning.cli.sweep"} | {
+    f"cxr_lightning.{c}" for c in ("train", "evaluate", "predict", "export", "compare", "bench", "summary")
+} | {"cxr_lightning.explain.__main__", "cxr_lightning.data.demo.__main__"}
+TASK_PREFIXES = ("cxr_lightning.tasks", "cxr_lightning.evaluation.job", "cxr_lightning.explain.job")
+HYDRA_FREE = ("cxr_lightning.data", "cxr_lightning.models")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    # `if __name__ == "__main__":` runs only under `python -m`: an entry point, not an import.
+    return (
+        isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+    )
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports, function-local imports included (they hide circles too)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt) and _is_main_guard(child):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                # `from pkg import module` imports that module; `from module import name`, the module.
+                submodules = {f"{base}.{alias.name}" for alias in child.names} & MODULES
+                found.update(submodules or {base})
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in modules.items()}
+
+
+def test_no_import_cycles(graph):
+    # Tarjan's strongly connected components: any component of more than one module is a circle.
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for v in graph:
+        if v not in index:
+            connect(v)
+    assert not cycles, f"import circles: {cycles}"
+
+
+def test_the_library_never_imports_the_layers_above_it(graph):
+    library = [m for m in graph if m not in COMMANDS and not m.startswith(TASK_PREFIXES)]
+    assert "cxr_lightning.data.datamodule" in library and "cxr_lightning.checkpoints" in library
+    upward = {m: sorted(d for d in graph[m] if d in COMMANDS or d.startswith(TASK_PREFIXES)) for m in library}
+    assert not {m: d for m, d in upward.items() if d}
+    tasks = [m for m in graph if m.startswith(TASK_PREFIXES)]
+    assert not {m: sorted(graph[m] & COMMANDS) for m in tasks if graph[m] & COMMANDS}
+
+
+def test_data_and_models_import_no_hydra():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith(HYDRA_FREE):
+            bad = sorted(m for m in imports_of(path) if m.split(".")[0] in ("hydra", "omegaconf"))
+            if bad:
+                offenders[name] = bad
+    assert not offenders
+
+
+def test_predict_export_and_training_share_one_preprocessing(tiny_demo, tmp_path):
+    """The same image reaches the network as the same tensor in training, inference and export."""
+    from conftest import fit_tiny
+
+    from cxr_lightning import inference
+    from cxr_lightning.checkpoints import load_model
+    from cxr_lightning.data import images
+    from cxr_lightning.tasks import export as export_task
+    from cxr_lightning.tasks import predict as predict_task
+
+    _, ckpt = fit_tiny(tiny_demo, tmp_path)
+    model = load_model(ckpt)
+    path = sorted(tiny_demo.rglob("*.png"))[0]
+    pixels = torch.from_numpy(images.load_resized(path, model.hparams.image_size))[None, None]
+    # Training: the batch hook of the LightningModule (no trainer: no augmentation).
+    trained = model.on_after_batch_transfer({"image": pixels.clone()}, 0)["image"]
+    # Inference (evaluate, explain, predict): the one loop.
+    meta = torch.zeros(1, len(model.meta_names))
+    (inferred,) = [b["input"] for b in inference.model_batches(model, [{"image": pixels, "meta": meta}], "cpu")]
+    torch.testing.assert_close(inferred, trained, rtol=0, atol=0)
+    expected = (pixels.float() / 255 - model.hparams.mean) / model.hparams.std
+    torch.testing.assert_close(trained, expected)
+    # predict's loader yields raw pixels for that loop; export states the same preprocessing.
+    sample = predict_task.ImageFiles([str(path)], meta.numpy(), model.hparams.image_size)[0]
+    assert torch.equal(sample["image"][None], pixels)
+    metadata = export_task.export_metadata(model, ckpt)
+    assert float(metadata["mean"]) == model.preprocess.mean and float(metadata["std"]) == model.preprocess.std
+
+
+# --------------------------------------------------------------------------------------------------
+# A regular install
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The wheel built from this checkout, installed (not editable) into a folder of its own."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out / "dist"), str(REPO)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (out / "dist").glob("cxr_lightning-*.whl")
+    site = out / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return site
+
+
+def test_the_wheel_holds_every_config(installed):
+    (wheel,) = installed.parent.glob("dist/cxr_lightning-*.whl")
+    shipped = {n.removeprefix("cxr_lightning/conf/") for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    in_repo = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    assert in_repo and shipped == in_repo
+
+
+def _run_installed(site: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site), "CXR_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_installed_package_composes_trains_and_predicts_from_another_directory(installed, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = _run_installed(installed, elsewhere, "-c", "import cxr_lightning; print(cxr_lightning.__file__)")
+    assert where.stdout.strip().startswith(str(installed)), where.stderr
+    for command in ("train", "evaluate", "explain", "predict", "export", "bench", "data.cache"):
+        extra = ["input=x.png"] if command == "predict" else []
+        done = _run_installed(installed, elsewhere, "-m", f"cxr_lightning.{command}", "--cfg", "job", *extra)
+        assert done.returncode == 0 and "paths:" in done.stdout, (command, done.stderr[-2000:])
+    for command in ("compare", "summary", "data.demo"):
+        done = _run_installed(installed, elsewhere, "-m", f"cxr_lightning.{command}", "--help")
+        assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-2000:])
+
+    run = elsewhere / "run"
+    fit = _run_installed(
+        installed, elsewhere, "-m", "cxr_lightning.train", "data.demo.patients=12", "data.demo.image_size=64",
+        "data.image_size=64", "data.num_workers=0", "backbone=tiny", "trainer.max_epochs=1", "test_after_fit=false",
+        "callbacks.progress_bar=null", f"hydra.run.dir={run}",
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    image = sorted((elsewhere / "cache").rglob("*.png"))[0]
+    predicted = _run_installed(
+        installed, elsewhere, "-m", "cxr_lightning.predict", f"run_dir={run}", f"input={image}",
+        f"output={elsewhere / 'predictions.csv'}",
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    table = np.genfromtxt(elsewhere / "predictions.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    assert table.size == 1 and 0.0 <= float(table["Atelectasis"]) <= 1.0
+
+
+def test_a_framework_error_is_one_line_and_exit_status_2(installed, tmp_path):
+    done = _run_installed(installed, tmp_path, "-m", "cxr_lightning.evaluate", "ckpt_path=missing.ckpt", "output_dir=out")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: CheckpointError: Checkpoint missing.ckpt does not exist."]
