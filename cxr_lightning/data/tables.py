@@ -159,6 +159,11 @@ def build_tables(
 
     native = source in harmonise.NATIVE_SOURCES
     train = table[table["split"] == "train"]
+    if age_fill is None and not native and train[nih.AGE].isna().all():
+        # A source without ages (MIMIC without MIMIC-IV's patients table): every age is flagged
+        # missing, so the fill is a constant the model cannot tell from any other.
+        log.warning("%s gives no ages in its training split: all flagged missing (meta:age_missing=1)", source)
+        age_fill = 0.0
     if age_fill is None:
         _, age_fill = cohort.encode_demographics(train, missing_as_unknown=not native)
     demographics, _ = cohort.encode_demographics(table, age_fill=age_fill, missing_as_unknown=not native)

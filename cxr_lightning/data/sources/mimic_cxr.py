@@ -76,11 +76,10 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         raise DataError(f"{split_path}: split values {sorted(split_of[unknown].unique())[:5]} not in {list(_SPLITS)}.")
 
     # Studies out of date order are common (study ids are random): order by date and time.
-    # A study's images are one visit, dated by its first image.
-    study_date = date.groupby(meta["study_id"]).transform("min")
-    study_time = time.groupby([meta["study_id"], date]).transform("min").where(date == study_date)
-    study_time = study_time.groupby(meta["study_id"]).transform("min")
-    visit = common.visit_order(meta["subject_id"], study_date, study_time, meta["study_id"])
+    # A study's images are one visit, timed by its first image (YYYYMMDDHHMMSS.fff as a number).
+    stamp = date.dt.strftime("%Y%m%d").astype("int64").astype(float) * 1e6 + time
+    study_stamp = stamp.groupby(meta["study_id"]).transform("min")
+    visit = common.visit_order(meta["subject_id"], study_stamp, meta["study_id"])
     age, sex = _demographics(meta, date, patients_path)
 
     labelled = meta["study_id"].isin(findings.index)
