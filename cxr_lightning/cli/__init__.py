@@ -183,17 +183,30 @@ def compare_main(argv: Sequence[str] | None = None):
 
     parser = argparse.ArgumentParser(
         prog="python -m cxr_lightning.compare",
-        description="Compare the runs of a sweep: writes comparison.csv, comparison.md and comparison.png.",
+        description="Compare the runs of a sweep: writes comparison.csv, comparison.md and comparison.png. "
+        "With --datasets, the cross-dataset table of several evaluations: datasets.csv and datasets.md.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of run directories)")
+    parser.add_argument("sweep_dir", type=Path, nargs="+",
+                        help="a multirun directory (or any folder of run directories); with --datasets, "
+                        "evaluation output directories (or folders holding them)")
     parser.add_argument(
         "--by", default=",".join(DEFAULT_BY),
         help="comma-separated config keys to group runs by (default: backbone), e.g. backbone,head or data.image_size",
     )
-    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: SWEEP_DIR)")
+    parser.add_argument("--datasets", action="store_true",
+                        help="one row per backbone, dataset and label over evaluations (NIH test, CheXpert, MIMIC...)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: the first directory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = run_task(write_comparison, args.sweep_dir, args.by, args.out)
+    if args.datasets:
+        from cxr_lightning.tasks.compare_datasets import write_dataset_table
+
+        written = run_task(write_dataset_table, args.sweep_dir, args.out)
+        print(written.csv, written.markdown, sep="\n")
+        return written
+    if len(args.sweep_dir) != 1:
+        parser.error("pass one sweep directory (several directories need --datasets)")
+    written = run_task(write_comparison, args.sweep_dir[0], args.by, args.out)
     print(written.csv, written.markdown, written.figure, sep="\n")
     return written
 

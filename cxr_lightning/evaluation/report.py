@@ -83,7 +83,7 @@ def render_report(
         "",
         f"- Checkpoint: `{summary['checkpoint']}` (sha256 `{str(summary['checkpoint_sha256'])[:12]}…`)",
         _data_line(summary),
-        f"- Evaluated split: **{summary['split']}**: {summary['n_images']} frontal images of "
+        f"- Evaluated split: **{summary['split']}**: {summary['n_images']} images of "
         f"{summary['n_patients']} patients" + _left_out(summary),
         _threshold_line(summary),
         f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
@@ -144,7 +144,7 @@ def _left_out(summary: Mapping[str, Any]) -> str:
     left_out = summary.get("left_out") or {}
     if not left_out:
         return ""
-    return " (left out of the source: " + ", ".join(f"{why}: {n}" for why, n in left_out.items()) + ")"
+    return " (frontal views only; left out of the source: " + ", ".join(f"{why}: {n}" for why, n in left_out.items()) + ")"
 
 
 def _threshold_line(summary: Mapping[str, Any]) -> str:
