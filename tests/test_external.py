@@ -3,7 +3,6 @@ layouts give the same AUROC for the mapped labels; thresholds carry over from th
 split; unavailable labels are listed, not scored."""
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import compose_config, tiny_overrides
-from fixtures.make_external import CHEXPERT_HEADER, OBSERVATIONS
+from fixtures.make_external import nih_as_chexpert
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
@@ -36,33 +35,11 @@ def fitted(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
     return out, Path(train(cfg)["best_checkpoint"])
 
 
-def as_chexpert(nih_root: Path, test_images: set[str], out: Path) -> Path:
-    """The NIH-layout demo rewritten in CheXpert-v1.0-small's layout: NIH's test images become
-    valid.csv (CheXpert's val split), the others train.csv; the PNG files are copied unchanged."""
-    table = pd.read_csv(nih_root / "Data_Entry_2017_v2020.csv")
-    paths = {p.name: p for p in nih_root.rglob("*.png")}
-    root = out / "CheXpert-v1.0-small"
-    rows = {"train": [], "valid": []}
-    for r in table.itertuples(index=False):
-        split = "valid" if r[0] in test_images else "train"
-        relative = f"{split}/patient{r[3]:05d}/study{r[2] + 1}/view1_frontal.png"
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[r[0]], root / relative)
-        findings = set(r[1].split("|"))
-        codes = [("1.0" if NIH_OF[o] in findings else "0.0") if o in NIH_OF else "" for o in OBSERVATIONS]
-        rows[split].append([f"CheXpert-v1.0-small/{relative}", {"M": "Male", "F": "Female"}[r[5]], r[4], "Frontal", r[6]] + codes)
-    for split, lines in rows.items():
-        with open(root / f"{split}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([CHEXPERT_HEADER] + lines)
-    return root
-
-
 @pytest.fixture(scope="module")
 def both(fitted, tiny_demo, tmp_path_factory):
     run_dir, ckpt = fitted
     nih = evaluate(compose_config([f"run_dir={run_dir}", f"n_boot={N_BOOT}", "data.num_workers=0"], "evaluate"))
-    test_images = set(pd.read_csv(tiny_demo / "test_list.txt", header=None)[0])
-    chexpert = as_chexpert(tiny_demo, test_images, tmp_path_factory.mktemp("chexpert"))
+    chexpert = nih_as_chexpert(tiny_demo, tmp_path_factory.mktemp("chexpert"))
     out = tmp_path_factory.mktemp("external")
     external = evaluate(compose_config(
         [f"ckpt_path={ckpt}", "data=chexpert", f"data.root={chexpert}", "split=valid", "data.num_workers=0",

@@ -18,6 +18,7 @@ import pandas as pd
 
 from cxr_lightning.data import harmonise
 from cxr_lightning.data.sources import common
+from cxr_lightning.errors import ConfigError
 
 NAME = "chexpert"
 TRAIN, VALID, TEST = "train.csv", "valid.csv", "test_labels.csv"
@@ -31,6 +32,9 @@ _SEXES = {"Male": "M", "Female": "F"}  # and "Unknown"
 
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
     """Read ``train.csv``, ``valid.csv`` and, if present, ``test_labels.csv`` at ``root``."""
+    if label_table != "auto":
+        raise ConfigError(f"data.label_table={label_table!r}: CheXpert always reads {TRAIN}, {VALID} and {TEST}; "
+                          "leave it at auto.")
     root = common.existing_dir(root, "CheXpert")
     files = {"val": root / VALID, None: root / TRAIN}
     if not any(p.is_file() for p in files.values()):

@@ -45,7 +45,7 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
     """Join metadata, labels, split and (optional) patients at ``root`` into the standard table."""
     root = common.existing_dir(root, "MIMIC-CXR-JPG")
     labels_name = CHEXPERT if label_table == "auto" else label_table
-    meta_path = common.find_file(root, (METADATA,), "MIMIC-CXR-JPG metadata")
+    meta_path = common.find_file(root, (METADATA,), f"MIMIC-CXR-JPG metadata (from {URL})")
     labels_path = common.find_file(root, (labels_name,), f"MIMIC-CXR-JPG labels ({CHEXPERT} or {NEGBIO})")
     split_path = common.find_file(root, (SPLIT,), "MIMIC-CXR-JPG split")
     patients_path = common.find_file(root, (PATIENTS,), "MIMIC-IV patients table", required=False)

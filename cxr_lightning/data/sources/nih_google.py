@@ -50,7 +50,7 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
                 part = common.read_csv(path, (nih.IMAGE,) + GOOGLE_COLUMNS, "Google expert labels")
                 parts.append(part.assign(**{SET_ID: split_name}))
         if not parts:
-            common.find_file(root, (VALIDATION, TEST, TORCHXRAYVISION_COPY), "Google expert labels (NIH-Google)")
+            common.find_file(root, (VALIDATION, TEST, TORCHXRAYVISION_COPY), f"Google expert labels (NIH-Google, from {URL})")
         google = pd.concat(parts, ignore_index=True)
         google[nih.IMAGE] = google[nih.IMAGE].str.strip()
         common.unique_names(google, nih.IMAGE, root / f"{VALIDATION} + {TEST}")

@@ -34,7 +34,7 @@ _SEXES = {"M": "M", "F": "F"}  # and "O", blank
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
     """Read the PadChest labels CSV at ``root`` into the standard table."""
     root = common.existing_dir(root, "PadChest")
-    path = common.find_file(root, (LABEL_TABLE if label_table == "auto" else label_table,), "PadChest labels CSV")
+    path = common.find_file(root, (LABEL_TABLE if label_table == "auto" else label_table,), f"PadChest labels CSV (from {URL})")
     raw = common.read_csv(path, COLUMNS, "PadChest labels CSV")
     raw["ImageID"] = raw["ImageID"].str.strip()
     common.reject(raw, raw["ImageID"].isna(), path, "an empty ImageID", "ImageID", "Every row names its image.")
