@@ -86,6 +86,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if refit and external is None:
         raise ConfigError("refit_thresholds=true is for an external source (data=<source>); on the checkpoint's own "
                           "data the thresholds are always chosen on its val split.")
+    if split != "test" and (external is None or refit):
+        log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", split)
     dm = datamodule_for(model, cfg.get("data"))
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
@@ -127,7 +129,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         thresholds, thresholds_file = _source_thresholds(ckpt, labels)
         thresholds = thresholds[columns]
         fallback, n_val, n_patients_val = [], 0, 0
-        threshold_source = f"carried over from the checkpoint's own val split ({thresholds_file.name})"
+        threshold_source = "carried over from the checkpoint's own val split"
 
     boot = {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": scored}
     auroc = bootstrap_ci(y, probs, patients, "auroc", **boot)
@@ -236,8 +238,6 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"threshold_method={cfg.threshold_method!r}: expected one of {list(THRESHOLD_METHODS)}.")
     if split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r}: expected one of {list(SPLITS) + list(SPLIT_ALIASES)}.")
-    if split != "test":
-        log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", cfg.split)
     if int(cfg.n_boot) < 1:
         raise ConfigError(f"n_boot={cfg.n_boot}: need at least 1 bootstrap resample (1000 for a report).")
     if not 0.0 < float(cfg.alpha) < 1.0:
