@@ -154,3 +154,21 @@ def test_training_on_chexpert_with_its_official_split(tmp_path):
     assert hparams["label_names"] == harmonise.available_labels("chexpert")
     val = (tmp_path / "run" / "val_patients.txt").read_text().split()
     assert sorted(map(int, val)) == sorted({r[0] for r in CHEXPERT_VALID})
+
+
+def test_nih_google_scores_pneumothorax_only_on_googles_test_set(both, fitted, tiny_demo, tmp_path):
+    from fixtures.make_external import write_nih_google
+
+    _, ckpt = fitted
+    root = tmp_path / "nih"
+    shutil.copytree(tiny_demo, root)
+    table = pd.read_csv(root / "Data_Entry_2017_v2020.csv")
+    write_nih_google(root, table["Image Index"].tolist(), table["Patient ID"].tolist())
+    google_test = pd.read_csv(root / "four_findings_expert_labels_test_labels.csv")
+    result = evaluate(compose_config(
+        [f"ckpt_path={ckpt}", "data=nih_google", f"data.root={root}", "split=test", "data.num_workers=0",
+         "n_boot=10", f"output_dir={tmp_path}/out", f"paths.cache_dir={tmp_path}/cache"], "evaluate"))
+    assert result.metrics["scored_labels"] == ["Pneumothorax"]
+    assert result.metrics["n_images"] == len(google_test)
+    assert result.metrics["n_pos.Pneumothorax"] == int((google_test["Pneumothorax"] == "YES").sum())
+    assert "Nodule" in result.metrics["unavailable_labels"] and "Mass" in result.metrics["unavailable_labels"]

@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import (
     binary_calibration_error,
     binary_precision_recall_curve,
     binary_roc,
-    multilabel_stat_scores,
+    binary_stat_scores,
 )
 
 from cxr_lightning.errors import ConfigError, DataError
@@ -299,7 +299,8 @@ def operating_point_metrics(
         raise ConfigError(f"{where}: need {y.shape[1]} finite thresholds (one per label {names}), got {t.tolist()}.")
     called = torch.from_numpy((p >= t).astype(np.int64))
     target = torch.from_numpy(np.where(np.isnan(y), -1, y)).long()  # -1: not counted for that label
-    stats = multilabel_stat_scores(called, target, num_labels=y.shape[1], average=None, ignore_index=-1)
+    # Label by label: torchmetrics' multilabel form needs at least two labels, an external source may score one.
+    stats = torch.stack([binary_stat_scores(called[:, j], target[:, j], ignore_index=-1) for j in range(y.shape[1])])
     tp, fp, tn, fn = (stats[:, k].numpy().astype(np.float64) for k in range(4))
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
