@@ -53,7 +53,7 @@ def box_targets(
         ((xs >= b[:, 0:1]) & (xs <= b[:, 2:3]))[:, None, :] & ((ys >= b[:, 1:2]) & (ys <= b[:, 3:4]))[:, :, None]
     ).float()
     masks = torch.zeros(len(pairs), height, width, device=boxes.device)
-    masks = masks.index_reduce_(0, pair_of_box, inside, "amax") if len(pairs) else masks
+    masks = masks.index_add_(0, pair_of_box, inside).clamp_(max=1.0)  # the union of the pair's boxes
     if augment is not None and hasattr(augment, "warp_like_last") and len(pairs):
         masks = augment.warp_like_last(masks, pairs[:, 0])
     return pairs, masks
