@@ -177,6 +177,9 @@ class CXRClassifier(pl.LightningModule):
                               "train_boxes=True (cxr_lightning.tasks.build.build_datamodule does).")
         with capture_output(self.cam_layer) as outputs:
             logits = self(batch["image"], batch["meta"])
+        if not outputs:
+            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.hparams.backbone['cam_layer']!r} gave no output "
+                              "to guide (a compiled backbone can hide it); set compile=false.")
         box_loss = box_attention_loss(outputs[-1], logits, batch["box_pairs"], batch["box_masks"])
         self.log("train/box_loss", box_loss.detach(), on_step=True, on_epoch=False, sync_dist=False)
         loss = self.criterion(logits, batch["labels"]) + self.box_weight * box_loss
