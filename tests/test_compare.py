@@ -193,3 +193,23 @@ def test_multirun_writes_comparison_through_callback(tiny_demo, tmp_path):
     assert "2 finished, 1 failed" in report
     assert "ConfigError: backbone.name='not_a_timm_model' is not a timm model" in report
     assert (sweep / "comparison.png").stat().st_size > 0
+
+
+def test_evaluation_and_explain_metrics_of_a_run_join_its_row(tmp_path):
+    """A run's evaluate (CIs) and explain (localisation) results are read from its subfolders, and
+    their own Hydra folders are not taken for runs."""
+    for seed, (auroc, pointing, boxes) in enumerate([(0.7, 0.4, 12), (0.8, 0.6, 12)]):
+        run = tmp_path / f"{seed}_run"
+        _write_run(run, "resnet50", "baseline", seed, {"test.auroc_mean": auroc, "boxes_trained_on": boxes}, None)
+        for job, metrics in (("evaluation", {"auroc_mean": auroc, "auroc_mean_lower": auroc - 0.1, "auroc_mean_upper": auroc + 0.1}),
+                             ("explain", {"localization.pointing_game": pointing, "localization.random_pointing_game": 0.1})):
+            (run / job / ".hydra").mkdir(parents=True)
+            OmegaConf.save(OmegaConf.create({"task_name": job}), run / job / ".hydra" / "config.yaml")
+            (run / job / "metrics.json").write_text(json.dumps(metrics))
+    runs = compare.read_runs(tmp_path)
+    assert sorted(runs["run"]) == ["0_run", "1_run"]
+    np.testing.assert_allclose(runs.sort_values("run")["evaluation.auroc_mean_lower"], [0.6, 0.7])
+    summary = compare.summarize(runs)
+    assert summary.loc[0, "explain.localization.pointing_game_mean"] == pytest.approx(0.5)
+    assert summary.loc[0, "explain.localization.random_pointing_game_mean"] == pytest.approx(0.1)
+    assert summary.loc[0, "boxes_trained_on_mean"] == 12

@@ -76,6 +76,29 @@ def test_demo_comparison_fits_every_backbone_at_one_small_size():
         assert cfg.trainer.max_epochs <= 2 and cfg.head.name == "baseline"
 
 
+RECIPES = {"plain": ("random", 0.0), "undersample_no_finding": ("undersample_no_finding", 0.0),
+           "balanced": ("balanced", 0.0), "box_guided": ("random", 1.0)}
+
+
+@pytest.mark.parametrize("name", ["sampling_study", "sampling_study_demo"])
+def test_sampling_study_is_one_protocol_for_four_recipes(name):
+    sweep = _compose(f"experiment={name}", "data.root=/nih", hydra=True)
+    assert sorted(_sweep_list(sweep, "recipe")) == sorted(RECIPES)
+    assert len(_sweep_list(sweep, "seed")) >= 2
+    configs = {r: _compose(f"experiment={name}", "data.root=/nih", f"recipe={r}") for r in RECIPES}
+    first = configs["plain"]
+    for recipe, cfg in configs.items():
+        # Each arm differs from the plain recipe in its sampler and box weight only.
+        assert (cfg.data.sampler, cfg.loss.box_weight) == RECIPES[recipe]
+        for key in ("backbone", "head", "optimizer", "trainer", "callbacks"):
+            assert OmegaConf.to_container(cfg[key]) == OmegaConf.to_container(first[key]), (recipe, key)
+        assert {k: v for k, v in OmegaConf.to_container(cfg.loss).items() if k != "box_weight"} == \
+            {k: v for k, v in OmegaConf.to_container(first.loss).items() if k != "box_weight"}
+        data = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "sampler"}
+        assert data == {k: v for k, v in OmegaConf.to_container(first.data).items() if k != "sampler"}
+        assert cfg.data.sampler_seed == cfg.seed  # the sampler's draws follow the run's seed
+
+
 def test_final_model_recipe(tmp_path):
     cfg = compose_config(["experiment=final_model", "data.root=/nih", f"paths.output_dir={tmp_path}"])
     assert cfg.backbone.name == "efficientnet_b3" and cfg.backbone.global_pool == "max"

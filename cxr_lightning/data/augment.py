@@ -62,6 +62,8 @@ class BatchAugment(nn.Module):
         self.contrast = float(contrast)
         self.hflip = bool(hflip)
         self.p = float(p)
+        # The geometry of the latest call, (theta, applied), for warp_like_last.
+        self.last_geometry: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -96,7 +98,19 @@ class BatchAugment(nn.Module):
         out = ((out - mean) * c + mean).clamp_(0.0, 1.0)
 
         keep = (~apply).to(images.device).view(-1, 1, 1, 1)
+        self.last_geometry = (theta, apply.to(images.device))
         return torch.where(keep, x, out).to(images.dtype)
+
+    def warp_like_last(self, maps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``maps`` ``(P, H, W)`` (e.g. box masks) moved by the affine transform the latest call
+        gave image ``rows[p]`` of its batch, without the intensity changes; unchanged in eval mode."""
+        if not self.training or self.last_geometry is None:
+            return maps
+        theta, applied = self.last_geometry
+        x = maps.unsqueeze(1).to(theta.dtype)
+        grid = F.affine_grid(theta[rows], list(x.shape), align_corners=False)
+        warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return torch.where(applied[rows].view(-1, 1, 1, 1), warped, x).squeeze(1).to(maps.dtype)
 
     def _theta(self, angle, tx, ty, scale, flip, height: int, width: int) -> torch.Tensor:
         """Per-sample 2x3 matrices mapping output to input coordinates in ``affine_grid``'s

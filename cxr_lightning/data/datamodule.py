@@ -21,10 +21,12 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning.data.augment import BatchAugment
+from cxr_lightning.data.boxes import ImageBoxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset
 from cxr_lightning.data.demo import demo_dir, ensure_demo
 from cxr_lightning.data import sources
+from cxr_lightning.data.samplers import build_sampler, check_sampler, sampling_weights, weighted_label_statistics
 from cxr_lightning.data.tables import (
     ON_MISSING,
     SPLITS,
@@ -74,6 +76,10 @@ class CXRDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         cache: bool = False,
         augment: Mapping[str, Any] | None = None,
+        sampler: str = "random",
+        no_finding_keep: float = 0.5,
+        sampler_seed: int = 0,
+        train_boxes: bool = False,
     ) -> None:
         super().__init__()
         sources.get(source)  # ConfigError naming the known sources
@@ -117,6 +123,13 @@ class CXRDataModule(pl.LightningDataModule):
         self.label_names = output_labels(bool(drop_no_finding), source, labels)
         self.meta_names = meta_names(self.label_names, bool(prior_labels))
         self.use_cache = bool(cache)
+        check_sampler(sampler, no_finding_keep)
+        self.sampler = sampler
+        self.no_finding_keep = float(no_finding_keep)
+        self.sampler_seed = int(sampler_seed)
+        # Box-guided training (loss.box_weight > 0; tasks.build sets it): training samples carry
+        # their boxes. Validation and test samples never do.
+        self.train_boxes = bool(train_boxes)
         aug = dict(augment or {})
         # Read by the model's preprocessing while its trainer trains (CXRClassifier.on_after_batch_transfer).
         self.augment: BatchAugment | None = BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) \
@@ -201,7 +214,26 @@ class CXRDataModule(pl.LightningDataModule):
 
     @property
     def label_stats(self) -> pd.DataFrame:
-        return self._tables().label_stats
+        """Per-label statistics of the training images as the sampler feeds them (expected counts
+        per epoch): what the weighted BCE's class weights are taken from."""
+        tables = self._tables()
+        if self.sampler == "random":
+            return tables.label_stats
+        labels = tables.tables["train"][self.label_cols].to_numpy()
+        weights = sampling_weights(self.sampler, labels, self.label_names, self.no_finding_keep)
+        return weighted_label_statistics(labels, weights, self.label_names)
+
+    @property
+    def sampler_record(self) -> dict[str, Any]:
+        """The training sampler as plain data, for the checkpoint's hyperparameters."""
+        record: dict[str, Any] = {"name": self.sampler, "seed": self.sampler_seed}
+        if self.sampler == "undersample_no_finding":
+            record["no_finding_keep"] = self.no_finding_keep
+        return record
+
+    def training_boxes(self) -> ImageBoxes:
+        """The boxes of the training split's images (never of a validation or test patient)."""
+        return image_boxes(self.split_table("train"), self.bbox_table, self.label_names, self.image_size)
 
     @property
     def age_fill(self) -> float:
@@ -237,6 +269,7 @@ class CXRDataModule(pl.LightningDataModule):
             meta_cols=self.meta_cols,
             image_size=self.image_size,
             cache=self._opened_cache(),
+            boxes=self.training_boxes() if split == "train" and self.train_boxes else None,
         )
 
     def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
@@ -253,7 +286,17 @@ class CXRDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True)
+        return self.loader("train", shuffle=True, sampler=self.train_sampler())
+
+    def train_sampler(self) -> Sampler | None:
+        """``data.sampler``'s training sampler for this rank (None for ``random``: shuffled).
+
+        It is a DistributedSampler built with the trainer's world size and rank, which Lightning
+        leaves in place under DDP and reseeds through ``set_epoch``; see :mod:`~cxr_lightning.data.samplers`."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        labels = self.split_table("train")[self.label_cols].to_numpy()
+        return build_sampler(self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))

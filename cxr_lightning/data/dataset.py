@@ -1,4 +1,5 @@
-"""Torch ``Dataset`` over a split table: one row -> ``{"image", "meta", "labels", "index"}``.
+"""Torch ``Dataset`` over a split table: one row -> ``{"image", "meta", "labels", "index"}`` (and
+``"boxes"``, ``"box_labels"`` when given the split's boxes).
 
 Samples carry uint8 pixels only; float conversion, augmentation and normalisation happen per
 batch on the device (see :mod:`cxr_lightning.data.augment`).
@@ -16,6 +17,7 @@ from rich.progress import track
 from torch.utils.data import Dataset
 
 from cxr_lightning.data import images
+from cxr_lightning.data.boxes import ImageBoxes
 from cxr_lightning.data.cache import ImageCache
 from cxr_lightning.errors import DataError
 
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class CXRDataset(Dataset):
     """Rows of ``table`` as samples: ``image`` uint8 ``(1, S, S)``, ``meta`` float32 ``(M,)``,
-    ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``).
+    ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``); with ``boxes`` (box-guided
+    training) also ``boxes`` float32 ``(K, 4)`` and ``box_labels`` int64 ``(K,)`` of that row.
 
     Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
     ``table["path"]`` and resized. An image that fails to decode stops the run with a
@@ -38,6 +41,7 @@ class CXRDataset(Dataset):
         meta_cols: Sequence[str],
         image_size: int,
         cache: ImageCache | None = None,
+        boxes: ImageBoxes | None = None,
     ) -> None:
         needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
         absent = [c for c in needed if c not in table.columns]
@@ -57,6 +61,9 @@ class CXRDataset(Dataset):
         self.cache = cache
         self.cache_rows = cache.rows(self.names) if cache is not None else None
         self.image_size = int(image_size)
+        if boxes is not None and len(boxes.boxes) != len(table):
+            raise DataError(f"Boxes for {len(boxes.boxes)} images given with a split table of {len(table)} rows.")
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,12 +76,16 @@ class CXRDataset(Dataset):
                 f"{exc} (row {index}). To leave unreadable images out of the run, pass "
                 f"data.on_missing=skip data.verify_images=true."
             ) from exc
-        return {
+        sample = {
             "image": torch.from_numpy(pixels).unsqueeze(0),
             "meta": torch.from_numpy(self.meta[index]),
             "labels": torch.from_numpy(self.labels[index]),
             "index": index,
         }
+        if self.boxes is not None:
+            sample["boxes"] = torch.from_numpy(self.boxes.boxes[index])
+            sample["box_labels"] = torch.from_numpy(self.boxes.labels[index])
+        return sample
 
     def _pixels(self, index: int) -> np.ndarray:
         if self.cache is not None:

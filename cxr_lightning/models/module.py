@@ -24,6 +24,7 @@ from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
+from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
@@ -48,6 +49,7 @@ class CXRClassifier(pl.LightningModule):
         std: float = DEFAULT_STD,
         pos_frac: Sequence[float] | None = None,
         age_fill: float | None = None,
+        sampler: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         config: Mapping[str, Any] | None = None,
@@ -83,6 +85,10 @@ class CXRClassifier(pl.LightningModule):
             num_labels=len(self.label_names),
             **head_cfg,
         )
+        self.box_weight = float(loss.get("box_weight", 0.0))
+        if self.box_weight < 0 or (self.box_weight > 0 and self.backbone is None):
+            raise ConfigError(f"loss.box_weight={self.box_weight}: must be >= 0, and > 0 needs a head that sees the "
+                              f"image (not head={head_name}).")
         self.criterion: nn.Module | None = None
         if pos_frac is not None:
             self._build_criterion(pos_frac)
@@ -104,12 +110,13 @@ class CXRClassifier(pl.LightningModule):
     def _build_criterion(self, pos_frac: Sequence[float]) -> None:
         pos = torch.tensor(list(pos_frac), dtype=torch.float32)
         loss_cfg = dict(self.hparams.loss)
+        loss_cfg.pop("box_weight", None)
         self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
         self.criterion.to(self.device)
 
     def setup(self, stage: str) -> None:
-        """Take the class weights and the age fill from the training split, once (a checkpoint
-        already carries them)."""
+        """Take the class weights (of the training images as the data module's sampler feeds
+        them) and the age fill from the training split, once (a checkpoint already carries them)."""
         if self.criterion is not None:
             return
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -123,6 +130,7 @@ class CXRClassifier(pl.LightningModule):
                 raise DataError(f"The data module gives {what} {list(theirs)}, the model was built for {list(mine)}.")
         self.hparams.pos_frac = [float(v) for v in dm.label_stats["pos_frac"]]
         self.hparams.age_fill = float(dm.age_fill)
+        self.hparams.sampler = dict(getattr(dm, "sampler_record", {"name": "random"}))
         self._build_criterion(self.hparams.pos_frac)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -134,6 +142,10 @@ class CXRClassifier(pl.LightningModule):
         training = trainer is not None and trainer.training
         augment = getattr(trainer.datamodule, "augment", None) if training else None
         batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
+        if training and self.box_weight > 0 and "box_labels" in batch:
+            batch["box_pairs"], batch["box_masks"] = box_targets(
+                batch.pop("boxes"), batch.pop("box_labels"), tuple(batch["image"].shape[-2:]), augment
+            )
         return batch
 
     # ------------------------------------------------------------------------------------------
@@ -154,8 +166,26 @@ class CXRClassifier(pl.LightningModule):
         return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        if stage == "train" and self.box_weight > 0:
+            return self._box_guided_step(batch)
         logits = self(batch["image"], batch["meta"])
-        loss = self.criterion(logits, batch["labels"])
+        return self._scored(batch, stage, logits, self.criterion(logits, batch["labels"]))
+
+    def _box_guided_step(self, batch: dict) -> torch.Tensor:
+        if "box_pairs" not in batch:
+            raise ConfigError("loss.box_weight > 0 needs training batches with boxes: build the data module with "
+                              "train_boxes=True (cxr_lightning.tasks.build.build_datamodule does).")
+        with capture_output(self.cam_layer) as outputs:
+            logits = self(batch["image"], batch["meta"])
+        if not outputs:
+            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.hparams.backbone['cam_layer']!r} gave no output "
+                              "to guide (a compiled backbone can hide it); set compile=false.")
+        box_loss = box_attention_loss(outputs[-1], logits, batch["box_pairs"], batch["box_masks"])
+        self.log("train/box_loss", box_loss.detach(), on_step=True, on_epoch=False, sync_dist=False)
+        loss = self.criterion(logits, batch["labels"]) + self.box_weight * box_loss
+        return self._scored(batch, "train", logits, loss)
+
+    def _scored(self, batch: dict, stage: str, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         check_finite_loss(self, batch, stage, loss, logits)
         getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
         getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))

@@ -34,8 +34,14 @@ def instantiate(cfg, **kwargs):
 
 def build_datamodule(cfg: DictConfig) -> CXRDataModule:
     """The data module of ``cfg.data``, not set up: ``Trainer.fit`` runs its ``prepare_data`` (demo
-    generation, image cache) on one process per node and then ``setup`` on every rank."""
-    return instantiate(cfg.data, _convert_="all")
+    generation, image cache) on one process per node and then ``setup`` on every rank. Training
+    samples carry their boxes when the loss is box-guided (``loss.box_weight > 0``)."""
+    return instantiate(cfg.data, _convert_="all", train_boxes=box_weight(cfg) > 0)
+
+
+def box_weight(cfg: DictConfig) -> float:
+    """``loss.box_weight`` (0: no box-guided training)."""
+    return float(cfg.loss.get("box_weight", 0.0) or 0.0)
 
 
 def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifier:
@@ -45,7 +51,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     labels = expected_label_names(cfg.data)
     stats = {}
     if dm is not None and dm.tables is not None:
-        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill}
+        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill, "sampler": dm.sampler_record}
     model = CXRClassifier(
         backbone=_plain(cfg.backbone),
         head=_plain(cfg.head),

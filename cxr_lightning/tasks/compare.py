@@ -52,7 +52,19 @@ SUMMARY_METRICS: dict[str, str] = {
     "epochs": "epochs",
     "seconds_per_epoch": "s / epoch",
     "train_images_per_second": "train images / s",
+    "boxes_trained_on": "boxes trained on",
+    # From <run>/evaluation/metrics.json (python -m cxr_lightning.evaluate run_dir=RUN), when present.
+    "evaluation.auroc_mean": "test AUROC (evaluate)",
+    "evaluation.auroc_mean_lower": "test AUROC CI low",
+    "evaluation.auroc_mean_upper": "test AUROC CI high",
+    # From <run>/explain/metrics.json (python -m cxr_lightning.explain run_dir=RUN), when present.
+    "explain.localization.pointing_game": "pointing game",
+    "explain.localization.random_pointing_game": "pointing game, random",
+    "explain.localization.iobb@0.5": "IoBB@0.5",
+    "explain.localization.random_iobb@0.5": "IoBB@0.5, random",
 }
+# The jobs run on a finished run whose metrics.json a comparison reads too, under their prefix.
+RUN_JOBS: dict[str, str] = {"evaluation": "evaluation", "explain": "explain"}
 AUROC_PREFIX = "test.auroc."
 UNSET = "?"  # group value of a run whose config lacks the key or cannot resolve it
 
@@ -73,7 +85,8 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
         raise DataError(f"{root} is not a directory; pass the sweep (multirun) directory to compare.")
     candidates = {p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != HYDRA_CONFIG.parent.name}
     candidates |= {p.parent.parent for p in root.rglob(str(HYDRA_CONFIG))}
-    return sorted(candidates)
+    # evaluate/explain write their own .hydra/ inside the run they score: part of it, not runs.
+    return sorted(c for c in candidates if not (c.name in RUN_JOBS.values() and c.parent in candidates))
 
 
 def read_runs(sweep_dir: str | Path, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
@@ -129,6 +142,13 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return {**row, "status": "failed", "reason": f"unreadable {METRICS}: {exc}"}
+    for prefix, folder in RUN_JOBS.items():
+        job_metrics = run_dir / folder / METRICS
+        if job_metrics.is_file():
+            try:
+                metrics |= {f"{prefix}.{k}": v for k, v in json.loads(job_metrics.read_text()).items()}
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
     return {**row, "status": "ok", "reason": "", **numeric}
 

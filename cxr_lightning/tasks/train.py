@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning import files
 from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.checkpoints import AtomicCheckpointIO
-from cxr_lightning.tasks.build import build_callbacks, build_datamodule, build_model
+from cxr_lightning.tasks.build import box_weight, build_callbacks, build_datamodule, build_model
 from cxr_lightning.tasks.resume import resolve_resume
 from cxr_lightning.tasks.validate import validate_config
 
@@ -74,6 +74,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
         "loss": cfg.loss.name,
+        # What the training images were drawn by, the class weights it implied, and the boxes
+        # (all of training patients) the loss was guided by.
+        "sampler": dict(model.hparams.get("sampler") or dm.sampler_record),
+        "pos_frac": list(model.hparams.pos_frac or []),
+        "box_weight": box_weight(cfg),
+        "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
         "seed": cfg.seed,
         "image_size": dm.image_size,
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
