@@ -33,7 +33,8 @@ BACKBONE_NAMES: tuple[str, ...] = (
     "efficientnet_b3",
 )
 
-GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
+# "token": a vision transformer's class token (timm's default for ViTs), not a pooling of a map.
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "token")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
 
 # Names timm gives the functions that convert foreign (e.g. torchvision) layouts of a model family's
@@ -96,24 +97,47 @@ def create_backbone(
     global_pool: str = "avg",
     in_chans: int = 1,
     drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    img_size: int | None = None,
 ) -> Backbone:
     """Build timm model ``name`` without classifier, reading ``in_chans`` channels.
 
     ``weights`` (a local state dict file) takes precedence over ``pretrained``, so a machine without
     network can set both and still start from ImageNet weights. ``drop_rate`` is timm's dropout on
-    the pooled features.
+    the pooled features, ``drop_path_rate`` its stochastic depth (passed only when non-zero: not
+    every timm family takes it). ``img_size`` is given to the families built for one input size
+    (ViT, Swin: timm's ``fixed_input_size``); timm then sizes their position embeddings and
+    windows for it and resamples pretrained position embeddings on load.
     """
     check_name_and_pool(name, global_pool)
 
     kwargs: dict[str, Any] = dict(num_classes=0, global_pool=global_pool, in_chans=in_chans, drop_rate=drop_rate)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = float(drop_path_rate)
+    if img_size is not None and takes_input_size(name):
+        kwargs["img_size"] = int(img_size)
     if pretrained and weights is None:
         model = _create_pretrained(name, kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(name, kwargs)
     _remove_vgg_pre_logits(model)
     if weights is not None:
         _load_local_weights(model, Path(weights).expanduser())
     return Backbone(model, timm_name=name)
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (position embeddings, attention windows)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, AssertionError, ValueError) as err:  # timm's checks of its keyword arguments
+        given = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_chans")}
+        raise ConfigError(f"timm cannot build backbone {name!r} with {given}: {err}") from err
 
 
 def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:

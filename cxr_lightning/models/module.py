@@ -26,6 +26,7 @@ from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
+from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class CXRClassifier(pl.LightningModule):
                 pretrained=bool(backbone.get("pretrained", False)),
                 weights=backbone.get("weights"),
                 global_pool=backbone.get("global_pool", "avg"),
+                drop_path_rate=float(backbone.get("drop_path_rate", 0.0)),
+                img_size=image_size,
             )
             in_features = self.backbone.num_features
             if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:
@@ -152,6 +155,13 @@ class CXRClassifier(pl.LightningModule):
         if self.backbone is None:
             raise ConfigError("head=metadata_only has no image branch to explain.")
         return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
+
+    def cam_reshape(self, input_hw: Sequence[int]) -> ReshapeTransform | None:
+        """pytorch_grad_cam's ``reshape_transform`` for ``cam_layer`` on ``input_hw`` inputs:
+        token outputs (``backbone.cam_reshape: vit | swin``) as a ``(B, C, h, w)`` map."""
+        if self.backbone is None:
+            raise ConfigError("head=metadata_only has no image branch to explain.")
+        return cam_reshape_transform(self.hparams.backbone.get("cam_reshape"), self.backbone.model, input_hw)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         logits = self(batch["image"], batch["meta"])

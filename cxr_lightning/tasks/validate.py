@@ -78,6 +78,7 @@ def check_data_root(data: DictConfig) -> None:
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
     from cxr_lightning.models.backbones import check_name_and_pool
+    from cxr_lightning.models.reshape import CAM_RESHAPES
 
     name = str(backbone.name)
     check_name_and_pool(name, backbone.get("global_pool", "avg"))
@@ -87,6 +88,17 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
             f"data.image_size={image_size} is below {name}'s minimum input size of {minimum} px; "
             f"pass data.image_size={minimum} or larger."
         )
+    multiple = int(backbone.get("input_multiple") or 1)
+    if image_size % multiple:
+        lower, upper = image_size // multiple * multiple, (image_size // multiple + 1) * multiple
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of {multiple}, which {name} needs "
+            f"(backbone.input_multiple: its patch grid and stage maps must cover the image exactly, or "
+            f"the CAMs shift against it); pass data.image_size={lower if lower >= minimum else upper} or {upper}."
+        )
+    reshape = backbone.get("cam_reshape")
+    if reshape is not None and reshape not in CAM_RESHAPES:
+        raise ConfigError(f"backbone.cam_reshape={reshape!r} is unknown; use one of {list(CAM_RESHAPES)} or null.")
 
 
 def check_head(name: str) -> None:
