@@ -27,7 +27,7 @@ from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
-from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE, Preprocess
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -47,6 +47,7 @@ class CXRClassifier(pl.LightningModule):
         image_size: int,
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
+        input_range: Sequence[float] = UNIT_RANGE,
         pos_frac: Sequence[float] | None = None,
         age_fill: float | None = None,
         scheduler: Mapping[str, Any] | None = None,
@@ -59,7 +60,7 @@ class CXRClassifier(pl.LightningModule):
         # The factories are code, built from the optimizer/scheduler configs (kept as plain data).
         self.save_hyperparameters(ignore=["optimizer_factory", "scheduler_factory"])
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
-        self.preprocess = Preprocess(mean, std)
+        self.preprocess = Preprocess(mean, std, input_range)
         self.label_names = list(label_names)
         self.meta_names = list(meta_names)
         head_cfg = dict(head)
@@ -75,6 +76,8 @@ class CXRClassifier(pl.LightningModule):
                 global_pool=backbone.get("global_pool", "avg"),
                 drop_path_rate=float(backbone.get("drop_path_rate", 0.0)),
                 img_size=image_size,
+                weights_source=backbone.get("weights_source", "auto"),
+                weights_strict=bool(backbone.get("weights_strict", True)),
             )
             in_features = self.backbone.num_features
             if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
-from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE
 from cxr_lightning.data.tables import meta_names, output_labels
 
 
@@ -57,6 +57,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         image_size=int(cfg.data.image_size),
         mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
         std=float(cfg.backbone.get("std", DEFAULT_STD)),
+        input_range=[float(v) for v in cfg.backbone.get("input_range", UNIT_RANGE)],
         channels_last=use_channels_last(cfg),
         config=_plain(cfg),
         optimizer_factory=optimizer_factory(cfg),

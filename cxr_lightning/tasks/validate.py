@@ -79,6 +79,7 @@ def check_data_root(data: DictConfig) -> None:
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
     from cxr_lightning.models.backbones import check_name_and_pool
     from cxr_lightning.models.reshape import CAM_RESHAPES
+    from cxr_lightning.models.weights import WEIGHT_SOURCES
 
     name = str(backbone.name)
     check_name_and_pool(name, backbone.get("global_pool", "avg"))
@@ -95,6 +96,14 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
             f"data.image_size={image_size} is not a multiple of {multiple}, which {name} needs "
             f"(backbone.input_multiple: its patch grid and stage maps must cover the image exactly, or "
             f"the CAMs shift against it); pass data.image_size={lower if lower >= minimum else upper} or {upper}."
+        )
+    source = backbone.get("weights_source", "auto")
+    if source not in WEIGHT_SOURCES:
+        raise ConfigError(f"backbone.weights_source={source!r} is unknown; use one of {list(WEIGHT_SOURCES)}.")
+    if OmegaConf.is_missing(backbone, "weights") or (source not in ("auto", "timm") and backbone.get("weights") is None):
+        raise ConfigError(
+            f"backbone.weights_source={source} needs its weights: pass backbone.weights=PATH (a state dict file, "
+            "or a timm / Hugging Face folder; see notes/backbones.md for the layouts)."
         )
     reshape = backbone.get("cam_reshape")
     if reshape is not None and reshape not in CAM_RESHAPES:
