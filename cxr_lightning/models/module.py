@@ -11,6 +11,7 @@ the Trainer has set it up, and recorded in the hyperparameters from there.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
+from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE, Preprocess
 
 log = logging.getLogger(__name__)
@@ -216,8 +218,17 @@ class CXRClassifier(pl.LightningModule):
                 "No optimizer: build the model with cxr_lightning.tasks.build.build_model(cfg), which makes "
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        backbone = self.backbone.model if self.backbone is not None else None
+        optimizer = self.optimizer_factory(param_groups(backbone, self.head, self.hparams.optimizer))
         if self.scheduler_factory is None:
             return optimizer
+        interval = (self.hparams.scheduler or {}).get("interval", "epoch")
+        # A per-step schedule counts optimiser steps: it is told how many make an epoch.
+        steps = {"steps_per_epoch": self._steps_per_epoch()} if interval == "step" else {}
         # monitor is read by ReduceLROnPlateau only.
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/loss"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer, **steps),
+                                                         "monitor": "val/loss", "interval": interval}}
+
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        return max(1, math.ceil(trainer.estimated_stepping_batches / max(1, trainer.max_epochs or 1)))
