@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 5-8 minutes on one H100), run from the repository root:
+# One-shot GPU check (about 6-9 minutes on one H100), run from the repository root:
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default: $OUT, else outputs/gpu_check
 #
@@ -33,7 +33,7 @@ p = torch.cuda.get_device_properties(0)
 print('GPU', p.name, round(p.total_memory / 2**30, 1), 'GiB; bf16', torch.cuda.is_bf16_supported())
 "
 step augment_gpu 120 "$PY" -m pytest tests/test_augment.py -q -k gpu -p no:cacheprovider
-step bench 330 "$PY" -m cxr_lightning.bench hydra.run.dir="$OUT_DIR/bench" paths.cache_dir="$OUT_DIR/cache" \
+step bench 390 "$PY" -m cxr_lightning.bench hydra.run.dir="$OUT_DIR/bench" paths.cache_dir="$OUT_DIR/cache" \
     "bench.backbones=[densenet121,efficientnet_b3,inception_v3,mobilenetv2_100,resnet50,vgg19,vit_small_patch16_224]"
 TRAIN=(experiment=demo trainer=gpu trainer.max_epochs=1 data.cache=true data.batch_size=64 backbone=resnet50
        paths.cache_dir="$OUT_DIR/cache" callbacks.progress_bar=null)
