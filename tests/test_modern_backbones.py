@@ -177,3 +177,25 @@ def test_vit_trains_and_is_explained_end_to_end(tiny_demo, tmp_path):
     run_ = predict(compose_config([f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'p.csv'}",
                                    "cam=true", "cam_top_k=1"], "predict"))
     assert len(run_.cam_files) == 1 and run_.cam_files[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_weights_sources_that_need_a_file_say_so():
+    from cxr_lightning.tasks.validate import check_backbone
+
+    with pytest.raises(ConfigError, match=r"weights_source=torchxrayvision needs its weights: pass backbone.weights=PATH"):
+        check_backbone(OmegaConf.load(CONF_BACKBONE / "densenet121_xrv.yaml"), 224)
+    with pytest.raises(ConfigError, match=r"weights_source='hub' is unknown"):
+        check_backbone(OmegaConf.create(backbone_cfg("convnext_tiny", weights_source="hub")), 64)
+    check_backbone(OmegaConf.create(backbone_cfg("densenet121_xrv", weights="/data/xrv.safetensors")), 224)
+
+
+def test_vit_finetune_experiment_states_its_recipe_and_validates(tmp_path):
+    from conftest import compose_config
+    from cxr_lightning.tasks.validate import validate_config
+
+    cfg = compose_config(["experiment=vit_finetune", f"paths.output_dir={tmp_path}"])
+    validate_config(cfg)
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.layer_decay == 0.75
+    assert cfg.backbone.drop_path_rate == 0.1 and cfg.scheduler.warmup_epochs == 5 and cfg.scheduler.interval == "step"
+    with pytest.raises(ConfigError, match=r"optimizer.layer_decay=1.2"):
+        validate_config(compose_config(["experiment=vit_finetune", "optimizer.layer_decay=1.2"]))

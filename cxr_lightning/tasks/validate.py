@@ -125,6 +125,9 @@ def check_optimizer(cfg: DictConfig) -> None:
     """The optimizer (and scheduler) configs build, and accept their arguments, on a stand-in parameter."""
     import torch
 
+    layer_decay = cfg.optimizer.get("layer_decay")
+    if layer_decay is not None and not 0 < float(layer_decay) <= 1:
+        raise ConfigError(f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75), or null.")
     probe = [torch.nn.Parameter(torch.zeros(1))]
     try:
         optimizer = optimizer_factory(cfg)(probe)
