@@ -16,6 +16,7 @@ ratios hold for the whole run.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,8 +65,6 @@ def _plain_groups(module: nn.Module, weight_decay: float, no_decay: bool, skip=(
 def _layer_group_name(group: dict[str, Any], layer_decay: float) -> str:
     # timm's groups do not carry their layer; it follows from the scale: layer_decay ** k is the
     # k-th layer below the head (0: the final norm).
-    import math
-
     scale = float(group["lr_scale"])
     below = 0 if layer_decay == 1 or scale >= 1 else round(math.log(scale) / math.log(layer_decay))
     return f"below{below}_{'decay' if group['weight_decay'] else 'no_decay'}"

@@ -172,12 +172,16 @@ def _timm(model: nn.Module, state_dict: StateDict, report: WeightsReport) -> tup
 
 
 def _torchxrayvision(model: nn.Module, state_dict: StateDict, report: WeightsReport) -> tuple[StateDict, set[str]]:
-    if "features.conv0.weight" not in state_dict or not type(model).__name__.startswith("DenseNet"):
+    problems = []
+    if "features.conv0.weight" not in state_dict:
+        problems.append(f"{report.path} has no features.conv0.weight")
+    if not type(model).__name__.startswith("DenseNet"):
+        problems.append(f"the backbone is {type(model).__name__}")
+    if problems:
         raise CheckpointError(
-            f"backbone.weights_source=torchxrayvision reads torchxrayvision's DenseNet layout (features.*, classifier); "
-            f"{report.path} {'has no features.conv0.weight' if 'features.conv0.weight' not in state_dict else ''}"
-            f"{'' if type(model).__name__.startswith('DenseNet') else f' and the backbone is {type(model).__name__}'}"
-            ". Use backbone.name=densenet121 with a torchxrayvision densenet121-res224-* state dict."
+            "backbone.weights_source=torchxrayvision reads torchxrayvision's DenseNet layout (features.*, classifier), "
+            f"but {' and '.join(problems)}. Use backbone.name=densenet121 with a torchxrayvision "
+            "densenet121-res224-* state dict."
         )
     # Its 18-output classifier and operating-point thresholds belong to its own head.
     dropped = [k for k in state_dict if k.startswith("classifier.") or k == "op_threshs"]
@@ -189,8 +193,8 @@ def _torchxrayvision(model: nn.Module, state_dict: StateDict, report: WeightsRep
 def _mae(model: nn.Module, state_dict: StateDict, report: WeightsReport) -> tuple[StateDict, set[str]]:
     if not hasattr(model, "patch_embed") or "pos_embed" not in state_dict:
         raise CheckpointError(
-            f"backbone.weights_source=mae reads a ViT encoder (pos_embed, patch_embed, blocks); {report.path} "
-            f"{'has no pos_embed' if 'pos_embed' not in state_dict else 'is fine, but the backbone is no ViT'}."
+            "backbone.weights_source=mae reads a ViT encoder (pos_embed, patch_embed, blocks) into a ViT backbone; "
+            + (f"{report.path} has no pos_embed." if "pos_embed" not in state_dict else f"{type(model).__name__} is no ViT.")
         )
     dropped = [k for k in state_dict if k.startswith(_MAE_PRETRAIN_ONLY)]
     report.dropped += dropped
