@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -157,12 +158,24 @@ def test_predict_export_and_training_share_one_preprocessing(tiny_demo, tmp_path
 
 # --------------------------------------------------------------------------------------------------
 # A regular install
+def source_copy(dest: Path) -> Path:
+    """The project's files as a clean clone has them: a build in the checkout itself would reuse a
+    stale build/ folder (files deleted since would ship)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy2(REPO / name, dest / name)
+    for folder in ("cxr_lightning", "conf"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "conf"), symlinks=False)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The wheel built from this checkout, installed (not editable) into a folder of its own."""
     out = tmp_path_factory.mktemp("wheel")
+    source = source_copy(tmp_path_factory.mktemp("source"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out / "dist"), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out / "dist"), str(source)],
         capture_output=True, text=True, timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
@@ -181,6 +194,24 @@ def test_the_wheel_holds_every_config(installed):
     shipped = {n.removeprefix("cxr_lightning/conf/") for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
     in_repo = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
     assert in_repo and shipped == in_repo
+
+
+def test_the_source_distribution_installs_every_config(tmp_path):
+    source = source_copy(tmp_path / "source")
+    sdist = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert sdist.returncode == 0, sdist.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("cxr_lightning-*.tar.gz")
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), str(archive)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    installed = {p.relative_to(site / "cxr_lightning" / "conf").as_posix() for p in (site / "cxr_lightning" / "conf").rglob("*.yaml")}
+    assert installed == {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
 
 
 def _run_installed(site: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

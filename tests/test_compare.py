@@ -171,6 +171,11 @@ def test_multirun_writes_comparison_through_callback(tiny_demo, tmp_path):
     # Hydra re-raises the failed job's error after running the others.
     assert done.returncode != 0, done.stdout[-3000:]
     assert "not a timm model" in done.stderr
+    # The failed job's framework error is one line, not a traceback.
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "not a timm model" in line] == [
+        next(line for line in done.stderr.splitlines() if line.startswith("ConfigError: backbone.name='not_a_timm_model'"))
+    ]
 
     table = pd.read_csv(sweep / "comparison.csv").set_index("backbone")
     assert set(table.index) == {"test_resnet", "test_efficientnet", "not_a_timm_model"}

@@ -17,6 +17,7 @@ Nothing below this package imports it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -75,105 +76,57 @@ def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
         raise SystemExit(EXIT_ERROR) from None
 
 
-def hydra_command(config_name: str, load_task: Callable[[], Callable[[DictConfig], Any]], result: Callable[[Any], Any] | None = None):
-    """A ``main()`` composing ``config_name`` from the shipped configs and running the task that
-    ``load_task()`` imports; ``result`` turns its return value into what Hydra returns (a sweeper's
-    objective). The task is imported only when it runs, so ``--cfg job`` and ``--help`` answer at
-    once, without loading torch."""
+def hydra_command(config_name: str, task: str, then: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+    """A ``main()`` composing ``config_name`` from the shipped configs and running ``task``
+    (``"module:function"``) on it; ``then`` receives the task's result, and what it returns goes
+    back to Hydra (a sweeper's objective). The task is imported only when it runs, so ``--cfg job``
+    and ``--help`` answer at once, without loading torch."""
+    module, function = task.split(":")
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
-        value = run_task(load_task(), cfg)
-        return result(value) if result is not None else None
+        result = run_task(getattr(importlib.import_module(module), function), cfg)
+        return then(result) if then is not None else None
 
     return main
 
 
-# --------------------------------------------------------------------------------------------------
-# The Hydra commands
-def _train():
-    from cxr_lightning.tasks.train import train
-
-    return train
+def _print_export(result: Any) -> None:
+    print(f"{result.path} ({result.format}; max |logit difference| to the checkpoint {result.max_abs_diff:.2g})")
 
 
-def train_main() -> None:
-    hydra_command("train", _train, lambda metrics: metrics.get("best_val_loss"))()
+def _print_cache(cache: Any) -> None:
+    print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
 
 
-def _evaluate():
-    from cxr_lightning.evaluation.job import evaluate
+def _exit_on_failed_files(run: Any) -> None:
+    from cxr_lightning.tasks.predict import report_failures
 
-    return evaluate
-
-
-def evaluate_main() -> None:
-    hydra_command("evaluate", _evaluate, lambda result: float(result.metrics["auroc_mean"]))()
+    report_failures(run)
 
 
-def _explain():
-    from cxr_lightning.explain.job import explain
+def _explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> str:
+    from cxr_lightning.explain.job import job_output_dir
 
-    return explain
+    return str(job_output_dir(explicit, run_dir, fallback))
+
+
+# The Hydra commands.
+train_main = hydra_command("train", "cxr_lightning.tasks.train:train", lambda metrics: metrics.get("best_val_loss"))
+evaluate_main = hydra_command(
+    "evaluate", "cxr_lightning.evaluation.job:evaluate", lambda result: float(result.metrics["auroc_mean"])
+)
+predict_main = hydra_command("predict", "cxr_lightning.tasks.predict:predict", _exit_on_failed_files)
+export_main = hydra_command("export", "cxr_lightning.tasks.export:export", _print_export)
+bench_main = hydra_command("bench", "cxr_lightning.tasks.bench:run_bench")
+cache_main = hydra_command("cache", "cxr_lightning.tasks.cache:build_cache", _print_cache)
+_explain_main = hydra_command("explain", "cxr_lightning.explain.job:explain")
 
 
 def explain_main() -> None:
-    def explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> str:
-        from cxr_lightning.explain.job import job_output_dir
-
-        return str(job_output_dir(explicit, run_dir, fallback))
-
     # Hydra's run dir (log, .hydra/) follows the job's output dir; see conf/explain.yaml.
-    OmegaConf.register_new_resolver("cxr.explain_dir", explain_dir, replace=True)
-    hydra_command("explain", _explain)()
-
-
-def _predict():
-    from cxr_lightning.tasks.predict import predict, report_failures
-
-    return lambda cfg: report_failures(predict(cfg))
-
-
-def predict_main() -> None:
-    hydra_command("predict", _predict)()
-
-
-def _export():
-    from cxr_lightning.tasks.export import export
-
-    def task(cfg: DictConfig) -> None:
-        result = export(cfg)
-        print(f"{result.path} ({result.format}; max |logit difference| to the checkpoint {result.max_abs_diff:.2g})")
-
-    return task
-
-
-def export_main() -> None:
-    hydra_command("export", _export)()
-
-
-def _bench():
-    from cxr_lightning.tasks.bench import run_bench
-
-    return run_bench
-
-
-def bench_main() -> None:
-    hydra_command("bench", _bench)()
-
-
-def _cache():
-    from cxr_lightning.tasks.cache import build_cache
-
-    def task(cfg: DictConfig) -> None:
-        cache = build_cache(cfg)
-        print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
-
-    return task
-
-
-def cache_main() -> None:
-    hydra_command("cache", _cache)()
+    OmegaConf.register_new_resolver("cxr.explain_dir", _explain_dir, replace=True)
+    _explain_main()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,17 +136,30 @@ def compare_main(argv: Sequence[str] | None = None):
 
     parser = argparse.ArgumentParser(
         prog="python -m cxr_lightning.compare",
-        description="Compare the runs of a sweep: writes comparison.csv, comparison.md and comparison.png.",
+        description="Compare the runs of a sweep: writes comparison.csv, comparison.md and comparison.png. "
+        "With --datasets, the cross-dataset table of several evaluations: datasets.csv and datasets.md.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or any folder of run directories)")
+    parser.add_argument("sweep_dir", type=Path, nargs="+",
+                        help="a multirun directory (or any folder of run directories); with --datasets, "
+                        "evaluation output directories (or folders holding them)")
     parser.add_argument(
         "--by", default=",".join(DEFAULT_BY),
         help="comma-separated config keys to group runs by (default: backbone), e.g. backbone,head or data.image_size",
     )
-    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: SWEEP_DIR)")
+    parser.add_argument("--datasets", action="store_true",
+                        help="one row per backbone, dataset and label over evaluations (NIH test, CheXpert, MIMIC...)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: the first directory)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = run_task(write_comparison, args.sweep_dir, args.by, args.out)
+    if args.datasets:
+        from cxr_lightning.tasks.compare_datasets import write_dataset_table
+
+        written = run_task(write_dataset_table, args.sweep_dir, args.out)
+        print(written.csv, written.markdown, sep="\n")
+        return written
+    if len(args.sweep_dir) != 1:
+        parser.error("pass one sweep directory (several directories need --datasets)")
+    written = run_task(write_comparison, args.sweep_dir[0], args.by, args.out)
     print(written.csv, written.markdown, written.figure, sep="\n")
     return written
 

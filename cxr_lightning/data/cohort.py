@@ -35,14 +35,21 @@ HAS_PRIOR = "meta:has_prior"
 SPLITS = ("train", "val", "test")
 _SEX_MALE = {"M": 1.0, "F": 0.0}
 _VIEW_AP = {"AP": 1.0, "PA": 0.0}
+# The training encoding has no code for an unknown sex or view: halfway between its two codes.
+_UNKNOWN_CATEGORY = 0.5
 _SHOW = 5
 
 
-def encode_demographics(df: pd.DataFrame, age_fill: float | None = None) -> tuple[pd.DataFrame, float]:
+def encode_demographics(
+    df: pd.DataFrame, age_fill: float | None = None, missing_as_unknown: bool = False
+) -> tuple[pd.DataFrame, float]:
     """The four demographic ``meta:`` columns of ``df`` and the age (years) used for missing ages.
 
     ``age_fill=None`` uses the median of ``df``: pass the training split's value for val/test so
-    that evaluation rows are imputed exactly as training rows were.
+    that evaluation rows are imputed exactly as training rows were. ``missing_as_unknown``: a
+    missing (NaN) sex or view is encoded as unknown, halfway between its two codes, as
+    :func:`new_patient_metadata` does (for datasets that do not record them); otherwise it is a
+    DataError, like any value outside the codes.
     """
     _require(df, (AGE, SEX, VIEW), "encode_demographics")
     age = df[AGE].astype(float)
@@ -53,8 +60,8 @@ def encode_demographics(df: pd.DataFrame, age_fill: float | None = None) -> tupl
                 f"no row of {_source(df)} has a valid {AGE} (all missing or > 100), so there is no "
                 "median to impute missing ages with; fix the ages or pass age_fill."
             )
-    sex_male = _encode_category(df, SEX, _SEX_MALE)
-    view_ap = _encode_category(df, VIEW, _VIEW_AP)
+    sex_male = _encode_category(df, SEX, _SEX_MALE, missing_as_unknown)
+    view_ap = _encode_category(df, VIEW, _VIEW_AP, missing_as_unknown)
     out = pd.DataFrame(
         {
             "meta:age": age.fillna(age_fill) / 100.0,
@@ -65,10 +72,6 @@ def encode_demographics(df: pd.DataFrame, age_fill: float | None = None) -> tupl
         index=df.index,
     )
     return out, float(age_fill)
-
-
-# The training encoding has no code for an unknown sex or view: halfway between its two codes.
-_UNKNOWN_CATEGORY = 0.5
 
 
 def new_patient_metadata(demographics: pd.DataFrame, meta_names: Sequence[str], age_fill: float) -> np.ndarray:
@@ -100,16 +103,28 @@ def new_patient_metadata(demographics: pd.DataFrame, meta_names: Sequence[str], 
     return encoded.reindex(columns=columns, fill_value=0.0).to_numpy(np.float32)
 
 
-def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str], encoded: np.ndarray | None = None) -> pd.DataFrame:
+def add_prior_visits(
+    df: pd.DataFrame,
+    label_names: Sequence[str],
+    encoded: np.ndarray | None = None,
+    images_per_visit: bool = False,
+) -> pd.DataFrame:
     """Copy of ``df`` with ``meta:prior:<name>`` (findings of the patient's previous visit) and
     ``meta:has_prior``. ``encoded``: ``df``'s findings already multi-hot encoded in
-    ``label_names`` order (encoded here when not given).
+    ``label_names`` order (encoded here when not given); NaN (an uncertain or unknown label)
+    counts as not found.
 
     Visits are ordered by ``Follow-up #``, not by file name (``00000003_000.png`` is patient 3's
     eighth visit). Call this on the full label table before dropping rows, so that a previous
-    visit counts even when its image is not used in the run.
+    visit counts even when its image is not used in the run. NIH has one image per visit;
+    ``images_per_visit=True`` (studies of several images, as in CheXpert or MIMIC) lets rows share
+    a visit: a finding of any image of the previous visit is a prior finding.
     """
     _require(df, (IMAGE, FINDING_LABELS, PATIENT, FOLLOW_UP), "add_prior_visits")
+    if encoded is None:
+        encoded = encode_labels(df.set_index(IMAGE)[FINDING_LABELS], names=list(label_names), source=_source(df))
+    if images_per_visit:
+        return _add_prior_studies(df, label_names, np.nan_to_num(np.asarray(encoded, dtype=float)))
     visit = df[[PATIENT, FOLLOW_UP]]
     repeated = visit.duplicated(keep=False)
     if repeated.any():
@@ -119,9 +134,7 @@ def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str], encoded: np.n
         )
     order = np.lexsort((df[FOLLOW_UP].to_numpy(), df[PATIENT].to_numpy()))
     ordered = df.iloc[order]
-    if encoded is None:
-        encoded = encode_labels(df.set_index(IMAGE)[FINDING_LABELS], names=list(label_names), source=_source(df))
-    findings = np.asarray(encoded)[order]
+    findings = np.nan_to_num(np.asarray(encoded, dtype=float))[order]
     columns = [PRIOR_PREFIX + name for name in label_names]
     patient = ordered[PATIENT].to_numpy()
     previous = pd.DataFrame(findings, columns=columns).groupby(patient, sort=False).shift(1)
@@ -136,6 +149,57 @@ def add_prior_visits(df: pd.DataFrame, label_names: Sequence[str], encoded: np.n
     out[columns] = prior
     out[HAS_PRIOR] = has
     return out
+
+
+def _add_prior_studies(df: pd.DataFrame, label_names: Sequence[str], encoded: np.ndarray) -> pd.DataFrame:
+    columns = [PRIOR_PREFIX + name for name in label_names]
+    visits = pd.DataFrame(encoded, columns=columns)
+    visits[PATIENT], visits[FOLLOW_UP] = df[PATIENT].to_numpy(), df[FOLLOW_UP].to_numpy()
+    per_visit = visits.groupby([PATIENT, FOLLOW_UP], sort=True)[columns].max()
+    previous = per_visit.groupby(level=PATIENT, sort=False).shift(1)
+    has_prior = per_visit.groupby(level=PATIENT, sort=False).cumcount() > 0
+    previous = previous.fillna(0.0).assign(**{HAS_PRIOR: has_prior.astype(float)})
+    keys = pd.MultiIndex.from_arrays([df[PATIENT].to_numpy(), df[FOLLOW_UP].to_numpy()])
+    out = df.copy()
+    out[columns + [HAS_PRIOR]] = previous.reindex(keys).to_numpy(dtype=float)
+    return out
+
+
+def complete_split(
+    df: pd.DataFrame, official: pd.Series, val_fraction: float, test_fraction: float, seed: int
+) -> pd.Series:
+    """``"train"``/``"val"``/``"test"`` per row, keeping a publisher's ``official`` split where it
+    gives one (NaN elsewhere) and drawing the rest per patient: test patients by ``test_fraction``
+    only when no row is officially test, val patients by ``val_fraction`` only when none is
+    officially val; the remaining rows train.
+
+    So CheXpert's ``valid.csv`` stays the val split and, without its test labels, test patients
+    are drawn from ``train.csv``; MIMIC-CXR's ``split.csv`` is used as it is; PadChest, which ships
+    no split, is split like NIH without lists.
+    """
+    _require(df, (IMAGE, PATIENT), "complete_split")
+    official = pd.Series(official, index=df.index).astype(object)
+    unknown = official.notna() & ~official.isin(SPLITS)
+    if unknown.any():
+        raise DataError(f"{_source(df)}: official split values {sorted(official[unknown].unique())} not in {list(SPLITS)}.")
+    split = official.copy()
+    pool_rows = split.isna()
+    rng = np.random.default_rng(seed)
+    pool = rng.permutation(np.sort(df.loc[pool_rows, PATIENT].unique()))
+    draw_test = not (official == "test").any()
+    draw_val = not (official == "val").any()
+    _check_fractions(val_fraction if draw_val else 0.0, test_fraction if draw_test else 0.0)
+    n_test = _count(test_fraction, len(pool), "test", "unsplit") if draw_test and len(pool) else 0
+    n_val = _count(val_fraction, len(pool) - n_test, "val", "remaining") if draw_val and len(pool) else 0
+    patient = df[PATIENT]
+    split[pool_rows & patient.isin(pool[:n_test])] = "test"
+    split[pool_rows & patient.isin(pool[n_test : n_test + n_val])] = "val"
+    split[split.isna()] = "train"
+    log.info("official split kept for %d images; drawn (seed %d): %d test, %d val patients of %d",
+             int((~pool_rows).sum()), seed, n_test, n_val, len(pool))
+    split = split.rename("split")
+    check_patient_disjoint(df.assign(split=split), "split")
+    return split
 
 
 def split_by_patient(
@@ -219,7 +283,8 @@ def patient_folds(df_trainval: pd.DataFrame, folds: int, seed: int) -> pd.Series
 
 
 def label_statistics(labels: np.ndarray | pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
-    """Positive/negative counts and fractions per label (index: names).
+    """Positive/negative counts and fractions per label (index: names), over the images that
+    observe each label (a NaN label is unobserved).
 
     A DataFrame may hold the labels as ``<name>`` or ``label:<name>`` columns.
     """
@@ -236,14 +301,17 @@ def label_statistics(labels: np.ndarray | pd.DataFrame, names: Sequence[str]) ->
         raise DataError(f"label statistics: labels of shape {values.shape} do not match {len(names)} names.")
     if len(values) == 0:
         raise DataError("label statistics: no rows (is the training split empty?).")
-    if np.isnan(values).any():
-        raise DataError("label statistics: labels contain NaN.")
+    # NaN: a label not observed for that image (uncertain under data.uncertain=ignore, or a
+    # label the dataset lacks); fractions are over the images that observe the label.
+    observed = ~np.isnan(values)
     n_pos = (values > 0.5).sum(axis=0)
-    n_neg = len(values) - n_pos
-    return pd.DataFrame(
-        {"n_pos": n_pos, "n_neg": n_neg, "pos_frac": n_pos / len(values), "neg_frac": n_neg / len(values)},
-        index=pd.Index(names, name="label"),
-    )
+    n_neg = (values <= 0.5).sum(axis=0)
+    n = observed.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame(
+            {"n_pos": n_pos, "n_neg": n_neg, "pos_frac": n_pos / n, "neg_frac": n_neg / n},
+            index=pd.Index(names, name="label"),
+        )
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -265,9 +333,11 @@ def _name_rows(df: pd.DataFrame, mask: pd.Series) -> str:
     return ", ".join(map(str, names.iloc[:_SHOW])) + more
 
 
-def _encode_category(df: pd.DataFrame, col: str, codes: dict[str, float]) -> pd.Series:
+def _encode_category(df: pd.DataFrame, col: str, codes: dict[str, float], missing_as_unknown: bool = False) -> pd.Series:
     text = df[col].astype("string").str.strip().str.upper()
     encoded = text.map(codes).astype(float)
+    if missing_as_unknown:
+        encoded = encoded.where(text.notna(), _UNKNOWN_CATEGORY)
     unknown = encoded.isna()
     if unknown.any():
         values = sorted(df.loc[unknown, col].astype(str).unique())

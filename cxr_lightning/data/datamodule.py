@@ -24,7 +24,16 @@ from cxr_lightning.data.augment import BatchAugment
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset
 from cxr_lightning.data.demo import demo_dir, ensure_demo
-from cxr_lightning.data.tables import ON_MISSING, SPLITS, SplitTables, build_tables, meta_names, output_labels
+from cxr_lightning.data import sources
+from cxr_lightning.data.tables import (
+    ON_MISSING,
+    SPLITS,
+    UNCERTAIN_POLICIES,
+    SplitTables,
+    build_tables,
+    meta_names,
+    output_labels,
+)
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import write_text
 
@@ -32,9 +41,13 @@ log = logging.getLogger(__name__)
 
 
 class CXRDataModule(pl.LightningDataModule):
-    """ChestX-ray14 read exactly as NIH ships it, split by patient.
+    """A chest X-ray dataset read exactly as its publisher ships it (``source``: NIH's
+    ChestX-ray14, the demo, or an external source of :mod:`cxr_lightning.data.sources`), split by
+    patient.
 
-    Args mirror ``conf/data/*.yaml``; see the README's configuration section.
+    Args mirror ``conf/data/*.yaml``; see the README's configuration section. ``labels`` and
+    ``age_fill`` fix the output labels and the age imputation to a checkpoint's, for scoring it
+    on a source it was not trained on (``tasks.build.datamodule_for``).
     """
 
     def __init__(
@@ -54,16 +67,20 @@ class CXRDataModule(pl.LightningDataModule):
         folds: int | None = None,
         prior_labels: bool = True,
         drop_no_finding: bool = False,
+        uncertain: str = "ignore",
+        labels: list[str] | None = None,
+        age_fill: float | None = None,
         on_missing: str = "error",
         verify_images: bool = False,
         cache: bool = False,
         augment: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if source not in ("demo", "nih"):
-            raise ConfigError(f"data.source={source!r}: expected 'demo' or 'nih'.")
-        if source == "nih" and not root:
-            raise ConfigError("data=nih needs data.root=DIR, the folder holding the NIH download.")
+        sources.get(source)  # ConfigError naming the known sources
+        if source != "demo" and not root:
+            raise ConfigError(f"data={source} needs data.root=DIR, the folder holding the {source} download.")
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise ConfigError(f"data.uncertain={uncertain!r}: expected one of {list(UNCERTAIN_POLICIES)}.")
         if on_missing not in ON_MISSING:
             raise ConfigError(f"data.on_missing={on_missing!r}: expected one of {list(ON_MISSING)}.")
         if (fold is None) != (folds is None):
@@ -82,7 +99,11 @@ class CXRDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.split_options = {
+            "source": source,
             "label_table": label_table,
+            "label_names": list(labels) if labels is not None else None,
+            "age_fill": float(age_fill) if age_fill is not None else None,
+            "uncertain": uncertain,
             "drop_no_finding": bool(drop_no_finding),
             "prior_labels": bool(prior_labels),
             "val_fraction": float(val_fraction),
@@ -93,7 +114,7 @@ class CXRDataModule(pl.LightningDataModule):
             "on_missing": on_missing,
             "verify_images": bool(verify_images),
         }
-        self.label_names = output_labels(bool(drop_no_finding))
+        self.label_names = output_labels(bool(drop_no_finding), source, labels)
         self.meta_names = meta_names(self.label_names, bool(prior_labels))
         self.use_cache = bool(cache)
         aug = dict(augment or {})
@@ -133,7 +154,7 @@ class CXRDataModule(pl.LightningDataModule):
             return
         if not self.root.is_dir():
             hint = ("Lightning's Trainer calls prepare_data() first, which generates it" if self.source == "demo"
-                    else "Point it at the folder of the NIH download (see README, 'Using the real dataset')")
+                    else f"Point it at the folder of the {self.source} download (see README, 'Using the real dataset')")
             raise DataError(f"data.root={self.root} does not exist. {hint}.")
         tables = build_tables(self.root, workers=self.num_workers, **self.split_options)
         if tables.label_names != self.label_names or tables.meta_names != self.meta_names:

@@ -48,7 +48,9 @@ class CXRDataset(Dataset):
                 f"Image cache {cache.directory} holds {cache.size} px images but image_size={image_size}."
             )
         # numpy once here: __getitem__ must not touch pandas (slow, and per worker per item).
-        self.labels = _float_block(table, label_cols, "label")
+        # NaN labels are kept: the image does not count for that label (data.uncertain=ignore, or a
+        # label the source lacks); evaluation skips them per label, and training refuses them.
+        self.labels = _float_block(table, label_cols, "label", allow_missing=True)
         self.meta = _float_block(table, meta_cols, "metadata")
         self.paths: list[str] = table["path"].astype(str).tolist() if "path" in table.columns else []
         self.names: list[str] = table["Image Index"].astype(str).tolist() if "Image Index" in table.columns else []
@@ -80,13 +82,13 @@ class CXRDataset(Dataset):
         return images.load_resized(self.paths[index], self.image_size)
 
 
-def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str) -> np.ndarray:
+def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str, allow_missing: bool = False) -> np.ndarray:
     try:
         block = table[list(cols)].to_numpy(dtype=np.float32, na_value=np.nan)
     except (TypeError, ValueError) as exc:
         raise DataError(f"The {what} columns {list(cols)} must be numeric: {exc}") from exc
     nan_rows = np.isnan(block).any(axis=1)
-    if nan_rows.any():
+    if nan_rows.any() and not allow_missing:
         bad_cols = [c for c, bad in zip(cols, np.isnan(block).any(axis=0)) if bad]
         raise DataError(
             f"Missing {what} values in column(s) {bad_cols} at rows {list(table.index[nan_rows][:5])}; "

@@ -6,6 +6,14 @@ beside the checkpoint for ``predict``); calibration (ECE, reliability diagrams);
 sex, age band and view position. Everything is rebuilt from the checkpoint alone (data config,
 labels, metadata layout); ``data.*`` overrides only say where the files are and how to load them.
 
+External validation: ``data=<source> data.root=DIR`` (chexpert, mimic_cxr, padchest, nih_google)
+scores the checkpoint on another dataset, read as its publisher ships it. The checkpoint keeps
+its labels, metadata layout and preprocessing; only the labels the source maps to
+(:mod:`cxr_lightning.data.harmonise`) are scored, the others are listed as unavailable. The
+thresholds are the ones chosen on the checkpoint's own validation split (saved beside it by an
+earlier evaluate), so the report shows how they transfer; ``refit_thresholds=true`` chooses
+them on the source's validation split instead (and saves nothing).
+
 Outputs in the output directory: ``report.md``, ``metrics.json``, ``per_class.csv``,
 ``subgroups.csv``, ``roc.png``, ``pr.png``, ``reliability.png``.
 """
@@ -22,9 +30,16 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cxr_lightning import files, inference
-from cxr_lightning.checkpoints import DEFAULT_THRESHOLD, load_model, resolve_checkpoint, save_thresholds
+from cxr_lightning.checkpoints import (
+    DEFAULT_THRESHOLD,
+    load_model,
+    load_thresholds,
+    resolve_checkpoint,
+    save_thresholds,
+    thresholds_path,
+)
 from cxr_lightning.data.tables import SPLITS
-from cxr_lightning.errors import ConfigError
+from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation import report
 from cxr_lightning.evaluation.statistics import (
     age_bands,
@@ -35,11 +50,13 @@ from cxr_lightning.evaluation.statistics import (
     subgroup_auroc,
 )
 from cxr_lightning.models.module import CXRClassifier
-from cxr_lightning.tasks.build import datamodule_for
+from cxr_lightning.tasks.build import datamodule_for, external_source
 
 log = logging.getLogger(__name__)
 
 THRESHOLD_METHODS = ("f1", "youden")
+# CheXpert calls its validation split "valid"; both names select the val split.
+SPLIT_ALIASES = {"valid": "val"}
 PATIENT = "Patient ID"
 # subgroup attribute -> split-table column (age is banded first)
 SUBGROUP_COLUMNS = {"sex": "Patient Gender", "age": "Patient Age", "view": "View Position"}
@@ -53,65 +70,103 @@ class Evaluation:
     metrics: dict[str, Any]
     per_class: pd.DataFrame
     subgroups: pd.DataFrame
-    thresholds_file: Path
+    thresholds_file: Path | None
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Score the checkpoint named by ``cfg`` on ``cfg.split`` and write the report files."""
     _check_settings(cfg)
+    split = SPLIT_ALIASES.get(cfg.split, cfg.split)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = _output_dir(cfg)
     model = load_model(ckpt)
     labels = list(model.hparams.label_names)
+    external = external_source(model, cfg.get("data"))
+    refit = bool(cfg.get("refit_thresholds", False))
+    if refit and external is None:
+        raise ConfigError("refit_thresholds=true is for an external source (data=<source>); on the checkpoint's own "
+                          "data the thresholds are always chosen on its val split.")
+    if split != "test" and (external is None or refit):
+        log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", split)
     dm = datamodule_for(model, cfg.get("data"))
     device = inference.default_device() if cfg.device == "auto" else cfg.device
-    log.info("Evaluating %s on the %s split of %s (%s)", ckpt, cfg.split, dm.root, device)
+    log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
 
-    val_probs, val_table = predict_split(model, dm, "val", device)
-    probs, table = predict_split(model, dm, cfg.split, device)
-    label_cols = [f"label:{n}" for n in labels]
-    y_val = val_table[label_cols].to_numpy()
-    y = table[label_cols].to_numpy()
+    # An external source scores only the labels it maps to; the rest are unavailable, not guessed.
+    unavailable = list(dm.tables.unavailable_labels)
+    scored = [n for n in labels if n not in unavailable]
+    if not scored:
+        raise ConfigError(f"data={external}: none of the checkpoint's labels {labels} has a counterpart in {external}.")
+    columns = [labels.index(n) for n in scored]
+    label_cols = [f"label:{n}" for n in scored]
+    probs, table = predict_split(model, dm, split, device)
+    probs = probs[:, columns]
+    # Calibration chosen on the source's val split (a sidecar beside the checkpoint, like the
+    # thresholds) is applied to `probs` (and val_probs) here, before anything is scored.
+    y = table[label_cols].to_numpy(dtype=float)
     patients = table[PATIENT].to_numpy()
 
     method = cfg.threshold_method
-    with warnings.catch_warnings():
-        # Labels without val positives/negatives are listed in the report instead.
-        warnings.filterwarnings("ignore", message="choose_thresholds: labels")
-        thresholds = choose_thresholds(y_val, val_probs, method, DEFAULT_THRESHOLD, labels)
-    fallback = [n for n, ok in zip(labels, _both_classes(y_val)) if not ok]
-    if fallback:
-        log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
-    thresholds_file = save_thresholds(ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback)
+    if external is None or refit:
+        val_probs, val_table = predict_split(model, dm, "val", device)
+        val_probs = val_probs[:, columns]
+        y_val = val_table[label_cols].to_numpy(dtype=float)
+        with warnings.catch_warnings():
+            # Labels without val positives/negatives are listed in the report instead.
+            warnings.filterwarnings("ignore", message="choose_thresholds: labels")
+            thresholds = choose_thresholds(y_val, val_probs, method, DEFAULT_THRESHOLD, scored)
+        fallback = [n for n, ok in zip(scored, _both_classes(y_val)) if not ok]
+        if fallback:
+            log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
+        n_val, n_patients_val = len(val_table), int(val_table[PATIENT].nunique())
+        if external is None:
+            thresholds_file = save_thresholds(ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback)
+            threshold_source = f"chosen on the val split by {method}"
+        else:  # refitted on the external val split: never written over the source's thresholds
+            thresholds_file = None
+            threshold_source = f"refitted on the {external} val split by {method} (refit_thresholds=true)"
+    else:
+        thresholds, thresholds_file = _source_thresholds(ckpt, labels)
+        thresholds = thresholds[columns]
+        fallback, n_val, n_patients_val = [], 0, 0
+        threshold_source = "carried over from the checkpoint's own val split"
 
-    boot = {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": labels}
+    boot = {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": scored}
     auroc = bootstrap_ci(y, probs, patients, "auroc", **boot)
     auprc = bootstrap_ci(y, probs, patients, "auprc", **boot)
-    operating = operating_point_metrics(y, probs, thresholds, labels)
-    ece = pd.Series(expected_calibration_error(y, probs, int(cfg.calibration_bins)), index=labels)
+    operating = operating_point_metrics(y, probs, thresholds, scored)
+    ece = pd.Series(expected_calibration_error(y, probs, int(cfg.calibration_bins)), index=scored)
     per_class = _per_class_table(auroc, auprc, operating, ece)
-    subgroups = _subgroup_table(table, y, probs, labels, cfg, boot)
+    subgroups = _subgroup_table(table, y, probs, scored, cfg, boot)
 
+    config = config_summary(model)
     summary = {
         "checkpoint": str(ckpt),
         "checkpoint_sha256": files.file_digest(ckpt),
+        "data_source": dm.source,
+        "trained_on": config["data_source"],
+        "external": external is not None,
         "data_root": str(dm.root),
         "label_table": dm.label_table_name,
-        "split": cfg.split,
+        "split": split,
         "n_images": len(table),
         "n_patients": int(table[PATIENT].nunique()),
-        "n_images_val": len(val_table),
-        "n_patients_val": int(val_table[PATIENT].nunique()),
+        "n_images_val": n_val,
+        "n_patients_val": n_patients_val,
+        "uncertain": dm.split_options["uncertain"],
+        "scored_labels": scored,
+        "unavailable_labels": unavailable,
+        "left_out": dict(dm.tables.left_out),
         "threshold_method": method,
-        "thresholds_file": str(thresholds_file),
+        "threshold_source": threshold_source,
+        "thresholds_file": str(thresholds_file) if thresholds_file else None,
         "fallback_threshold_labels": fallback,
-        "undefined_labels": [n for n in labels if np.isnan(auroc.at[n, "estimate"])],
+        "undefined_labels": [n for n in scored if np.isnan(auroc.at[n, "estimate"])],
         "n_boot": int(cfg.n_boot),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),
         "calibration_bins": int(cfg.calibration_bins),
     }
-    config = config_summary(model)
     metrics = {**summary, **_flat_metrics(per_class, subgroups), "config": config}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +175,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
-        "roc": report.roc_figure(y, probs, labels, per_label["auroc"].to_numpy()),
-        "pr": report.pr_figure(y, probs, labels, per_label["auprc"].to_numpy()),
-        "reliability": report.reliability_figure(y, probs, labels, ece.to_numpy(), int(cfg.calibration_bins)),
+        "roc": report.roc_figure(y, probs, scored, per_label["auroc"].to_numpy()),
+        "pr": report.pr_figure(y, probs, scored, per_label["auprc"].to_numpy()),
+        "reliability": report.reliability_figure(y, probs, scored, ece.to_numpy(), int(cfg.calibration_bins)),
     }
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
@@ -165,13 +220,24 @@ def config_summary(model: CXRClassifier) -> dict[str, Any]:
     }
 
 
+def _source_thresholds(ckpt: Path, labels: list[str]) -> tuple[np.ndarray, Path]:
+    """The thresholds chosen on the checkpoint's own val split; an external score never guesses them."""
+    if not thresholds_path(ckpt).is_file():
+        raise CheckpointError(
+            f"No thresholds chosen on the checkpoint's own val split ({thresholds_path(ckpt)} is absent). Evaluate it "
+            "on its own data first (python -m cxr_lightning.evaluate ckpt_path=... without data=), which saves them, "
+            "or pass refit_thresholds=true to choose them on this source's val split."
+        )
+    thresholds, path = load_thresholds(ckpt, labels)
+    return np.asarray(thresholds, dtype=float), path
+
+
 def _check_settings(cfg: DictConfig) -> None:
+    split = SPLIT_ALIASES.get(cfg.split, cfg.split)
     if cfg.threshold_method not in THRESHOLD_METHODS:
         raise ConfigError(f"threshold_method={cfg.threshold_method!r}: expected one of {list(THRESHOLD_METHODS)}.")
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r}: expected one of {list(SPLITS)}.")
-    if cfg.split != "test":
-        log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", cfg.split)
+    if split not in SPLITS:
+        raise ConfigError(f"split={cfg.split!r}: expected one of {list(SPLITS) + list(SPLIT_ALIASES)}.")
     if int(cfg.n_boot) < 1:
         raise ConfigError(f"n_boot={cfg.n_boot}: need at least 1 bootstrap resample (1000 for a report).")
     if not 0.0 < float(cfg.alpha) < 1.0:
@@ -188,7 +254,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 
 def _both_classes(y: np.ndarray) -> np.ndarray:
-    return (y.sum(axis=0) > 0) & ((1 - y).sum(axis=0) > 0)
+    return (np.nansum(y, axis=0) > 0) & (np.nansum(1 - y, axis=0) > 0)
 
 
 def _per_class_table(

@@ -82,11 +82,10 @@ def render_report(
         "# Evaluation report",
         "",
         f"- Checkpoint: `{summary['checkpoint']}` (sha256 `{str(summary['checkpoint_sha256'])[:12]}…`)",
-        f"- Data: `{summary['data_root']}`, label table `{summary['label_table']}`",
-        f"- Evaluated split: **{summary['split']}**: {summary['n_images']} images of {summary['n_patients']} patients",
-        f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
-        f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`, saved to "
-        f"`{summary['thresholds_file']}`",
+        _data_line(summary),
+        f"- Evaluated split: **{summary['split']}**: {summary['n_images']} images of "
+        f"{summary['n_patients']} patients" + _left_out(summary),
+        _threshold_line(summary),
         f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
         "resampled together.",
         "",
@@ -106,6 +105,10 @@ def render_report(
         "",
         markdown_table(_subgroup_display(subgroups), index=False),
     ]
+    unavailable = summary.get("unavailable_labels") or []
+    if unavailable:
+        lines += [f"Labels of the checkpoint without a counterpart in {summary.get('data_source')} (unavailable, not "
+                  f"scored; see the harmonisation table): {', '.join(unavailable)}.", ""]
     undefined = summary.get("undefined_labels") or []
     if undefined:
         lines += [f"Labels without a defined AUROC in this split (left out of the mean): {', '.join(undefined)}.", ""]
@@ -127,6 +130,29 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _data_line(summary: Mapping[str, Any]) -> str:
+    data = f"`{summary['data_root']}`, label table `{summary['label_table']}`"
+    if not summary.get("external"):
+        return f"- Data: {data}"
+    return (f"- Data: **external**: the checkpoint was trained on **{summary.get('trained_on')}** and is scored on "
+            f"**{summary.get('data_source')}** ({data}); uncertain labels: `{summary.get('uncertain')}`")
+
+
+def _left_out(summary: Mapping[str, Any]) -> str:
+    left_out = summary.get("left_out") or {}
+    if not left_out:
+        return ""
+    return " (frontal views only; left out of the source: " + ", ".join(f"{why}: {n}" for why, n in left_out.items()) + ")"
+
+
+def _threshold_line(summary: Mapping[str, Any]) -> str:
+    if summary.get("external") and not summary.get("n_images_val"):
+        return f"- Thresholds: {summary['threshold_source']}: `{summary['thresholds_file']}`"
+    saved = f", saved to `{summary['thresholds_file']}`" if summary.get("thresholds_file") else " (not saved)"
+    return (f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
+            f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`{saved}")
 
 
 def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
@@ -203,7 +229,9 @@ def _undefined(ax: Any, name: str, why: str) -> None:
 
 
 def _column(y: np.ndarray, p: np.ndarray, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(p[:, j])), torch.from_numpy(np.ascontiguousarray(y[:, j])).long()
+    counted = ~np.isnan(y[:, j])  # NaN: the image does not count for this label
+    return (torch.from_numpy(np.ascontiguousarray(p[counted, j])),
+            torch.from_numpy(np.ascontiguousarray(y[counted, j])).long())
 
 
 def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], auroc: Sequence[float]) -> Figure:
@@ -229,7 +257,7 @@ def pr_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str]
             continue
         precision, recall, _ = binary_precision_recall_curve(*_column(y_true, y_prob, j))
         ax.plot(recall.numpy(), precision.numpy(), lw=1.5)
-        ax.axhline(float(y_true[:, j].mean()), ls="--", lw=0.8, color="grey")
+        ax.axhline(float(np.nanmean(y_true[:, j])), ls="--", lw=0.8, color="grey")
         ax.set_title(f"{name}\nAUPRC {auprc[j]:.3f}", fontsize=9)
     return fig
 

@@ -1,7 +1,9 @@
 """Statistics of saved predictions (numpy/pandas): a patient-level (cluster) bootstrap, per-label
 decision thresholds, operating-point tables, calibration and subgroup AUROC.
 
-Probabilities, not logits, go into every helper (``y_prob`` must lie in [0, 1]).
+Probabilities, not logits, go into every helper (``y_prob`` must lie in [0, 1]). A NaN in
+``y_true`` masks that entry: the image does not count for that label (an uncertain label under
+``data.uncertain=ignore``), so every statistic of the label is computed over its other images.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torchmetrics.functional.classification import (
     binary_calibration_error,
     binary_precision_recall_curve,
     binary_roc,
-    multilabel_stat_scores,
+    binary_stat_scores,
 )
 
 from cxr_lightning.errors import ConfigError, DataError
@@ -60,11 +62,11 @@ def _check_predictions(
     names = [str(n) for n in label_names] if label_names is not None else [f"label_{i}" for i in range(y.shape[1])]
     if len(names) != y.shape[1]:
         raise DataError(f"{where}: {len(names)} label names {names} for {y.shape[1]} label columns.")
-    bad = ~np.isin(y, (0.0, 1.0))
+    bad = ~np.isin(y, (0.0, 1.0)) & ~np.isnan(y)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(
-            f"{where}: y_true must hold only 0/1; row {row}, label '{names[col]}' is {y[row, col]!r} "
+            f"{where}: y_true must hold only 0/1 (or NaN: not counted); row {row}, label '{names[col]}' is {y[row, col]!r} "
             f"({int(bad.sum())} bad values in all)."
         )
     bad = ~(np.isfinite(p) & (p >= 0.0) & (p <= 1.0))
@@ -216,7 +218,7 @@ def bootstrap_ci(
             "estimate": np.r_[estimate, estimate_mean],
             "lower": lower,
             "upper": upper,
-            "n_pos": np.r_[y.sum(axis=0), y.sum()].astype(np.int64),
+            "n_pos": np.r_[np.nansum(y, axis=0), np.nansum(y)].astype(np.int64),
             "n_resamples": valid.sum(axis=0),
             "n_skipped": n_boot - valid.sum(axis=0),
         },
@@ -231,12 +233,15 @@ def bootstrap_ci(
 
 
 def _column_tensors(y: np.ndarray, p: np.ndarray, j: int) -> tuple[Tensor, Tensor]:
-    """Label ``j``'s probabilities and integer targets as contiguous tensors for torchmetrics."""
-    return torch.from_numpy(np.ascontiguousarray(p[:, j])), torch.from_numpy(np.ascontiguousarray(y[:, j])).long()
+    """Label ``j``'s probabilities and integer targets, over the images that count for it (y not
+    NaN), as contiguous tensors for torchmetrics."""
+    counted = ~np.isnan(y[:, j])
+    return (torch.from_numpy(np.ascontiguousarray(p[counted, j])),
+            torch.from_numpy(np.ascontiguousarray(y[counted, j])).long())
 
 
 def _both_classes(y: np.ndarray) -> np.ndarray:
-    return (y.sum(axis=0) > 0) & ((1 - y).sum(axis=0) > 0)
+    return (np.nansum(y, axis=0) > 0) & (np.nansum(1 - y, axis=0) > 0)
 
 
 def choose_thresholds(
@@ -293,7 +298,9 @@ def operating_point_metrics(
     if t.shape != (y.shape[1],) or not np.isfinite(t).all():
         raise ConfigError(f"{where}: need {y.shape[1]} finite thresholds (one per label {names}), got {t.tolist()}.")
     called = torch.from_numpy((p >= t).astype(np.int64))
-    stats = multilabel_stat_scores(called, torch.from_numpy(y).long(), num_labels=y.shape[1], average=None)
+    target = torch.from_numpy(np.where(np.isnan(y), -1, y)).long()  # -1: not counted for that label
+    # Label by label: torchmetrics' multilabel form needs at least two labels, an external source may score one.
+    stats = torch.stack([binary_stat_scores(called[:, j], target[:, j], ignore_index=-1) for j in range(y.shape[1])])
     tp, fp, tn, fn = (stats[:, k].numpy().astype(np.float64) for k in range(4))
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -342,7 +349,8 @@ def reliability_curve(
     if y1.ndim != 1 or p1.ndim != 1:
         raise DataError(f"{where}: pass one label's 1-D y_true and y_prob, got shapes {y1.shape} and {p1.shape}.")
     y, p, _ = _check_predictions(y1[:, None], p1[:, None], ["label"], where)
-    y, p = y[:, 0], p[:, 0]
+    counted = ~np.isnan(y[:, 0])
+    y, p = y[counted, 0], p[counted, 0]
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins)

@@ -73,7 +73,10 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
 
 def expected_label_names(data: DictConfig) -> list[str]:
     """The labels a data module built from ``data`` produces, from the config alone."""
-    return output_labels(bool(data.get("drop_no_finding", False)))
+    labels = data.get("labels")
+    return output_labels(
+        bool(data.get("drop_no_finding", False)), str(data.get("source", "demo")), list(labels) if labels else None
+    )
 
 
 def expected_meta_names(data: DictConfig) -> list[str]:
@@ -143,24 +146,31 @@ def _keep_lr(epoch: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# The data a checkpoint was trained on
+# The data a checkpoint was trained on, or an external source it is scored on
 # Always as trained: these define the split, the labels or the model's inputs.
 SPLIT_DEFINING = frozenset(
     {"source", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
-     "prior_labels", "drop_no_finding"}
+     "prior_labels", "drop_no_finding", "labels", "age_fill"}
+)
+# An external source's data config: what its own conf/data/<source>.yaml says (where the files
+# are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
+EXTERNAL_KEYS = frozenset(
+    {"source", "root", "label_table", "uncertain", "val_fraction", "test_fraction", "split_seed", "on_missing",
+     "verify_images", "batch_size", "num_workers", "cache", "cache_dir"}
 )
 
 
 def data_overrides(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     """The non-null ``data.*`` overrides of an evaluate/explain/compare job, checked: they may say
     where and how to load the data, never change the split or the model's inputs."""
-    given = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data or {})
+    given = _given(data)
     chosen = {k: v for k, v in given.items() if v is not None}
     fixed = sorted(set(chosen) & SPLIT_DEFINING)
     if fixed:
         raise ConfigError(
             f"data override(s) {fixed} would change the split or the model's inputs; they always come from "
-            "the checkpoint's training config. Only where and how to load the data can change."
+            "the checkpoint's training config. Only where and how to load the data can change; to score the "
+            "checkpoint on another dataset, name it: data=chexpert|mimic_cxr|padchest|nih_google data.root=DIR."
         )
     allowed = set(inspect.signature(CXRDataModule).parameters) - SPLIT_DEFINING
     unknown = sorted(set(chosen) - allowed)
@@ -169,18 +179,57 @@ def data_overrides(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any
     return chosen
 
 
+def external_source(model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None) -> str | None:
+    """The dataset named by ``data=<source>`` when it is not the one the checkpoint was trained on
+    (then the checkpoint is scored externally), else None."""
+    source = _given(data).get("source")
+    if source is None:
+        return None
+    trained = (model.hparams.get("config") or {}).get("data", {}).get("source")
+    if source == trained:
+        raise ConfigError(
+            f"data={source}: the checkpoint was trained on {source}; leave out data={source} to score it on its own "
+            "split (data.root=DIR says where the files are)."
+        )
+    return str(source)
+
+
 def datamodule_for(model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None) -> CXRDataModule:
     """The data module the checkpoint was trained on (its composed config) with the checked
-    :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs."""
+    :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs.
+
+    With ``data=<source>`` naming another dataset (:func:`external_source`), that source as its
+    config says instead, with the checkpoint's labels (those the source lacks are unavailable, NaN),
+    metadata layout, image size and age imputation."""
     trained = dict(model.hparams.config["data"]) if model.hparams.get("config") else {}
-    cfg = {**trained, **data_overrides(data)}
-    cfg.pop("_target_", None)
+    if external_source(model, data) is not None:
+        given = _given(data)
+        cfg = {k: v for k, v in given.items() if k in EXTERNAL_KEYS and v is not None}
+        cfg.update(
+            labels=list(model.hparams.label_names),
+            age_fill=float(model.hparams.age_fill),
+            prior_labels=bool(trained.get("prior_labels", True)),
+            drop_no_finding=bool(trained.get("drop_no_finding", False)),
+        )
+    else:
+        cfg = {**trained, **data_overrides(data)}
+        cfg.pop("_target_", None)
     cfg["image_size"] = model.hparams.image_size
     dm = CXRDataModule(**cfg)
     dm.prepare_data()
     dm.setup("test")
     check_compatible(model, dm)
     return dm
+
+
+def _given(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    if isinstance(data, DictConfig):
+        if data.get("source") is not None:
+            # Key by key: an external source's config interpolates keys this job lacks (image_size,
+            # from the backbone), which the checkpoint owns anyway.
+            return {k: data[k] for k in data if k in EXTERNAL_KEYS}
+        data = OmegaConf.to_container(data, resolve=True)
+    return dict(data or {})
 
 
 def check_compatible(model: CXRClassifier, dm: CXRDataModule) -> None:

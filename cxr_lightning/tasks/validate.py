@@ -27,6 +27,7 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     """Raise ConfigError/DataError/CheckpointError for a config that cannot run; ``ckpt_path`` is the
     checkpoint a fit will continue from (see :func:`cxr_lightning.faults.resolve_resume`)."""
     check_data_root(cfg.data)
+    check_training_labels(cfg.data)
     check_backbone(cfg.backbone, int(cfg.data.image_size))
     check_head(cfg.head.name)
     check_loss(cfg.loss.name)
@@ -51,12 +52,35 @@ def check_finetuning_devices(cfg: DictConfig) -> None:
         )
 
 
+def check_training_labels(data: DictConfig) -> None:
+    """Training needs a label for every image and output: ``data.uncertain=ignore`` (an uncertain
+    label does not count) is for evaluation. The losses (BCE, focal, ASL) average over every
+    element, and torchmetrics' training AUROC takes no mask, so rather than weighting each loss by
+    hand, a training run must say what an uncertain label is."""
+    from cxr_lightning.data.harmonise import NATIVE_SOURCES
+
+    source = data.get("source", "demo")
+    if source not in NATIVE_SOURCES and data.get("uncertain", "ignore") == "ignore":
+        raise ConfigError(
+            f"data={source} data.uncertain=ignore is for evaluation only: training needs every label. Pass "
+            "data.uncertain=ones (an uncertain finding counts as present, CheXpert's U-Ones) or "
+            "data.uncertain=zeros (as absent, U-Zeros)."
+        )
+
+
 def check_data_root(data: DictConfig) -> None:
     """The data root exists and holds the label table (a demo without a root is generated later)."""
     from cxr_lightning.data import nih
+    from cxr_lightning.data.harmonise import NATIVE_SOURCES
 
     # data/nih.yaml says root: ???, which its demo defaults turn into null when composed.
     root = None if OmegaConf.is_missing(data, "root") else data.get("root")
+    source = data.get("source", "demo")
+    if source not in NATIVE_SOURCES:
+        if not root or not Path(str(root)).expanduser().is_dir():
+            raise ConfigError(f"data={source} needs data.root=DIR, an existing folder holding the {source} download "
+                              f"(got {root!r}); see the README's external datasets section.")
+        return
     if not root:
         if data.get("source") == "nih":
             raise ConfigError(
