@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 5-8 minutes on one H100), run from the repository root:
+# One-shot GPU check (about 6-9 minutes on one H100), run from the repository root:
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default: $OUT, else outputs/gpu_check
 #
 # 1. the GPU and the software stack; 2. device-side augmentation on GPU equals the CPU's;
 # 3. python -m cxr_lightning.bench on the GPU: loader figures (PNG vs cache) and, for the six
-#    backbones, fp32 vs bf16 + channels_last steps fed synthetic or by the cache loader, and the
+#    backbones and ViT-S/16, fp32 vs bf16 + channels_last steps fed synthetic or by the cache loader, and the
 #    estimated hours of the comparison (writes OUT_DIR/bench/bench.json);
 # 4. a one-epoch demo training with trainer=gpu data.cache=true (bf16, channels_last auto);
 # 5. the same with compile=true.
@@ -33,7 +33,8 @@ p = torch.cuda.get_device_properties(0)
 print('GPU', p.name, round(p.total_memory / 2**30, 1), 'GiB; bf16', torch.cuda.is_bf16_supported())
 "
 step augment_gpu 120 "$PY" -m pytest tests/test_augment.py -q -k gpu -p no:cacheprovider
-step bench 330 "$PY" -m cxr_lightning.bench hydra.run.dir="$OUT_DIR/bench" paths.cache_dir="$OUT_DIR/cache"
+step bench 390 "$PY" -m cxr_lightning.bench hydra.run.dir="$OUT_DIR/bench" paths.cache_dir="$OUT_DIR/cache" \
+    "bench.backbones=[densenet121,efficientnet_b3,inception_v3,mobilenetv2_100,resnet50,vgg19,vit_small_patch16_224]"
 TRAIN=(experiment=demo trainer=gpu trainer.max_epochs=1 data.cache=true data.batch_size=64 backbone=resnet50
        paths.cache_dir="$OUT_DIR/cache" callbacks.progress_bar=null)
 step train_gpu 150 "$PY" -m cxr_lightning.train "${TRAIN[@]}" hydra.run.dir="$OUT_DIR/train"

@@ -14,6 +14,7 @@ from torch import nn
 
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.backbones import BACKBONE_NAMES, create_backbone
+from cxr_lightning.models.reshape import cam_reshape_transform
 
 CONF_BACKBONE = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 FEATURE_WIDTH = {
@@ -39,13 +40,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def built():
     """Build each (name, pool) once per module: the big backbones cost seconds on this CPU."""
-    cache: dict[tuple[str, str], nn.Module] = {}
+    cache: dict[tuple[str, str, int | None], nn.Module] = {}
 
-    def get(name: str, pool: str = "avg") -> nn.Module:
-        if (name, pool) not in cache:
+    def get(name: str, pool: str = "avg", img_size: int | None = None) -> nn.Module:
+        if (name, pool, img_size) not in cache:
             torch.manual_seed(0)
-            cache[name, pool] = create_backbone(name, global_pool=pool).eval()
-        return cache[name, pool]
+            cache[name, pool, img_size] = create_backbone(name, global_pool=pool, img_size=img_size).eval()
+        return cache[name, pool, img_size]
 
     return get
 
@@ -99,7 +100,8 @@ def test_cam_layer_is_the_spatial_map_that_feeds_the_pool(built, yaml_path):
                 "freeze", "unfreeze_at_epoch", "finetune_lr_scale"):
         assert key in cfg, f"{yaml_path.name} lacks {key}"
     assert cfg.min_input_size <= cfg.input_size
-    backbone = built(cfg.name, cfg.global_pool)
+    size = 107 if cfg.min_input_size > 32 else 64  # inception's valid convolutions need more pixels
+    backbone = built(cfg.name, cfg.global_pool, size)
     layer = backbone.get_layer(cfg.cam_layer)
     captured = []
 
@@ -109,17 +111,22 @@ def test_cam_layer_is_the_spatial_map_that_feeds_the_pool(built, yaml_path):
 
     handle = layer.register_forward_hook(keep_output)
     try:
-        size = 107 if cfg.min_input_size > 32 else 64  # inception's valid convolutions need more pixels
         x = torch.randn(1, 1, size, size)
-        backbone(x).sum().backward()
+        # A random read-out: a plain sum of a LayerNorm'd output (ConvNeXt's head norm) has no gradient.
+        weights = torch.randn(backbone.num_features, generator=torch.Generator().manual_seed(0))
+        (backbone(x) * weights).sum().backward()
     finally:
         handle.remove()
         backbone.zero_grad(set_to_none=True)
     (out,) = captured
+    grad = out.grad
+    reshape = cam_reshape_transform(cfg.get("cam_reshape"), backbone.model, (size, size))
+    if reshape is not None:  # token outputs (ViT, Swin) as the map Grad-CAM weighs
+        out, grad = reshape(out), reshape(grad)
     assert out.ndim == 4 and out.shape[1] == backbone.num_features
     assert out.shape[2] >= 2 and out.shape[3] >= 2, f"{cfg.cam_layer} is not spatial at {size}px: {tuple(out.shape)}"
     # Grad-CAM weights channels by this gradient: it must reach the layer and not vanish.
-    assert out.grad is not None and out.grad.abs().sum() > 0
+    assert grad is not None and grad.abs().sum() > 0
 
 
 def test_get_layer_unknown_path_lists_nearby_names():

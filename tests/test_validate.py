@@ -68,7 +68,7 @@ def fake_checkpoint(
             + r".*any other model name that timm.list_models\(\) prints also works",
         ),
         (["backbone.name=resnet5"], ConfigError, r"did you mean one of \[.*'resnet50'"),
-        (["backbone.global_pool=median"], ConfigError, r"backbone.global_pool='median'.*\['avg', 'max', 'avgmax'\]"),
+        (["backbone.global_pool=median"], ConfigError, r"backbone.global_pool='median'.*\['avg', 'max', 'avgmax', 'token'\]"),
         (["head.name=transformer"], ConfigError, r"head.name='transformer' is unknown; valid heads: \['baseline', "),
         (["loss.name=dice"], ConfigError, r"loss.name='dice' is unknown; valid losses: \['asl', 'bce', 'focal', 'weighted_bce'"),
         (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,6 +156,7 @@ def compute_cams(
     top_k: int = 3,
     method: str = "gradcam",
     batch_size: int = 16,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> CamResult:
     """One CAM per (image, class) pair of a multi-label ``model(image, meta) -> logits``.
 
@@ -174,6 +175,10 @@ def compute_cams(
 
     With explicit ``targets`` the probabilities come from the CAM forward passes themselves (an
     extra forward only for images without targets).
+
+    ``reshape_transform`` turns a token output of ``target_layer`` (ViT, Swin) into a ``(B, C, h, w)``
+    map, as pytorch_grad_cam's argument of that name (``CXRClassifier.cam_reshape`` gives the one
+    a backbone needs); gradients are reshaped with it, so the zero-gradient flags hold for tokens too.
     """
     cam_class = CAM_METHODS.get(method)
     if cam_class is None:
@@ -202,7 +207,7 @@ def compute_cams(
         pairs = _select_pairs(probabilities, targets, top_k)
 
         wrapper = ImageOnly(model)
-        cam = cam_class(model=wrapper, target_layers=[target_layer])
+        cam = cam_class(model=wrapper, target_layers=[target_layer], reshape_transform=reshape_transform)
         # Prepended to the library's own hooks, which must see the grad-carrying output.
         graph_hook = _graph_from(target_layer) if cam.uses_gradients else None
         chunk = 1 if issubclass(cam_class, ScoreCAM) else batch_size

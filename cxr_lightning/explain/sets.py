@@ -46,6 +46,7 @@ def image_set_cams(
                     top_k=top_k,
                     method=method,
                     batch_size=batch_size,
+                    reshape_transform=model.cam_reshape(batch["input"].shape[-2:]),
                 )
             )
     result = CamResult.concat(parts)

@@ -2,26 +2,23 @@
 
 ``create_backbone`` builds any timm model headless (``num_classes=0``) with global pooling, so its
 output is one feature vector per image. Weights come from nowhere (random init), from timm's hub
-(``pretrained=True``) or from a local timm/torchvision state dict (``weights=PATH``); in every case
-a three-channel ImageNet first convolution is folded to one channel by timm's ``adapt_input_conv``.
+(``pretrained=True``) or from local files in the layouts of :mod:`cxr_lightning.models.weights` (``weights=PATH``); in every
+case a three-channel ImageNet first convolution is folded to one channel by timm's ``adapt_input_conv``.
 """
 from __future__ import annotations
 
 import difflib
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from timm.models import adapt_input_conv, load_state_dict
 from timm.models.vgg import ConvMlp
 from torch import nn
 
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.models.weights import WeightsReport, load_backbone_weights, preview
 
-log = logging.getLogger(__name__)
 
 # The six architectures compared in the seed study (conf/backbone/<name>.yaml); any timm name works.
 BACKBONE_NAMES: tuple[str, ...] = (
@@ -33,12 +30,8 @@ BACKBONE_NAMES: tuple[str, ...] = (
     "efficientnet_b3",
 )
 
-GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
-WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
-
-# Names timm gives the functions that convert foreign (e.g. torchvision) layouts of a model family's
-# weights; timm applies them to every checkpoint it downloads, we apply them to local files too.
-_TIMM_FILTER_FN_NAMES = ("checkpoint_filter_fn", "_filter_fn", "_filter_torchvision_pretrained")
+# "token": a vision transformer's class token (timm's default for ViTs), not a pooling of a map.
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "token")
 
 _OFFLINE_HINT = (
     "Supply the weights offline instead: download them on a machine with network access and pass "
@@ -59,6 +52,8 @@ class Backbone(nn.Module):
         self.model = model
         self.timm_name = timm_name
         self.num_features: int = int(model.num_features)
+        # What loading local weights did (None without them): see models/weights.py.
+        self.weights_report: WeightsReport | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -96,24 +91,53 @@ def create_backbone(
     global_pool: str = "avg",
     in_chans: int = 1,
     drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    img_size: int | None = None,
+    weights_source: str = "auto",
+    weights_strict: bool = True,
 ) -> Backbone:
     """Build timm model ``name`` without classifier, reading ``in_chans`` channels.
 
     ``weights`` (a local state dict file) takes precedence over ``pretrained``, so a machine without
     network can set both and still start from ImageNet weights. ``drop_rate`` is timm's dropout on
-    the pooled features.
+    the pooled features, ``drop_path_rate`` its stochastic depth (passed only when non-zero: not
+    every timm family takes it). ``img_size`` is given to the families built for one input size
+    (ViT, Swin: timm's ``fixed_input_size``); timm then sizes their position embeddings and
+    windows for it and resamples pretrained position embeddings on load. ``weights_source`` and
+    ``weights_strict``: the file's layout and key checking, see :mod:`cxr_lightning.models.weights`.
     """
     check_name_and_pool(name, global_pool)
 
     kwargs: dict[str, Any] = dict(num_classes=0, global_pool=global_pool, in_chans=in_chans, drop_rate=drop_rate)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = float(drop_path_rate)
+    if img_size is not None and takes_input_size(name):
+        kwargs["img_size"] = int(img_size)
     if pretrained and weights is None:
         model = _create_pretrained(name, kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(name, kwargs)
     _remove_vgg_pre_logits(model)
+    report = None
     if weights is not None:
-        _load_local_weights(model, Path(weights).expanduser())
-    return Backbone(model, timm_name=name)
+        report = load_backbone_weights(model, weights, source=weights_source, strict=weights_strict, timm_name=name)
+    backbone = Backbone(model, timm_name=name)
+    backbone.weights_report = report
+    return backbone
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (position embeddings, attention windows)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, AssertionError, ValueError) as err:  # timm's checks of its keyword arguments
+        given = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_chans")}
+        raise ConfigError(f"timm cannot build backbone {name!r} with {given}: {err}") from err
 
 
 def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -143,94 +167,6 @@ def _remove_vgg_pre_logits(model: nn.Module) -> None:
         model.head_hidden_size = model.num_features
 
 
-def _load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load a timm or torchvision state dict file into ``model``, the way timm loads hub weights."""
-    if not path.is_file():
-        raise CheckpointError(
-            f"backbone weights file {path} does not exist; fix backbone.weights or set backbone.weights=null."
-        )
-    if not path.name.lower().endswith(WEIGHT_SUFFIXES):
-        raise CheckpointError(f"backbone weights file {path}: expected one of {list(WEIGHT_SUFFIXES)}.")
-    try:
-        # timm's loader: torch.load(weights_only=True) or safetensors; unwraps "state_dict"/"model"
-        # entries and strips DDP/compile prefixes.
-        state_dict = load_state_dict(str(path), weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- pickle, zip and safetensors errors differ
-        raise CheckpointError(
-            f"cannot read backbone weights file {path} ({type(err).__name__}: {err}); it must be a "
-            "tensor-only state dict saved with torch.save or safetensors."
-        ) from err
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"backbone weights file {path} does not hold a state dict of tensors.")
-
-    state_dict = _apply_timm_filter(model, state_dict)
-    _adapt_first_conv(model, state_dict)
-    # The classifier is replaced by our head; VGG's fc block was removed by _remove_vgg_pre_logits.
-    dropped = tuple(f"{c}." for c in _cfg_names(model, "classifier"))
-    if isinstance(getattr(model, "pre_logits", None), nn.Identity):
-        dropped += ("pre_logits.",)
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
-
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:  # shape mismatches: the file is for another architecture or width
-        detail = " ".join(str(err).split())  # torch lists one mismatch per line
-        raise CheckpointError(
-            f"backbone weights file {path} does not fit {_arch(model)} (is it for another architecture?): {detail}"
-        ) from err
-    # Old torchvision files predate BatchNorm's step counter; it is not a learned weight.
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing:
-        raise CheckpointError(
-            f"backbone weights file {path} lacks {len(missing)} of the tensors of {_arch(model)}: "
-            f"{_preview(missing)}"
-            + (f"; it has unexpected ones: {_preview(result.unexpected_keys)}" if result.unexpected_keys else "")
-            + ". Is it a timm or torchvision state dict of that architecture?"
-        )
-    if result.unexpected_keys:
-        log.warning("ignored %d tensors of %s that %s has no place for: %s",
-                    len(result.unexpected_keys), path, _arch(model), _preview(result.unexpected_keys))
-    log.info("loaded backbone weights of %s from %s", _arch(model), path)
-
-
-def _apply_timm_filter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    module = sys.modules.get(type(model).__module__)
-    filter_fn = next((getattr(module, n) for n in _TIMM_FILTER_FN_NAMES if hasattr(module, n)), None)
-    if filter_fn is None:
-        return state_dict
-    try:
-        return filter_fn(state_dict, model)
-    except TypeError:  # timm's older filters take the state dict alone (as timm's own loader allows)
-        return filter_fn(state_dict)
-
-
-def _adapt_first_conv(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    for conv_name in _cfg_names(model, "first_conv"):
-        key = f"{conv_name}.weight"
-        if key not in state_dict:
-            continue
-        target_chans = model.get_submodule(conv_name).weight.shape[1]
-        source = state_dict[key]
-        if source.ndim == 4 and source.shape[1] != target_chans:
-            state_dict[key] = adapt_input_conv(target_chans, source, base_chans=source.shape[1])
-
-
-def _cfg_names(model: nn.Module, key: str) -> tuple[str, ...]:
-    value = (getattr(model, "pretrained_cfg", None) or {}).get(key)
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _arch(model: nn.Module) -> str:
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _unknown_layer_message(model: nn.Module, path: str, timm_name: str) -> str:
     names = [n for n, _ in model.named_modules() if n]
     # Children of the deepest part of the path that exists show where the path went wrong.
@@ -249,5 +185,5 @@ def _unknown_layer_message(model: nn.Module, path: str, timm_name: str) -> str:
     return (
         f"backbone {timm_name!r} has no layer {path!r} (fix backbone.cam_layer). "
         + (f"Closest names: {close}. " if close else "")
-        + f"Modules {where}: {_preview(children, n=12)}."
+        + f"Modules {where}: {preview(children, n=12)}."
     )

@@ -11,6 +11,7 @@ the Trainer has set it up, and recorded in the hyperparameters from there.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,9 @@ from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
-from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
+from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
+from cxr_lightning.models.param_groups import param_groups
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE, Preprocess
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -47,6 +50,7 @@ class CXRClassifier(pl.LightningModule):
         image_size: int,
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
+        input_range: Sequence[float] = UNIT_RANGE,
         pos_frac: Sequence[float] | None = None,
         age_fill: float | None = None,
         sampler: Mapping[str, Any] | None = None,
@@ -60,7 +64,7 @@ class CXRClassifier(pl.LightningModule):
         # The factories are code, built from the optimizer/scheduler configs (kept as plain data).
         self.save_hyperparameters(ignore=["optimizer_factory", "scheduler_factory"])
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
-        self.preprocess = Preprocess(mean, std)
+        self.preprocess = Preprocess(mean, std, input_range)
         self.label_names = list(label_names)
         self.meta_names = list(meta_names)
         head_cfg = dict(head)
@@ -74,6 +78,10 @@ class CXRClassifier(pl.LightningModule):
                 pretrained=bool(backbone.get("pretrained", False)),
                 weights=backbone.get("weights"),
                 global_pool=backbone.get("global_pool", "avg"),
+                drop_path_rate=float(backbone.get("drop_path_rate", 0.0)),
+                img_size=image_size,
+                weights_source=backbone.get("weights_source", "auto"),
+                weights_strict=bool(backbone.get("weights_strict", True)),
             )
             in_features = self.backbone.num_features
             if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:
@@ -165,6 +173,13 @@ class CXRClassifier(pl.LightningModule):
             raise ConfigError("head=metadata_only has no image branch to explain.")
         return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
 
+    def cam_reshape(self, input_hw: Sequence[int]) -> ReshapeTransform | None:
+        """pytorch_grad_cam's ``reshape_transform`` for ``cam_layer`` on ``input_hw`` inputs:
+        token outputs (``backbone.cam_reshape: vit | swin``) as a ``(B, C, h, w)`` map."""
+        if self.backbone is None:
+            raise ConfigError("head=metadata_only has no image branch to explain.")
+        return cam_reshape_transform(self.hparams.backbone.get("cam_reshape"), self.backbone.model, input_hw)
+
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         if stage == "train" and self.box_weight > 0:
             return self._box_guided_step(batch)
@@ -233,8 +248,17 @@ class CXRClassifier(pl.LightningModule):
                 "No optimizer: build the model with cxr_lightning.tasks.build.build_model(cfg), which makes "
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        backbone = self.backbone.model if self.backbone is not None else None
+        optimizer = self.optimizer_factory(param_groups(backbone, self.head, self.hparams.optimizer))
         if self.scheduler_factory is None:
             return optimizer
+        interval = (self.hparams.scheduler or {}).get("interval", "epoch")
+        # A per-step schedule counts optimiser steps: it is told how many make an epoch.
+        steps = {"steps_per_epoch": self._steps_per_epoch()} if interval == "step" else {}
         # monitor is read by ReduceLROnPlateau only.
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/loss"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer, **steps),
+                                                         "monitor": "val/loss", "interval": interval}}
+
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        return max(1, math.ceil(trainer.estimated_stepping_batches / max(1, trainer.max_epochs or 1)))

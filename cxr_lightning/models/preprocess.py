@@ -8,7 +8,7 @@ a data concern, slots in between scaling and normalising.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,24 +37,40 @@ def normalize(images: torch.Tensor, mean: float = DEFAULT_MEAN, std: float = DEF
     return (to_unit(images) - mean) / std
 
 
-class Preprocess(nn.Module):
-    """``(B, 1, H, W)`` uint8 pixels -> ``(to_unit(x) [augmented] - mean) / std``."""
+UNIT_RANGE = (0.0, 1.0)
 
-    def __init__(self, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD) -> None:
+
+class Preprocess(nn.Module):
+    """``(B, 1, H, W)`` uint8 pixels -> ``(lo + (hi - lo) * to_unit(x) [augmented] - mean) / std``.
+
+    ``input_range = (lo, hi)`` is the span a backbone's weights saw black and white as: ``(0, 1)``
+    for ImageNet-style ``mean``/``std`` normalisation, ``(-1024, 1024)`` with ``mean=0, std=1`` for
+    torchxrayvision's models.
+    """
+
+    def __init__(
+        self, mean: float = DEFAULT_MEAN, std: float = DEFAULT_STD, input_range: Sequence[float] = UNIT_RANGE
+    ) -> None:
         super().__init__()
         if not std > 0:
             raise ValueError(f"std={std}: the normalisation needs a positive standard deviation.")
-        self.mean, self.std = float(mean), float(std)
+        low, high = (float(v) for v in input_range)
+        if not high > low:
+            raise ValueError(f"input_range={list(input_range)}: needs [low, high] with high > low.")
+        self.mean, self.std, self.input_range = float(mean), float(std), (low, high)
 
     def forward(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         unit = to_unit(images)
         if augment is not None:
             unit = augment(unit)
-        return (unit - self.mean) / self.std
+        low, high = self.input_range
+        # One affine map: (low + (high - low) * x - mean) / std.
+        return unit * ((high - low) / self.std) + ((low - self.mean) / self.std)
 
-    def describe(self) -> dict[str, float]:
-        """What a deployment must apply before the exported graph (travels with exports)."""
-        return {"pixel_max": PIXEL_MAX, "mean": self.mean, "std": self.std}
+    def describe(self) -> dict[str, float | list[float]]:
+        """What a deployment must apply before the exported graph (travels with exports):
+        ``((x / pixel_max) * (hi - lo) + lo - mean) / std`` with ``input_range = [lo, hi]``."""
+        return {"pixel_max": PIXEL_MAX, "input_range": list(self.input_range), "mean": self.mean, "std": self.std}
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}"
+        return f"mean={self.mean}, std={self.std}, input_range={list(self.input_range)}"

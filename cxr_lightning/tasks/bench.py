@@ -332,8 +332,9 @@ def settings(cfg: DictConfig) -> DictConfig:
 
 
 def input_size(cfg: DictConfig, backbone: Mapping[str, Any]) -> int:
-    size = int(cfg.bench.image_size or backbone["input_size"])
-    return max(size, int(backbone.get("min_input_size", 32)))
+    size = max(int(cfg.bench.image_size or backbone["input_size"]), int(backbone.get("min_input_size", 32)))
+    multiple = int(backbone.get("input_multiple") or 1)  # patch grids (ViT, Swin) cover the image exactly
+    return -(-size // multiple) * multiple
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:

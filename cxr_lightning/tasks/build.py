@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
-from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD
+from cxr_lightning.models.param_groups import GROUP_KEYS
+from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE
 from cxr_lightning.data.tables import meta_names, output_labels
 
 
@@ -63,6 +64,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         image_size=int(cfg.data.image_size),
         mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
         std=float(cfg.backbone.get("std", DEFAULT_STD)),
+        input_range=[float(v) for v in cfg.backbone.get("input_range", UNIT_RANGE)],
         channels_last=use_channels_last(cfg),
         config=_plain(cfg),
         optimizer_factory=optimizer_factory(cfg),
@@ -90,21 +92,23 @@ def expected_meta_names(data: DictConfig) -> list[str]:
 
 def optimizer_factory(cfg: DictConfig):
     """``params -> torch.optim.Optimizer`` from the ``optimizer`` config (``_target_``, ``_partial_``)."""
-    return _partial(cfg.get("optimizer"), "optimizer", "optimizer=adam|adamw|sgd")
+    return _partial(cfg.get("optimizer"), "optimizer", "optimizer=adam|adamw|sgd", drop=GROUP_KEYS)
 
 
 def scheduler_factory(cfg: DictConfig):
     """``optimizer -> scheduler`` from the ``scheduler`` config, or None without one."""
     if cfg.get("scheduler") is None:
         return None
-    return _partial(cfg.scheduler, "scheduler", "scheduler=plateau|cosine")
+    return _partial(cfg.scheduler, "scheduler", "scheduler=plateau|cosine|warmup_cosine", drop=("interval",))
 
 
-def _partial(node: Any, key: str, choices: str):
+def _partial(node: Any, key: str, choices: str, drop: tuple[str, ...] = ()):
     if node is None or "_target_" not in node:
         raise ConfigError(f"{key} needs a _target_ (a class path) and _partial_: true; pick {choices}.")
     if not node.get("_partial_", False):
         raise ConfigError(f"{key}._partial_ must be true: the model passes the parameters (or optimizer) itself.")
+    # ``drop``: keys the model reads itself (parameter groups, the scheduler's interval).
+    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in drop})
     try:
         return hydra.utils.instantiate(node)
     except hydra.errors.InstantiationException as exc:

@@ -262,7 +262,10 @@ def _save_cams(
     from cxr_lightning.explain.overlays import save_overlay
 
     labels = list(model.hparams.label_names)
-    result = compute_cams(model, x, meta, model.cam_layer, top_k=int(cfg.cam_top_k), method=cfg.cam_method)
+    result = compute_cams(
+        model, x, meta, model.cam_layer, top_k=int(cfg.cam_top_k), method=cfg.cam_method,
+        reshape_transform=model.cam_reshape(x.shape[-2:]),
+    )
     written = []
     for pair, title in enumerate(result.titles(labels)):
         image_idx, cls = result.pairs[pair]

@@ -102,6 +102,8 @@ def check_data_root(data: DictConfig) -> None:
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
     from cxr_lightning.models.backbones import check_name_and_pool
+    from cxr_lightning.models.reshape import CAM_RESHAPES
+    from cxr_lightning.models.weights import WEIGHT_SOURCES
 
     name = str(backbone.name)
     check_name_and_pool(name, backbone.get("global_pool", "avg"))
@@ -111,6 +113,25 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
             f"data.image_size={image_size} is below {name}'s minimum input size of {minimum} px; "
             f"pass data.image_size={minimum} or larger."
         )
+    multiple = int(backbone.get("input_multiple") or 1)
+    if image_size % multiple:
+        lower, upper = image_size // multiple * multiple, (image_size // multiple + 1) * multiple
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of {multiple}, which {name} needs "
+            f"(backbone.input_multiple: its patch grid and stage maps must cover the image exactly, or "
+            f"the CAMs shift against it); pass data.image_size={lower if lower >= minimum else upper} or {upper}."
+        )
+    source = backbone.get("weights_source", "auto")
+    if source not in WEIGHT_SOURCES:
+        raise ConfigError(f"backbone.weights_source={source!r} is unknown; use one of {list(WEIGHT_SOURCES)}.")
+    if OmegaConf.is_missing(backbone, "weights") or (source not in ("auto", "timm") and backbone.get("weights") is None):
+        raise ConfigError(
+            f"backbone.weights_source={source} needs its weights: pass backbone.weights=PATH (a state dict file, "
+            "or a timm / Hugging Face folder; see notes/backbones.md for the layouts)."
+        )
+    reshape = backbone.get("cam_reshape")
+    if reshape is not None and reshape not in CAM_RESHAPES:
+        raise ConfigError(f"backbone.cam_reshape={reshape!r} is unknown; use one of {list(CAM_RESHAPES)} or null.")
 
 
 def check_head(name: str) -> None:
@@ -128,6 +149,9 @@ def check_optimizer(cfg: DictConfig) -> None:
     """The optimizer (and scheduler) configs build, and accept their arguments, on a stand-in parameter."""
     import torch
 
+    layer_decay = cfg.optimizer.get("layer_decay")
+    if layer_decay is not None and not 0 < float(layer_decay) <= 1:
+        raise ConfigError(f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75), or null.")
     probe = [torch.nn.Parameter(torch.zeros(1))]
     try:
         optimizer = optimizer_factory(cfg)(probe)

@@ -1,0 +1,75 @@
+"""The optimiser's parameter groups: one function, so every recipe names its groups the same way.
+
+Each group carries ``name`` (``backbone.<timm group>`` or ``head.<decay|no_decay>``), ``lr_scale``
+(its learning rate over the optimiser's) and the ``lr`` and ``weight_decay`` it trains with; torch
+optimisers read the last two per group, and a scheduler scales every group's ``lr`` alike, so the
+ratios hold for the whole run.
+
+* ``layer_decay``: layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE, He et al. 2022),
+  grouped by timm's ``param_groups_layer_decay`` from the model's own ``group_matcher``: for a ViT
+  of depth ``D`` the embedding is layer 0, block ``i`` layer ``i + 1`` and the final norm joins the
+  last block, so block ``i`` trains at ``layer_decay ** (D - 1 - i)`` and the embedding at
+  ``layer_decay ** D`` times the head's rate. (BEiT/MAE's own code puts the final norm one layer
+  higher, so each of their blocks trains a factor ``layer_decay`` lower than here.)
+* ``no_decay_norm_bias``: no weight decay on biases, norm weights and the parameters timm lists
+  in the model's ``no_weight_decay()`` (position embeddings, class token), as AdamW recipes do.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+
+from cxr_lightning.errors import ConfigError
+
+# Keys of the optimizer config read here, not passed to the optimiser class (tasks/build.py strips them).
+GROUP_KEYS: tuple[str, ...] = ("layer_decay", "no_decay_norm_bias")
+
+
+def param_groups(backbone: nn.Module | None, head: nn.Module, optimizer: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Groups of the trainable parameters of ``backbone`` (a timm model, or None) and ``head`` for
+    the ``optimizer`` config (its ``lr``, ``weight_decay`` and :data:`GROUP_KEYS`)."""
+    lr = float(optimizer.get("lr", 1e-3))
+    weight_decay = float(optimizer.get("weight_decay", 0.0))
+    layer_decay = optimizer.get("layer_decay")
+    no_decay = bool(optimizer.get("no_decay_norm_bias", False)) or layer_decay is not None
+    groups = []
+    if backbone is not None:
+        groups += [_named(g, "backbone", i, lr) for i, g in enumerate(_backbone_groups(backbone, weight_decay, layer_decay, no_decay))]
+    groups += [_named(g, "head", i, lr) for i, g in enumerate(_plain_groups(head, weight_decay, no_decay))]
+    return [g for g in groups if g["params"]]
+
+
+def _backbone_groups(model: nn.Module, weight_decay: float, layer_decay: float | None, no_decay: bool) -> list[dict]:
+    skip = model.no_weight_decay() if no_decay and hasattr(model, "no_weight_decay") else ()
+    if layer_decay is not None:
+        if not 0 < float(layer_decay) <= 1:
+            raise ConfigError(f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75).")
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=float(layer_decay))
+        return [{**g, "name": _layer_group_name(g, float(layer_decay))} for g in groups]
+    return _plain_groups(model, weight_decay, no_decay, skip)
+
+
+def _plain_groups(module: nn.Module, weight_decay: float, no_decay: bool, skip=()) -> list[dict]:
+    if not no_decay:
+        return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": weight_decay,
+                 "lr_scale": 1.0, "name": "all"}]
+    decay, plain = param_groups_weight_decay(module, weight_decay=weight_decay, no_weight_decay_list=skip)
+    return [{**plain, "lr_scale": 1.0, "name": "no_decay"}, {**decay, "lr_scale": 1.0, "name": "decay"}]
+
+
+def _layer_group_name(group: dict[str, Any], layer_decay: float) -> str:
+    # timm's groups do not carry their layer; it follows from the scale: layer_decay ** k is the
+    # k-th layer below the head (0: the final norm).
+    scale = float(group["lr_scale"])
+    below = 0 if layer_decay == 1 or scale >= 1 else round(math.log(scale) / math.log(layer_decay))
+    return f"below{below}_{'decay' if group['weight_decay'] else 'no_decay'}"
+
+
+def _named(group: dict[str, Any], owner: str, index: int, lr: float) -> dict[str, Any]:
+    scale = float(group.get("lr_scale", 1.0))
+    return {**group, "name": f"{owner}.{group.get('name', index)}", "lr_scale": scale, "lr": lr * scale}
