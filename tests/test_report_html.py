@@ -252,3 +252,50 @@ def test_screenshot_shows_the_page(tmp_path: Path) -> None:
     header = pixels[:40].reshape(-1, 3).mean(axis=0)
     assert header[2] < 120 and header.sum() < 300, header
     assert (np.abs(pixels.astype(int) - (90, 140, 200)).sum(axis=2) < 30).sum() > 5000
+
+
+# ---------------------------------------------------------------------------------------------
+# A real run: evaluate writes the page, explain adds its gallery, summary points at it
+
+
+@pytest.mark.slow
+def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Path, capsys) -> None:
+    from conftest import compose_config, fit_tiny
+
+    from cxr_lightning.checkpoints import load_model
+    from cxr_lightning.evaluation.job import evaluate, predict_split
+    from cxr_lightning.explain.job import explain
+    from cxr_lightning.tasks.build import datamodule_for
+    from cxr_lightning.tasks.summary import print_summary
+
+    run, ckpt = fit_tiny(tiny_demo, tmp_path / "run")
+    evaluate(compose_config([f"run_dir={run}", "n_boot=20", "data.num_workers=0"], config_name="evaluate"))
+    page = run / "report.html"
+    before = page.read_text()
+    assert 'id="per-label"' in before and 'id="cam-grid"' not in before
+
+    # predictions.csv holds the split's labels and the model's probabilities, computed again here
+    model = load_model(ckpt)
+    probs, table = predict_split(model, datamodule_for(model, {"num_workers": 0}), "test")
+    predictions = pd.read_csv(run / "evaluation" / html.PREDICTIONS)
+    assert list(predictions["Image Index"]) == list(table["Image Index"])
+    names = list(model.hparams.label_names)
+    assert np.allclose(predictions[[f"prob:{n}" for n in names]].to_numpy(), probs, atol=1e-6)
+    assert (predictions[[f"label:{n}" for n in names]].to_numpy() == table[[f"label:{n}" for n in names]].to_numpy()).all()
+
+    explain(compose_config([f"run_dir={run}", "split=test", "n=3", "top_k=2", "data.num_workers=0"],
+                           config_name="explain"))
+    text = page.read_text()
+    cams = pd.read_csv(run / "explain" / "cams.csv")
+    cards = _cards(text)
+    assert len(cams) == 6 and len(cards) == len(cams)
+    assert {(c["data-image"], c["data-finding"]) for c in cards} == set(zip(cams["image"], cams["finding"]))
+    assert {c["data-error"] for c in cards} <= set(html.ERROR_ORDER) - {html.UNKNOWN}
+    assert "backbone:" in text  # the run's config.yaml
+
+    capsys.readouterr()
+    assert print_summary(run) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].endswith(str(page.resolve()))
+    if CHROMIUM is not None:
+        shown = [a.get("data-shown") for t, a in _elements(_rendered(tmp_path, page)) if t == "img"]
+        assert len(shown) == 3 + len(cams) and set(shown) == {"yes"}
