@@ -353,16 +353,14 @@ def _gallery(explain: Path, ev: Path, per_class: pd.DataFrame) -> str:
         return '<p class="muted">No CAM overlays (explain wrote no cams.csv).</p>'
     thresholds = per_class["threshold"].drop(index="mean", errors="ignore").to_dict() if "threshold" in per_class else {}
     rows = gallery_table(cams, _read_csv(ev / PREDICTIONS), thresholds)
-    options = lambda values, every: f'<option value="all">{every}</option>' + "".join(  # noqa: E731
-        f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
     controls = (
         '<div class="controls"><label>Sort <select id="sort">'
         '<option value="errors">errors first (false negatives first)</option>'
         '<option value="probability">probability, high to low</option>'
         '<option value="probability_low">probability, low to high</option>'
         '<option value="finding">finding</option></select></label>'
-        f'<label>Finding <select id="finding">{options(sorted(rows["finding"].unique()), "all findings")}</select></label>'
-        f'<label>Outcome <select id="error">{options([e for e in ERROR_ORDER if e in set(rows["error"])], "all outcomes")}</select></label>'
+        f'<label>Finding <select id="finding">{_options(sorted(rows["finding"].unique()), "all findings")}</select></label>'
+        f'<label>Outcome <select id="error">{_options([e for e in ERROR_ORDER if e in set(rows["error"])], "all outcomes")}</select></label>'
         '<span id="shown-count" class="muted"></span></div>'
     )
     items = []
@@ -379,6 +377,10 @@ def _gallery(explain: Path, ev: Path, per_class: pd.DataFrame) -> str:
     return ("<p>Grad-CAM heatmap of each (image, finding) explain drew, ground-truth boxes in green. Outcome: "
             "the finding's label in the evaluated split against the probability at the label's threshold.</p>"
             + controls + f'<div id="cam-grid">{"".join(items)}</div>')
+
+
+def _options(values: Iterable[str], every: str) -> str:
+    return f'<option value="all">{esc(every)}</option>' + "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
 
 
 def _localisation(explain: Path, ex_metrics: Mapping[str, Any]) -> str:
