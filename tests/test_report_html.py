@@ -179,7 +179,9 @@ def test_without_explain_the_page_has_no_gallery_and_without_evaluation_there_is
 def test_missing_figure_is_said_on_the_page(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run")
     (run / "evaluation" / "pr.png").unlink()
-    assert "pr.png was not written" in html.run_report(run).read_text()
+    (run / "explain" / "overlays" / "000_00000001_000_Effusion.png").unlink()
+    text = html.run_report(run).read_text()
+    assert "pr.png was not written" in text and "overlay 000_00000001_000_Effusion.png is missing" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -372,11 +372,17 @@ def _gallery(explain: Path, ev: Path, per_class: pd.DataFrame) -> str:
         items.append(
             f'<figure class="cam err-{slug}" data-index="{i}" data-finding="{esc(r.finding)}" data-error="{esc(r.error)}" '
             f'data-rank="{int(r.rank)}" data-probability="{r.probability:.6f}" data-image="{esc(r.image)}">'
-            f'<img alt="{esc(r.title)}" src="{png_data_uri(explain / r.overlay)}"><figcaption>{caption}</figcaption></figure>'
+            f'{_overlay(explain / r.overlay, r.title)}<figcaption>{caption}</figcaption></figure>'
         )
     return ("<p>Grad-CAM heatmap of each (image, finding) explain drew, ground-truth boxes in green. Outcome: "
             "the finding's label in the evaluated split against the probability at the label's threshold.</p>"
             + controls + f'<div id="cam-grid">{"".join(items)}</div>')
+
+
+def _overlay(path: Path, title: str) -> str:
+    if not path.is_file():
+        return f'<p class="muted">overlay {esc(path.name)} is missing</p>'
+    return f'<img alt="{esc(title)}" src="{png_data_uri(path)}">'
 
 
 def _options(values: Iterable[str], every: str) -> str:
