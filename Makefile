@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test sweep tensorboard bench clean
+.PHONY: install demo demo-heads test sweep tensorboard bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The design card's model on the demo dataset (generated on first use), then evaluated and explained.
+# The seed's fusion model on the demo dataset (generated on first use), then evaluated and
+# explained; ends with the path of the run's report.html.
 demo: $(STAMP)
 	@set -e; run=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
-	$(PY) -m cxr_lightning.train experiment=demo backbone=efficientnet_b3 head=fusion_residual hydra.run.dir=$$run; \
+	$(PY) -m cxr_lightning.train experiment=demo hydra.run.dir=$$run; \
 	$(PY) -m cxr_lightning.evaluate run_dir=$$run; \
 	$(PY) -m cxr_lightning.explain run_dir=$$run split=test n=16; \
 	$(PY) -m cxr_lightning.summary $$run
+
+# Benchmark (not a test): the four heads, with and without prior-visit labels, at make demo's
+# budget; the sweep's comparison.{md,html} lands in outputs/demo-heads/<time>/.
+demo-heads: $(STAMP)
+	$(PY) -m cxr_lightning.train -m experiment=demo head=baseline,metadata_only,fusion,fusion_residual \
+	  data.prior_labels=true,false hydra.sweep.dir=outputs/demo-heads/$$(date +%Y-%m-%d_%H-%M-%S) \
+	  'hydra.callbacks.compare.by=[head,data.prior_labels]' callbacks.progress_bar=null $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

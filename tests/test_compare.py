@@ -2,8 +2,10 @@
 whose Hydra callback writes the report by itself."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +105,21 @@ def test_failed_runs_are_listed_not_dropped(fake_sweep):
     hydra_only = next(line for line in report.splitlines() if "10_inception" in line)
     assert "ConfigError: data.image_size=64 is below inception_v3" in hydra_only
     assert files.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_page_is_self_contained_and_holds_the_tables_and_figure(fake_sweep):
+    sweep, _ = fake_sweep
+    files = compare.write_comparison(sweep)
+    page = files.page.read_text()
+    assert files.page == sweep / "comparison.html" and page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""(src|href)\s*=\s*["'](https?:|//|file:)""", page) and "<link" not in page
+    figure = base64.b64encode(files.figure.read_bytes()).decode()
+    assert f'src="data:image/png;base64,{figure}"' in page
+    assert "6 finished, 2 failed" in page and "Test AUROC per finding" in page
+    crashed = page.split("9_vgg19_crashed", 1)[1].split("</tr>", 1)[0]
+    assert "<td>failed</td>" in crashed and "no metrics.json" in crashed
+    for backbone in ("vgg19", "inception_v3"):
+        assert f"<td>{backbone}</td>" in page
 
 
 def test_a_sweep_whose_runs_all_failed_still_gets_a_report(tmp_path):

@@ -259,7 +259,8 @@ def test_findings_persist_between_visits(big_table: pd.DataFrame) -> None:
     for finding in FINDINGS:
         after_positive = now.loc[before[finding], finding].mean()
         after_negative = now.loc[~before[finding], finding].mean()
-        assert after_positive > 0.5 and after_positive > after_negative + 0.4, finding
+        # PERSISTENCE is 0.4: the prior visit predicts, but less than the image's sign does.
+        assert after_positive > 0.35 and after_positive > after_negative + 0.3, finding
 
 
 def _risk_ratio(y: pd.DataFrame, exposed: pd.Series, finding: str) -> float:

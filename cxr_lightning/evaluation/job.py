@@ -15,7 +15,9 @@ earlier evaluate), so the report shows how they transfer; ``refit_thresholds=tru
 them on the source's validation split instead (and saves nothing).
 
 Outputs in the output directory: ``report.md``, ``metrics.json``, ``per_class.csv``,
-``subgroups.csv``, ``roc.png``, ``pr.png``, ``reliability.png``.
+``subgroups.csv``, ``predictions.csv`` (each image's labels and probabilities), ``roc.png``,
+``pr.png``, ``reliability.png``; and the browser page ``report.html``: ``<run_dir>/report.html``
+with ``run_dir=`` (explain adds its gallery to it later), else beside ``report.md``.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from cxr_lightning.checkpoints import (
 )
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.evaluation import report
+from cxr_lightning.evaluation import html, report
 from cxr_lightning.evaluation.statistics import (
     age_bands,
     bootstrap_ci,
@@ -172,6 +174,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_class, out / "per_class.csv", index=True)
     _write_csv(subgroups, out / "subgroups.csv", index=False)
+    _write_csv(predictions_table(table, y, probs, labels), out / html.PREDICTIONS, index=False)
     files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
@@ -182,11 +185,13 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
     files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups))
+    page = _render_page(cfg, out)
     log.info(
-        "Mean AUROC %s on %d images; report: %s",
+        "Mean AUROC %s on %d images; report: %s (in a browser: %s)",
         report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
         len(table),
         out / "report.md",
+        page,
     )
     return Evaluation(out, metrics, per_class, subgroups, thresholds_file)
 
@@ -194,6 +199,27 @@ def evaluate(cfg: DictConfig) -> Evaluation:
 def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:
     """Probabilities ``(N, L)`` for every image of ``split``, with the split's table in the same order."""
     return inference.predict_probabilities(model, dm.loader(split, shuffle=False), device), dm.split_table(split)
+
+
+def predictions_table(table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, labels: list[str]) -> pd.DataFrame:
+    """One row per image: ``Image Index``, ``Patient ID``, then ``label:<name>`` (0/1) and
+    ``prob:<name>`` per label, for error analysis (the report's gallery joins its overlays on it)."""
+    return pd.concat(
+        [
+            table[["Image Index", PATIENT]].reset_index(drop=True),
+            pd.DataFrame(y.astype(int), columns=[f"label:{n}" for n in labels]),
+            pd.DataFrame(probs, columns=[f"prob:{n}" for n in labels]),
+        ],
+        axis=1,
+    )
+
+
+def _render_page(cfg: DictConfig, out: Path) -> Path:
+    """The run's report.html when ``out`` is its evaluation directory, else one beside report.md."""
+    run_dir = cfg.get("run_dir")
+    if run_dir and out.resolve() == (Path(run_dir) / html.EVALUATION_DIR).resolve():
+        return html.run_report(run_dir)
+    return html.render_report(out)
 
 
 def config_summary(model: CXRClassifier) -> dict[str, Any]:

@@ -9,6 +9,9 @@ From a checkpoint (or a training run directory) alone it writes, into the output
 * ``localization.csv``: per-finding pointing game, IoU and IoBB accuracy with the random-heatmap
   baseline, over every image of the chosen split that has boxes (when the data has boxes);
 * ``metrics.json``: counts of uninformative CAMs and the pooled localisation scores.
+
+With ``run_dir=`` of an evaluated run, the run's ``report.html`` is rendered again with the
+overlays as its gallery.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.evaluation import html
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult
 from cxr_lightning.explain.inputs import (
     ImageSet,
@@ -100,6 +104,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         metrics |= _localization(model, dm, split, shown, boxes, out, method, batch_size, int(cfg.seed))
     files.write_json(out / "metrics.json", metrics)
     _log_summary(out, metrics, overlays)
+    run_dir = cfg.get("run_dir")
+    if run_dir and out.resolve() == (Path(run_dir) / html.EXPLAIN_DIR).resolve():
+        page = html.run_report(run_dir)
+        if page is not None:
+            log.info("  report:       %s", page)
     return metrics
 
 

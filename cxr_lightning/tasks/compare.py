@@ -10,7 +10,8 @@ Reads every run directory under ``DIR`` (its ``config.yaml``, ``metrics.json`` a
   status: a run without ``metrics.json`` is listed as failed, with the reason when the sweep
   callback recorded one (``error.txt``);
 * ``comparison.png``: mean test AUROC per group with standard-deviation error bars, and the
-  validation-loss curve of every run.
+  validation-loss curve of every run;
+* ``comparison.html``: the tables and the figure as one self-contained page for a browser.
 
 ``cxr_lightning.sweep.CompareOnMultirunEnd`` calls :func:`write_comparison` when a Hydra sweep
 ends, so a sweep leaves these files in its directory by itself.
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cxr_lightning.files import atomic_path, write_text
 from cxr_lightning.errors import CXRError, DataError
+from cxr_lightning.evaluation import html
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class ComparisonFiles:
     csv: Path
     markdown: Path
     figure: Path
+    page: Path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +137,7 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
         "seed": _config_scalar(cfg, "seed"),
         "fold": _config_scalar(cfg, "data.fold"),
         "history": str(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else None,
+        "data_source": OmegaConf.select(cfg, "data.source", default=None, throw_on_resolution_failure=False),
     }
     metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
@@ -223,43 +227,67 @@ def _distinct(values: pd.Series) -> str:
 def write_comparison(
     sweep_dir: str | Path, by: Sequence[str] | str = DEFAULT_BY, out_dir: str | Path | None = None
 ) -> ComparisonFiles:
-    """Read the runs under ``sweep_dir`` and write ``comparison.{csv,md,png}`` into ``out_dir``
+    """Read the runs under ``sweep_dir`` and write ``comparison.{csv,md,png,html}`` into ``out_dir``
     (default: ``sweep_dir``); returns their paths."""
     by = _check_by(by)
     runs = read_runs(sweep_dir, by)
     summary = summarize(runs, by)
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
     files = ComparisonFiles(
-        csv=out / f"{OUTPUT_STEM}.csv", markdown=out / f"{OUTPUT_STEM}.md", figure=out / f"{OUTPUT_STEM}.png"
+        csv=out / f"{OUTPUT_STEM}.csv", markdown=out / f"{OUTPUT_STEM}.md", figure=out / f"{OUTPUT_STEM}.png",
+        page=out / f"{OUTPUT_STEM}.html",
     )
     write_text(files.csv, summary.to_csv(index=False))
     write_text(files.markdown, render_markdown(runs, summary, by, Path(sweep_dir), files.figure.name))
     with atomic_path(files.figure) as tmp:
         plot_comparison(runs, summary, by, tmp)
+    write_text(files.page, render_html(runs, summary, by, Path(sweep_dir), files.figure))
     n_failed = int((runs["status"] == "failed").sum())
     log.info(
-        "Compared %d run(s) (%d failed) by %s: %s, %s, %s",
-        len(runs), n_failed, ",".join(by), files.csv, files.markdown, files.figure,
+        "Compared %d run(s) (%d failed) by %s: %s, %s, %s, %s",
+        len(runs), n_failed, ",".join(by), files.csv, files.markdown, files.figure, files.page,
     )
     return files
 
 
 def render_markdown(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str], sweep_dir: Path, figure: str) -> str:
+    lines = [f"# Comparison of {sweep_dir.name or sweep_dir}", "", _intro(runs, by, sweep_dir), "", f"![comparison]({figure})", ""]
+    for heading, headers, rows, note in report_tables(runs, summary, by):
+        lines += ([f"## {heading}", ""] if heading else []) + _markdown_table(headers, rows) + [""]
+        lines += [note, ""] if note else []
+    return "\n".join(lines[:-1]) + "\n"
+
+
+def render_html(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str], sweep_dir: Path, figure: Path) -> str:
+    """``comparison.html``: the tables of ``comparison.md`` and its figure in one self-contained page."""
+    sections = [("overview", "Overview", f"<p>{html.esc(_intro(runs, by, sweep_dir).replace('`', ''))}</p>"
+                 + html.figure(figure, "Mean test AUROC per group; validation loss of every run"))]
+    for k, (heading, headers, rows, note) in enumerate(report_tables(runs, summary, by)):
+        cells = [[str(c).strip("`") for c in row] for row in rows]
+        body = html.table(pd.DataFrame(cells, columns=headers)) + (f"<p>{html.esc(note)}</p>" if note else "")
+        sections.append((f"table-{k}", heading or "Groups", body))
+    demo = (runs["data_source"] == "demo").any()
+    subtitle = html.esc(f"{len(runs)} run(s) under {sweep_dir}") + (f" · {html.esc(html.DEMO_NOTE)}" if demo else "")
+    return html.page(f"Comparison of {sweep_dir.name or sweep_dir}", subtitle, sections)
+
+
+def _intro(runs: pd.DataFrame, by: Sequence[str], sweep_dir: Path) -> str:
     n_ok = int((runs["status"] == "ok").sum())
     n_failed = len(runs) - n_ok
     seeds, folds = _distinct(runs["seed"]), _distinct(runs["fold"])
     spread = [f"seeds {seeds}" if seeds else "", f"folds {folds}" if folds else ""]
-    lines = [
-        f"# Comparison of {sweep_dir.name or sweep_dir}",
-        "",
+    return (
         f"{len(runs)} run(s) under `{sweep_dir}`: {n_ok} finished, {n_failed} failed. "
         f"Grouped by {', '.join(by)}; each cell is the mean ± sample standard deviation over the "
         f"group's finished runs ({'; '.join(s for s in spread if s) or 'one configuration each'}), "
-        "n = finished runs.",
-        "",
-        f"![comparison]({figure})",
-        "",
-    ]
+        "n = finished runs."
+    )
+
+
+def report_tables(
+    runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]
+) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """The report's tables as ``(heading, headers, rows of cells, note)``: groups, per-finding AUROC, runs."""
     headers = [*by, "n", "failed", *(SUMMARY_METRICS[m] for m in SUMMARY_METRICS if f"{m}_mean" in summary)]
     body = [
         [
@@ -270,19 +298,17 @@ def render_markdown(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]
         ]
         for _, row in summary.iterrows()
     ]
-    lines += _markdown_table(headers, body) + [""]
+    tables = [("", headers, body, "")]
 
     aurocs = [c for c in metric_columns(runs) if c.startswith(AUROC_PREFIX)]
     if aurocs:
         group_names = [_group_label(row, by) for _, row in summary.iterrows()]
-        lines += ["## Test AUROC per finding", ""]
         per_label = [
             [m.removeprefix(AUROC_PREFIX), *(_cell(row, m) for _, row in summary.iterrows())] for m in aurocs
         ]
-        lines += _markdown_table(["finding", *group_names], per_label) + [""]
-        lines += ["NaN: the test split has no positive (or no negative) case of the finding.", ""]
+        tables.append(("Test AUROC per finding", ["finding", *group_names], per_label,
+                       "NaN: the test split has no positive (or no negative) case of the finding."))
 
-    lines += ["## Runs", ""]
     run_rows = [
         [
             f"`{r['run']}`",
@@ -297,10 +323,9 @@ def render_markdown(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str]
         ]
         for _, r in runs.iterrows()  # one line per run for the report: tens of rows, not data
     ]
-    lines += _markdown_table(
-        ["run", "status", *by, "seed", "fold", "test AUROC", "best val loss", "epochs", "failure"], run_rows
-    )
-    return "\n".join(lines) + "\n"
+    tables.append(("Runs", ["run", "status", *by, "seed", "fold", "test AUROC", "best val loss", "epochs", "failure"],
+                   run_rows, ""))
+    return tables
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,7 +1,8 @@
 """The summary task behind ``python -m cxr_lightning.summary RUN_DIR``: a run's headline figures.
 
 Reads what train, evaluate and explain wrote into the run directory (``metrics.json``,
-``evaluation/metrics.json``, ``explain/metrics.json``) and prints one short table.
+``evaluation/metrics.json``, ``explain/metrics.json``) and prints one short table, ending with
+the path of the run's browser report (``report.html``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from cxr_lightning.evaluation.html import REPORT_NAME
 
 ROWS = (
     # (file, key, label)
@@ -59,4 +62,8 @@ def print_summary(run_dir: Path) -> int:
                       ("Grad-CAM overlays", "explain/overlays"), ("localisation", "explain/localization.csv")):
         console.print(f"{what:>18}: {run_dir / rel}")
     console.print(f"{'TensorBoard':>18}: make tensorboard  (or tensorboard --logdir {run_dir})")
+    page = run_dir / REPORT_NAME
+    if page.is_file():
+        # Printed whole (no wrapping) so it can be pasted into a browser.
+        console.print(f"{'report (browser)':>18}: {page.resolve()}", soft_wrap=True)
     return 0

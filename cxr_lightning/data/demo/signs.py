@@ -56,7 +56,7 @@ def _atelectasis(a: Anatomy, r: SignRandom) -> Paint:
     lung = a.lungs[side]
     length, thickness = lung.rx * r.place.uniform(0.45, 0.65), lung.ry * r.place.uniform(0.06, 0.1)
     band = Ellipse(x, y, length, thickness, r.place.uniform(-0.4, 0.4))
-    amp = 0.26 * r.visit.uniform(0.85, 1.1)
+    amp = 0.34 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * plateau(band.distance(c), 0.5) * c.lungs[side]
 
 
@@ -76,7 +76,7 @@ def _effusion(a: Anatomy, r: SignRandom) -> Paint:
     side = int(r.place.integers(2))
     lung, lat = a.lungs[side], a.lateral(side)
     level = r.place.uniform(0.35, 0.65) + r.visit.normal(0, 0.04)
-    amp = 0.3 * r.visit.uniform(0.85, 1.1)
+    amp = 0.36 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         outward = np.clip(lat * (c.x - lung.cx) / lung.rx, 0, 1)
@@ -92,7 +92,8 @@ def _infiltration(a: Anatomy, r: SignRandom) -> Paint:
     x, y = _lung_spot(a, r, side, (-0.3, 0.3), (-0.55, 0.1))
     lung = a.lungs[side]
     region = Ellipse(x, y, lung.rx * r.place.uniform(0.5, 0.7), lung.ry * r.place.uniform(0.3, 0.42))
-    amp = 0.2 * r.visit.uniform(0.85, 1.1)
+    amp = 0.28 * r.visit.uniform(0.85, 1.1)
+
     def paint(c: Canvas) -> np.ndarray:
         # A faint haze everywhere in the region, denser in patches.
         patches = np.clip(0.3 + 0.6 * r.texture(c, 14), 0, 1)
@@ -107,7 +108,7 @@ def _mass(a: Anatomy, r: SignRandom) -> Paint:
     x, y = _lung_spot(a, r, side, (-0.5, 0.5), (-0.5, 0.45))
     radius = r.place.uniform(0.045, 0.07) * a.scale
     phases = r.place.uniform(0, 2 * np.pi, 2)
-    amp = 0.3 * r.visit.uniform(0.85, 1.1)
+    amp = 0.36 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         d = np.broadcast_to(Ellipse(x, y, radius, radius).distance(c), (c.size, c.size))
@@ -125,8 +126,8 @@ def _nodule(a: Anatomy, r: SignRandom) -> Paint:
     # A small, bright, round spot.
     side = int(r.place.integers(2))
     x, y = _lung_spot(a, r, side, (-0.55, 0.55), (-0.6, 0.5))
-    spot = Ellipse(x, y, *(2 * (r.place.uniform(0.016, 0.024) * a.scale,)))
-    amp = 0.38 * r.visit.uniform(0.85, 1.1)
+    spot = Ellipse(x, y, *(2 * (r.place.uniform(0.022, 0.03) * a.scale,)))
+    amp = 0.45 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * plateau(spot.distance(c), 0.4)
 
 
@@ -137,7 +138,7 @@ def _pneumonia(a: Anatomy, r: SignRandom) -> Paint:
     lung = a.lungs[side]
     region = Ellipse(x, y, lung.rx * r.place.uniform(0.55, 0.7), lung.ry * r.place.uniform(0.3, 0.4))
     tilt = r.place.uniform(-0.6, 0.6)
-    amp = 0.26 * r.visit.uniform(0.85, 1.1)
+    amp = 0.32 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         density = np.clip(0.8 + 0.3 * r.texture(c, 6), 0, 1)
@@ -162,7 +163,7 @@ def _pneumothorax(a: Anatomy, r: SignRandom) -> Paint:
         keep = smoothstep((upper - c.y) / (0.2 * lung.ry)) * c.lungs[side]
         rim = (1 - inside(d, 0.03)) * keep
         line = smoothstep(1 - np.abs(d - 1.0) / 0.04) * keep
-        return -rim * (c.lung_texture + 0.09) + 0.12 * line
+        return -rim * (c.lung_texture + 0.09) + 0.2 * line
 
     return paint
 
@@ -174,7 +175,7 @@ def _consolidation(a: Anatomy, r: SignRandom) -> Paint:
     lung = a.lungs[side]
     rx, ry = lung.rx * r.place.uniform(0.35, 0.5), lung.ry * r.place.uniform(0.2, 0.3)
     region = Ellipse(x, y, rx, ry, r.place.uniform(-0.5, 0.5))
-    amp = 0.28 * r.visit.uniform(0.85, 1.1)
+    amp = 0.34 * r.visit.uniform(0.85, 1.1)
     return lambda c: amp * inside(region.distance(c), 0.05) * c.lungs[side]
 
 
@@ -184,7 +185,7 @@ def _edema(a: Anatomy, r: SignRandom) -> Paint:
         Ellipse(*lung.point(-a.lateral(side) * 0.35, 0.05), lung.rx * 0.85, lung.ry * 0.6)
         for side, lung in enumerate(a.lungs)
     ]
-    amp = 0.18 * r.visit.uniform(0.85, 1.1)
+    amp = 0.22 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         haze = sum(bump(w.distance(c)) * m for w, m in zip(wings, c.lungs))
@@ -213,7 +214,7 @@ def _fibrosis(a: Anatomy, r: SignRandom) -> Paint:
     zone = Ellipse(*lung.point(a.lateral(side) * 0.35, 0.35), lung.rx * 0.6, lung.ry * 0.45)
     angles = r.place.uniform(0, np.pi, 2)
     period = r.place.uniform(0.025, 0.035)
-    amp = 0.16 * r.visit.uniform(0.85, 1.1)
+    amp = 0.22 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         waves = (np.cos(2 * np.pi * (c.x * math.cos(t) + c.y * math.sin(t)) / period) for t in angles)
@@ -228,7 +229,7 @@ def _pleural_thickening(a: Anatomy, r: SignRandom) -> Paint:
     side = int(r.place.integers(2))
     lung, lat = a.lungs[side], a.lateral(side)
     apical = r.place.random() < 0.5
-    amp = 0.22 * r.visit.uniform(0.85, 1.1)
+    amp = 0.28 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         d = lung.distance(c)
@@ -248,7 +249,7 @@ def _hernia(a: Anatomy, r: SignRandom) -> Paint:
     # Hiatal hernia: a round retrocardiac opacity at the lower mediastinum with an air cap.
     x, y = a.midline + 0.015 * a.scale + r.visit.normal(0, 0.004), a.heart.cy + 0.55 * a.heart.ry
     sac = Ellipse(x, y, r.place.uniform(0.05, 0.065) * a.scale, r.place.uniform(0.035, 0.045) * a.scale)
-    amp = 0.22 * r.visit.uniform(0.85, 1.1)
+    amp = 0.3 * r.visit.uniform(0.85, 1.1)
 
     def paint(c: Canvas) -> np.ndarray:
         inner = inside(sac.distance(c), 0.12)

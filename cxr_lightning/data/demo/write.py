@@ -25,7 +25,7 @@ from cxr_lightning.labels import NO_FINDING
 
 MARKER_NAME = "demo.json"
 # Bump when the generated content changes, so cached demo datasets are regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_DEFAULTS: dict[str, int] = {"patients": 500, "image_size": 256, "seed": 0, "images_per_folder": 1000}
 # The demo's tables use the label-table spelling; its BBox list spells findings as NIH's does.
 _NIH_SPELLINGS = {label: spelled for spelled, label in nih.BBOX_SPELLINGS.items()}

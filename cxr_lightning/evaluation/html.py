@@ -1,0 +1,409 @@
+"""Self-contained HTML pages: a run's ``report.html`` and a sweep's ``comparison.html``.
+
+One file a person opens in a browser, offline: figures are embedded as base64 PNG, the style and
+the gallery's script are inline, nothing is fetched from the network. The pages only lay out what
+evaluate, explain and compare already wrote (their CSV, JSON and PNG files); no number is
+computed here except the error class of each CAM overlay (its finding's truth against its
+probability and the label's threshold).
+
+Page building is a handful of string functions over ``html.escape`` rather than a template
+engine: the pages are small and fixed, and a new dependency would buy nothing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr_lightning.files import write_text
+
+REPORT_NAME = "report.html"
+# Files of a run directory the report reads (each optional except the evaluation's metrics).
+EVALUATION_DIR, EXPLAIN_DIR, RUN_CONFIG = "evaluation", "explain", "config.yaml"
+PREDICTIONS = "predictions.csv"  # evaluate: one row per image of the split, truth and probability
+UNDERDIAGNOSIS = "underdiagnosis.csv"
+# Reliability diagrams: the model's own probabilities, and after post-hoc calibration when
+# evaluate calibrates (then metrics.json holds ``ece_mean_uncalibrated``).
+RELIABILITY, RELIABILITY_UNCALIBRATED = "reliability.png", "reliability_uncalibrated.png"
+
+# Error classes of a CAM overlay, in the gallery's default order: misses first.
+FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRUE_NEGATIVE, UNKNOWN = (
+    "false negative", "false positive", "true positive", "true negative", "no label",
+)
+ERROR_ORDER = (FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRUE_NEGATIVE, UNKNOWN)
+DEMO_NOTE = (
+    "This run used the generated demo dataset: a constructed demo for exercising the pipeline, "
+    "not evidence about real radiographs."
+)
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+header{background:#1d2d44;color:#fff;padding:18px 28px}header h1{margin:0 0 4px;font-size:22px}
+header p{margin:0;opacity:.85}nav{margin-top:10px}nav a{color:#cfe0ff;margin-right:14px;text-decoration:none}
+main{padding:8px 28px 40px;max-width:1400px}section{background:#fff;border:1px solid #dde1e7;border-radius:6px;
+padding:14px 18px;margin:16px 0}h2{font-size:18px;margin:0 0 10px}h3{font-size:15px;margin:14px 0 6px}
+.note{background:#fff6d6;border:1px solid #e8d48a;padding:8px 12px;border-radius:4px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #dde1e7;border-radius:6px;padding:10px 14px;
+min-width:150px;background:#fafbfc}.card .v{font-size:22px;font-weight:600}.card .k{color:#5a6474;font-size:12px}
+.card .ci{color:#5a6474;font-size:12px}table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border-bottom:1px solid #e3e6ea;padding:3px 9px;text-align:right}th{background:#f0f2f5}
+td:first-child,th:first-child{text-align:left}img.fig{max-width:100%;height:auto;border:1px solid #eee}
+.pair{display:flex;flex-wrap:wrap;gap:14px}.pair figure{margin:0;flex:1 1 520px}
+figcaption{color:#5a6474;font-size:12px}.controls{margin:6px 0 12px}.controls label{margin-right:16px}
+#cam-grid{display:flex;flex-wrap:wrap;gap:10px}.cam{margin:0;width:260px;border:1px solid #dde1e7;
+border-radius:6px;padding:6px;background:#fafbfc}.cam img{width:100%}.cam[hidden]{display:none}
+.err-false-negative{border-color:#c62828;border-width:2px}.err-false-positive{border-color:#ef6c00;border-width:2px}
+.tag{display:inline-block;padding:0 6px;border-radius:3px;font-size:11px;color:#fff;background:#607d8b}
+.tag.false-negative{background:#c62828}.tag.false-positive{background:#ef6c00}.tag.true-positive{background:#2e7d32}
+pre{background:#f3f4f6;padding:10px;overflow:auto;font-size:12px;max-height:480px}.muted{color:#5a6474}
+"""
+
+# Sorting and filtering the gallery; the URL fragment (#sort=probability&finding=Mass&error=...)
+# presets the controls so a view can be shared as a link.
+_GALLERY_SCRIPT = """
+(function(){
+  var gallery=document.getElementById("cam-grid"); if(!gallery) return;
+  var cards=Array.prototype.slice.call(gallery.querySelectorAll('.cam'));
+  var sort=document.getElementById('sort'), finding=document.getElementById('finding'),
+      error=document.getElementById('error'), count=document.getElementById('shown-count');
+  var keys={
+    errors:function(a,b){return a.dataset.rank-b.dataset.rank||b.dataset.probability-a.dataset.probability;},
+    probability:function(a,b){return b.dataset.probability-a.dataset.probability;},
+    probability_low:function(a,b){return a.dataset.probability-b.dataset.probability;},
+    finding:function(a,b){return a.dataset.finding.localeCompare(b.dataset.finding)||a.dataset.rank-b.dataset.rank;}
+  };
+  function apply(){
+    var order=cards.slice().sort(function(a,b){return keys[sort.value](a,b)||a.dataset.index-b.dataset.index;});
+    var n=0;
+    order.forEach(function(c){
+      var show=(finding.value==='all'||c.dataset.finding===finding.value)&&(error.value==='all'||c.dataset.error===error.value);
+      c.hidden=!show; if(show) n++; gallery.appendChild(c);
+    });
+    count.textContent=n+' of '+cards.length+' overlays shown';
+    gallery.dataset.sorted=sort.value;
+  }
+  var preset={};
+  location.hash.replace(/^#/,'').split('&').forEach(function(kv){var p=kv.split('=');if(p[1])preset[p[0]]=decodeURIComponent(p[1]);});
+  [['sort',sort],['finding',finding],['error',error]].forEach(function(e){
+    if(preset[e[0]]!==undefined&&e[1].querySelector('option[value="'+preset[e[0]]+'"]')) e[1].value=preset[e[0]];
+    e[1].addEventListener('change',apply);
+  });
+  apply();
+})();
+"""
+
+# Marks each figure as shown or broken once the page has loaded, and says so on the page.
+_FIGURE_CHECK_SCRIPT = """
+window.addEventListener('load',function(){
+  var imgs=document.querySelectorAll('img'), broken=0;
+  imgs.forEach(function(i){var ok=i.complete&&i.naturalWidth>0;i.dataset.shown=ok?'yes':'no';if(!ok)broken++;});
+  var s=document.getElementById('figure-status');
+  if(s) s.textContent=broken?broken+' of '+imgs.length+' images failed to load':imgs.length+' images';
+  document.body.dataset.figuresChecked='yes';
+});
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]], script: str = "") -> str:
+    """A complete HTML document: header with a table of contents, then ``(id, heading, body)`` sections."""
+    nav = "".join(f'<a href="#{esc(sid)}">{esc(heading)}</a>' for sid, heading, _ in sections)
+    body = "".join(f'<section id="{esc(sid)}"><h2>{esc(heading)}</h2>{content}</section>'
+                   for sid, heading, content in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><header><h1>{esc(title)}</h1><p>{subtitle}</p>"
+        f"<nav>{nav}</nav></header><main>{body}<p class=\"muted\" id=\"figure-status\"></p></main>"
+        f"<script>{_FIGURE_CHECK_SCRIPT}{script}</script></body></html>\n"
+    )
+
+
+def table(frame: pd.DataFrame, digits: int = 3, index: bool = False) -> str:
+    """``frame`` as an HTML table; floats to ``digits`` places, NaN as ``n/a``."""
+    shown = frame.reset_index() if index else frame
+    head = "".join(f"<th>{esc(c)}</th>" for c in shown.columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(_cell(v, digits))}</td>" for v in row) + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def figure(path: str | Path, caption: str, css: str = "fig") -> str:
+    """An embedded PNG with its caption; a visible note instead when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return f'<p class="muted">{esc(caption)}: no figure ({esc(path.name)} was not written).</p>'
+    return (f'<figure><img class="{css}" alt="{esc(caption)}" src="{png_data_uri(path)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def interval(estimate: Any, lower: Any = None, upper: Any = None, digits: int = 3) -> str:
+    """``0.812 (0.790–0.833)``; ``n/a`` for an undefined estimate."""
+    if not _finite(estimate):
+        return "n/a"
+    if not (_finite(lower) and _finite(upper)):
+        return f"{float(estimate):.{digits}f}"
+    return f"{float(estimate):.{digits}f} ({float(lower):.{digits}f}–{float(upper):.{digits}f})"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cards(items: Iterable[tuple[str, str, str]]) -> str:
+    """Headline figures: ``(label, value, detail)`` each in a box."""
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div><div class="ci">{esc(d)}</div></div>'
+        for k, v, d in items
+    ) + "</div>"
+
+
+def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame | None:
+    return pd.read_csv(path, **kwargs) if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------
+# The run report
+# --------------------------------------------------------------------------------------------
+def error_class(truth: Any, probability: float, threshold: float) -> str:
+    """The overlay's outcome at the label's threshold (positive if p >= threshold)."""
+    if truth is None or pd.isna(truth) or pd.isna(threshold):
+        return UNKNOWN
+    positive = probability >= threshold
+    if truth:
+        return TRUE_POSITIVE if positive else FALSE_NEGATIVE
+    return FALSE_POSITIVE if positive else TRUE_NEGATIVE
+
+
+def gallery_table(cams: pd.DataFrame, predictions: pd.DataFrame | None, thresholds: Mapping[str, float]) -> pd.DataFrame:
+    """``cams.csv`` with each overlay's truth, threshold, error class and its rank in ERROR_ORDER.
+
+    Truth comes from the evaluated split's ``predictions.csv`` (columns ``Image Index`` and
+    ``label:<finding>``); an image outside it (another split, a file) gets ``no label``.
+    """
+    truth = []
+    by_image = predictions.set_index("Image Index") if predictions is not None else None
+    for image, finding in zip(cams["image"], cams["finding"]):
+        column = f"label:{finding}"
+        known = by_image is not None and image in by_image.index and column in by_image.columns
+        truth.append(bool(by_image.at[image, column]) if known else None)
+    out = cams.assign(truth=truth, threshold=[thresholds.get(f, math.nan) for f in cams["finding"]])
+    out["error"] = [error_class(t, p, th) for t, p, th in zip(out["truth"], out["probability"], out["threshold"])]
+    out["rank"] = out["error"].map(ERROR_ORDER.index)
+    return out
+
+
+def run_report(run_dir: str | Path) -> Path | None:
+    """(Re)render ``run_dir/report.html`` from what the run holds; None when it is not evaluated yet.
+
+    Called at the end of evaluate and of explain, so the page shows whichever parts exist.
+    """
+    run_dir = Path(run_dir)
+    evaluation = run_dir / EVALUATION_DIR
+    if not (evaluation / "metrics.json").is_file():
+        return None
+    return render_report(evaluation, run_dir / EXPLAIN_DIR, run_dir / RUN_CONFIG, run_dir / REPORT_NAME)
+
+
+def render_report(
+    evaluation_dir: str | Path,
+    explain_dir: str | Path | None = None,
+    config_file: str | Path | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """Write the report page of one evaluation (and its explain outputs, when given) to ``out``
+    (default ``evaluation_dir/report.html``); returns its path."""
+    ev = Path(evaluation_dir)
+    metrics = _read_json(ev / "metrics.json")
+    per_class = pd.read_csv(ev / "per_class.csv", index_col=0)
+    explain = Path(explain_dir) if explain_dir is not None and Path(explain_dir).is_dir() else None
+    ex_metrics = _read_json(explain / "metrics.json") if explain else {}
+    config = metrics.get("config") or {}
+    demo = config.get("data_source") == "demo"
+
+    sections = [
+        ("headline", "Headline", _headline(metrics, ex_metrics, demo)),
+        ("curves", "ROC and precision-recall curves", _curves(ev)),
+        ("per-label", "Per-label results", _per_label(per_class, metrics)),
+        ("calibration", "Calibration", _calibration(ev, metrics)),
+        ("subgroups", "Subgroups and underdiagnosis", _subgroups(ev)),
+    ]
+    if explain is not None:
+        sections += [
+            ("gallery", "Grad-CAM gallery", _gallery(explain, ev, per_class)),
+            ("localisation", "Localisation", _localisation(explain, ex_metrics)),
+        ]
+    sections.append(("config", "Configuration", _config(metrics, config, config_file)))
+    subtitle = (f"{esc(config.get('backbone', '?'))} + {esc(config.get('head', '?'))} · "
+                f"{esc(metrics.get('split', '?'))} split: {esc(metrics.get('n_images', '?'))} images of "
+                f"{esc(metrics.get('n_patients', '?'))} patients · checkpoint {esc(metrics.get('checkpoint', '?'))}")
+    text = page("Evaluation report", subtitle, sections, _GALLERY_SCRIPT)
+    target = Path(out) if out is not None else ev / REPORT_NAME
+    write_text(target, text)
+    return target
+
+
+def _headline(metrics: Mapping[str, Any], ex_metrics: Mapping[str, Any], demo: bool) -> str:
+    level = round(100 * (1 - float(metrics.get("alpha", 0.05))))
+
+    def ci(key: str) -> str:
+        lower, upper = metrics.get(f"{key}_lower"), metrics.get(f"{key}_upper")
+        if not (_finite(lower) and _finite(upper)):
+            return ""
+        return f"{level}% CI {lower:.3f}–{upper:.3f} (patient bootstrap)"
+
+    items = [
+        ("mean AUROC", interval(metrics.get("auroc_mean")), ci("auroc_mean")),
+        ("mean AUPRC", interval(metrics.get("auprc_mean")), ci("auprc_mean")),
+        ("macro F1", interval(metrics.get("f1_macro")), "at val-chosen thresholds"),
+        ("mean sensitivity", interval(metrics.get("sensitivity_mean")), "at val-chosen thresholds"),
+        ("mean specificity", interval(metrics.get("specificity_mean")), "at val-chosen thresholds"),
+        ("mean ECE", interval(metrics.get("ece_mean")),
+         f"uncalibrated {interval(metrics['ece_mean_uncalibrated'])}" if "ece_mean_uncalibrated" in metrics else "uncalibrated"),
+    ]
+    if "localization.pointing_game" in ex_metrics:
+        items.append(("pointing game", interval(ex_metrics["localization.pointing_game"]),
+                      f"random baseline {interval(ex_metrics.get('localization.random_pointing_game'))}"))
+    note = f'<p class="note">{esc(DEMO_NOTE)}</p>' if demo else ""
+    undefined = metrics.get("undefined_labels") or []
+    extra = (f"<p>Labels without a defined AUROC in this split (left out of the means): "
+             f"{esc(', '.join(undefined))}.</p>" if undefined else "")
+    return note + cards(items) + extra
+
+
+def _curves(ev: Path) -> str:
+    return ('<div class="pair">' + figure(ev / "roc.png", "ROC curve per label")
+            + figure(ev / "pr.png", "Precision-recall curve per label (prevalence dashed)") + "</div>")
+
+
+def _per_label(per_class: pd.DataFrame, metrics: Mapping[str, Any]) -> str:
+    level = round(100 * (1 - float(metrics.get("alpha", 0.05))))
+    shown = pd.DataFrame(
+        {
+            "positives": per_class["n_pos"],
+            f"AUROC ({level}% CI)": [interval(*v) for v in per_class[["auroc", "auroc_lower", "auroc_upper"]].to_numpy()],
+            f"AUPRC ({level}% CI)": [interval(*v) for v in per_class[["auprc", "auprc_lower", "auprc_upper"]].to_numpy()],
+            **{c: per_class[c] for c in ("threshold", "sensitivity", "specificity", "precision", "f1", "ece") if c in per_class},
+        },
+        index=per_class.index,
+    )
+    return ("<p>Thresholds chosen per label on the validation split "
+            f"({esc(metrics.get('threshold_method', '?'))}); a case is positive if p ≥ threshold.</p>"
+            + table(shown, index=True))
+
+
+def _calibration(ev: Path, metrics: Mapping[str, Any]) -> str:
+    if "ece_mean_uncalibrated" in metrics:
+        return (f"<p>Mean ECE before calibration {esc(interval(metrics['ece_mean_uncalibrated']))}, after "
+                f"{esc(interval(metrics.get('ece_mean')))}.</p><div class=\"pair\">"
+                + figure(ev / RELIABILITY_UNCALIBRATED, "Reliability before calibration")
+                + figure(ev / RELIABILITY, "Reliability after calibration") + "</div>")
+    return ("<p>The model's own probabilities (this evaluation applied no post-hoc calibration); "
+            f"mean ECE {esc(interval(metrics.get('ece_mean')))} over "
+            f"{esc(metrics.get('calibration_bins', '?'))} equal-width bins.</p>"
+            + figure(ev / RELIABILITY, "Reliability, uncalibrated"))
+
+
+def _subgroups(ev: Path) -> str:
+    parts = []
+    subgroups = _read_csv(ev / "subgroups.csv")
+    if subgroups is not None:
+        shown = subgroups.assign(**{"mean AUROC (CI)": [interval(*v) for v in subgroups[["auroc_mean", "lower", "upper"]].to_numpy()]})
+        parts.append("<h3>Mean AUROC per subgroup</h3>" + table(shown.drop(columns=["auroc_mean", "lower", "upper"])))
+    under = _read_csv(ev / UNDERDIAGNOSIS)
+    if under is not None:
+        parts.append("<h3>Underdiagnosis</h3>" + table(under))
+    return "".join(parts) or '<p class="muted">No subgroup tables were written.</p>'
+
+
+def _gallery(explain: Path, ev: Path, per_class: pd.DataFrame) -> str:
+    cams = _read_csv(explain / "cams.csv")
+    if cams is None or cams.empty:
+        return '<p class="muted">No CAM overlays (explain wrote no cams.csv).</p>'
+    thresholds = per_class["threshold"].drop(index="mean", errors="ignore").to_dict() if "threshold" in per_class else {}
+    rows = gallery_table(cams, _read_csv(ev / PREDICTIONS), thresholds)
+    controls = (
+        '<div class="controls"><label>Sort <select id="sort">'
+        '<option value="errors">errors first (false negatives first)</option>'
+        '<option value="probability">probability, high to low</option>'
+        '<option value="probability_low">probability, low to high</option>'
+        '<option value="finding">finding</option></select></label>'
+        f'<label>Finding <select id="finding">{_options(sorted(rows["finding"].unique()), "all findings")}</select></label>'
+        f'<label>Outcome <select id="error">{_options([e for e in ERROR_ORDER if e in set(rows["error"])], "all outcomes")}</select></label>'
+        '<span id="shown-count" class="muted"></span></div>'
+    )
+    items = []
+    for i, r in enumerate(rows.itertuples(index=False)):
+        slug = r.error.replace(" ", "-")
+        caption = (f'<span class="tag {slug}">{esc(r.error)}</span> <b>{esc(r.finding)}</b> p={r.probability:.3f}'
+                   f'{f" (threshold {r.threshold:.3f})" if _finite(r.threshold) else ""}<br>'
+                   f'<span class="muted">{esc(r.image)} · {int(r.n_boxes)} box(es)</span>')
+        items.append(
+            f'<figure class="cam err-{slug}" data-index="{i}" data-finding="{esc(r.finding)}" data-error="{esc(r.error)}" '
+            f'data-rank="{int(r.rank)}" data-probability="{r.probability:.6f}" data-image="{esc(r.image)}">'
+            f'{_overlay(explain / r.overlay, r.title)}<figcaption>{caption}</figcaption></figure>'
+        )
+    return ("<p>Grad-CAM heatmap of each (image, finding) explain drew, ground-truth boxes in green. Outcome: "
+            "the finding's label in the evaluated split against the probability at the label's threshold.</p>"
+            + controls + f'<div id="cam-grid">{"".join(items)}</div>')
+
+
+def _overlay(path: Path, title: str) -> str:
+    if not path.is_file():
+        return f'<p class="muted">overlay {esc(path.name)} is missing</p>'
+    return f'<img alt="{esc(title)}" src="{png_data_uri(path)}">'
+
+
+def _options(values: Iterable[str], every: str) -> str:
+    return f'<option value="all">{esc(every)}</option>' + "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+
+
+def _localisation(explain: Path, ex_metrics: Mapping[str, Any]) -> str:
+    scores = _read_csv(explain / "localization.csv", index_col=0)
+    if scores is None:
+        return '<p class="muted">No localisation scores (the split has no boxes, or localization=false).</p>'
+    return ("<p>Pointing game, IoU and IoBB accuracy of the CAMs against the ground-truth boxes of every "
+            f"boxed image of the {esc(ex_metrics.get('split') or 'given')} split, each beside its random baseline.</p>"
+            + table(scores, index=True))
+
+
+def _config(metrics: Mapping[str, Any], config: Mapping[str, Any], config_file: str | Path | None) -> str:
+    summary = pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]})
+    facts = {k: metrics[k] for k in ("checkpoint", "checkpoint_sha256", "data_root", "label_table", "split",
+                                     "threshold_method", "thresholds_file", "n_boot", "alpha", "seed") if k in metrics}
+    text = table(summary) + "<h3>Evaluation</h3>" + table(pd.DataFrame({"setting": list(facts), "value": [str(v) for v in facts.values()]}))
+    if config_file is not None and Path(config_file).is_file():
+        text += (f"<details><summary>Full training config ({esc(Path(config_file).name)})</summary>"
+                 f"<pre>{esc(Path(config_file).read_text())}</pre></details>")
+    return text
