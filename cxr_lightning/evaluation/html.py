@@ -217,7 +217,8 @@ def gallery_table(cams: pd.DataFrame, predictions: pd.DataFrame | None, threshol
     for image, finding in zip(cams["image"], cams["finding"]):
         column = f"label:{finding}"
         known = by_image is not None and image in by_image.index and column in by_image.columns
-        truth.append(bool(by_image.at[image, column]) if known else None)
+        value = by_image.at[image, column] if known else None
+        truth.append(None if value is None or pd.isna(value) else bool(value))
     out = cams.assign(truth=truth, threshold=[thresholds.get(f, math.nan) for f in cams["finding"]])
     out["error"] = [error_class(t, p, th) for t, p, th in zip(out["truth"], out["probability"], out["threshold"])]
     out["rank"] = out["error"].map(ERROR_ORDER.index)

@@ -174,7 +174,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_class, out / "per_class.csv", index=True)
     _write_csv(subgroups, out / "subgroups.csv", index=False)
-    _write_csv(predictions_table(table, y, probs, labels), out / html.PREDICTIONS, index=False)
+    _write_csv(predictions_table(table, y, probs, scored), out / html.PREDICTIONS, index=False)
     files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
@@ -202,12 +202,13 @@ def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> 
 
 
 def predictions_table(table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, labels: list[str]) -> pd.DataFrame:
-    """One row per image: ``Image Index``, ``Patient ID``, then ``label:<name>`` (0/1) and
-    ``prob:<name>`` per label, for error analysis (the report's gallery joins its overlays on it)."""
+    """One row per image: ``Image Index``, ``Patient ID``, then ``label:<name>`` (0/1, blank where an
+    uncertain label is ignored) and ``prob:<name>`` per label, for error analysis (the report's
+    gallery joins its overlays on it)."""
     return pd.concat(
         [
             table[["Image Index", PATIENT]].reset_index(drop=True),
-            pd.DataFrame(y.astype(int), columns=[f"label:{n}" for n in labels]),
+            pd.DataFrame(y, columns=[f"label:{n}" for n in labels]).astype("Int64"),
             pd.DataFrame(probs, columns=[f"prob:{n}" for n in labels]),
         ],
         axis=1,
