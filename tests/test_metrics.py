@@ -312,6 +312,59 @@ def test_thresholds_reach_the_brute_force_optimum():
             assert score(j, chosen[j]) == pytest.approx(best)
 
 
+def exact_best_threshold(y: np.ndarray, p: np.ndarray, method: str) -> float:
+    """The documented rule in exact rational arithmetic: best F1 / Youden J, highest cut on ties."""
+    from fractions import Fraction
+
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    best, best_cut = None, None
+    for cut in sorted(set(p.tolist()), reverse=True):  # highest first, so the first maximum wins
+        called = p >= cut
+        tp, fp = int((called & (y == 1)).sum()), int((called & (y == 0)).sum())
+        value = Fraction(2 * tp, 2 * tp + fp + n_pos - tp) if method == "f1" else Fraction(tp, n_pos) - Fraction(fp, n_neg)
+        if best is None or value > best:
+            best, best_cut = value, cut
+    return best_cut
+
+
+@pytest.mark.parametrize(
+    "method, y, p",
+    [
+        # torchmetrics' float32 curves pick 0.03 here (F1 4/9) instead of 0.72 (F1 4/7)
+        ("f1", [0, 0, 1, 1, 0, 0, 0, 1, 1, 0], [0.09, 0.72, 0.95, 0.72, 0.6, 0.28, 0.35, 0.03, 0.27, 0.59]),
+        # J ties at 1/2 between 0.58 and 0.28; float32 rounding picked the lower 0.28
+        ("youden", [1, 0, 0, 0, 1, 0, 0, 0], [0.28, 0.62, 0.43, 0.64, 0.58, 0.37, 0.48, 0.23]),
+    ],
+)
+def test_ties_are_decided_exactly_for_the_highest_threshold(method, y, p):
+    y, p = np.array(y, dtype=float), np.array(p)
+    expected = exact_best_threshold(y, p, method)
+    chosen = choose_thresholds(y[:, None], p[:, None], method=method)[0]
+    assert chosen == expected and chosen in p
+    assert chosen == (0.72 if method == "f1" else 0.58)  # the hand-checked answers of these cases
+
+
+@pytest.mark.filterwarnings("ignore:choose_thresholds: no cut")
+def test_thresholds_follow_the_exact_rule_on_many_random_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(5, 14))
+        y = rng.integers(0, 2, n).astype(float)
+        y[0], y[1] = 0.0, 1.0
+        p = np.round(rng.random(n), 2)  # rounded: many ties
+        for method in ("f1", "youden"):
+            assert choose_thresholds(y[:, None], p[:, None], method=method)[0] == exact_best_threshold(y, p, method)
+
+
+def test_no_useful_cut_gives_an_observed_score_and_a_warning():
+    # every cut has J = 0 or less; torchmetrics' ROC returned its artificial 1.0 here
+    y = np.array([[0], [0], [1], [1], [1], [0]])
+    p = np.array([[0.94], [0.67], [0.14], [0.48], [0.83], [0.14]])
+    with pytest.warns(UserWarning, match=r"no cut separates.*\['Mass'\]"):
+        chosen = choose_thresholds(y, p, method="youden", label_names=["Mass"])
+    assert chosen.tolist() == [0.83]  # J(0.83) = 1/3 - 1/3 = 0 = the best, highest such cut
+
+
 def test_threshold_falls_back_for_a_label_without_positives():
     y = np.array([[0, 1], [0, 0], [0, 1]])
     p = np.array([[0.2, 0.9], [0.4, 0.1], [0.6, 0.7]])

@@ -15,8 +15,6 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
     binary_calibration_error,
-    binary_precision_recall_curve,
-    binary_roc,
     multilabel_stat_scores,
 )
 
@@ -28,6 +26,7 @@ __all__ = [
     "choose_thresholds",
     "expected_calibration_error",
     "operating_point_metrics",
+    "threshold_curve",
     "reliability_curve",
     "subgroup_auroc",
 ]
@@ -239,6 +238,25 @@ def _both_classes(y: np.ndarray) -> np.ndarray:
     return (y.sum(axis=0) > 0) & ((1 - y).sum(axis=0) > 0)
 
 
+def threshold_curve(y_true_c: np.ndarray, y_prob_c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every candidate cut of one label with its confusion counts: ``(cuts, tp, fp)``.
+
+    ``cuts`` are the distinct observed scores, ascending, in float64; ``tp``/``fp`` count the
+    positives/negatives with ``p >= cut``. Written here rather than taken from torchmetrics'
+    ``binary_roc``/``binary_precision_recall_curve`` because those return float32 curves even for
+    float64 input: equally good cuts then differ in the last bit (the wrong one wins a tie) and
+    the returned cut need not be an observed score (``binary_roc`` adds an artificial 1.0).
+    """
+    cuts, inverse = np.unique(np.asarray(y_prob_c, dtype=np.float64), return_inverse=True)
+    y = np.asarray(y_true_c, dtype=np.float64)
+    pos = np.bincount(inverse, weights=y, minlength=len(cuts))
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=len(cuts))
+    # counts at or above each cut: reversed cumulative sums (exact integers in float64)
+    tp = np.cumsum(pos[::-1])[::-1].astype(np.int64)
+    fp = np.cumsum(neg[::-1])[::-1].astype(np.int64)
+    return cuts, tp, fp
+
+
 def choose_thresholds(
     y_true: Any,
     y_prob: Any,
@@ -248,10 +266,15 @@ def choose_thresholds(
 ) -> np.ndarray:
     """One decision threshold per label from validation predictions (call positive if ``p >= t``).
 
-    ``"f1"`` maximises F1, ``"youden"`` maximises sensitivity + specificity - 1. The threshold is
-    always one of the observed scores; among equally good ones the highest wins (fewest positive
-    calls). A label without positives or without negatives has no optimum: it gets ``fallback``
-    and a warning names it.
+    ``"f1"`` maximises F1, ``"youden"`` maximises J = sensitivity + specificity - 1. The candidate
+    cuts are the observed scores (:func:`threshold_curve`, float64) and the threshold is always one
+    of them; among equally good cuts the **highest** wins (fewest positive calls). Ties are decided
+    exactly: F1 = 2tp / (2tp + fp + fn) is a ratio of integers (equal ratios give the same double)
+    and J is compared through its integer numerator ``tp * n_neg - fp * n_pos``. When no cut is
+    useful (best J <= 0: no cut separates positives from negatives better than chance) the rule
+    still picks an observed score, the highest one with the best J, and a warning names the label.
+    A label without positives or without negatives has no optimum: it gets ``fallback`` and a
+    warning names it.
     """
     where = "choose_thresholds"
     if method not in ("f1", "youden"):
@@ -259,16 +282,25 @@ def choose_thresholds(
     y, p, names = _check_predictions(y_true, y_prob, label_names, where)
     usable = _both_classes(y)
     thresholds = np.full(y.shape[1], float(fallback))
+    useless = []
     for j in np.flatnonzero(usable):
-        scores, target = _column_tensors(y, p, j)
+        cuts, tp, fp = threshold_curve(y[:, j], p[:, j])
+        n_pos, n_neg = int(tp[0]), int(fp[0])
         if method == "f1":
-            precision, recall, cuts = binary_precision_recall_curve(scores, target)  # cuts ascending
-            f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))[: len(cuts)]
-            best = len(cuts) - 1 - int(torch.argmax(f1.flip(0)))  # last maximum = highest threshold
+            # the lowest cut calls everything positive, so tp > 0 there and the best F1 is > 0
+            score = 2 * tp / (2 * tp + fp + (n_pos - tp))
         else:
-            fpr, tpr, cuts = binary_roc(scores, target)  # cuts descending; cuts[0] is an artificial 1.0
-            best = int(torch.argmax(tpr - fpr))  # first maximum = highest threshold
-        thresholds[j] = float(cuts[best])
+            score = tp * n_neg - fp * n_pos  # J * n_pos * n_neg, an exact integer
+        best = len(cuts) - 1 - int(np.argmax(score[::-1]))  # last maximum in ascending order = highest cut
+        thresholds[j] = cuts[best]
+        if score[best] <= 0:
+            useless.append(names[j])
+    if useless:
+        warnings.warn(
+            f"{where}: no cut separates positives from negatives for {useless} (best Youden J <= 0); "
+            "their threshold is the highest observed score with the best J.",
+            stacklevel=2,
+        )
     if not usable.all():
         missing = [names[j] for j in np.flatnonzero(~usable)]
         warnings.warn(
