@@ -160,7 +160,7 @@ def test_update_rejects_bad_shapes_and_soft_targets_and_calls():
 
 def test_every_state_is_registered_with_a_distributed_reduction():
     metric = filled_metric()
-    children = list(metric.collection.values(copy_state=False))
+    children = [*metric.collection.values(copy_state=False), *metric.calls.values(copy_state=False)]
     assert children and not metric._defaults  # the wrapper holds no state of its own
     for child in children:
         assert child._defaults, type(child).__name__
@@ -283,6 +283,18 @@ def test_bootstrap_rejects_bad_input():
         bootstrap_ci(y, p, ids, n_boot=5)
 
 
+def test_logged_f1_calls_a_probability_equal_to_the_threshold_positive_like_the_offline_metrics():
+    # p = 0.5 exactly (logit 0): torchmetrics alone counts it negative (p > t); the rule is p >= t
+    y = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    p = np.array([[0.5, 0.5], [0.9, 0.5], [0.5, 0.2], [0.2, 0.5]])
+    metric = LabelMetrics(["A", "B"], threshold=0.5)
+    metric.update(logit(p), torch.as_tensor(y, dtype=torch.float32))
+    offline = operating_point_metrics(y, p, [0.5, 0.5])["f1"].to_numpy()
+    by_hand = [hand_f1(y[:, j], (p[:, j] >= 0.5).astype(int)) for j in range(2)]
+    assert offline == pytest.approx(by_hand) and by_hand == pytest.approx([4 / 5, 2 / 5])
+    assert metric.compute()["f1_macro"].item() == pytest.approx(np.mean(offline))
+
+
 # ---------------------------------------------------------------- thresholds and operating points
 
 
@@ -344,7 +356,7 @@ def test_ties_are_decided_exactly_for_the_highest_threshold(method, y, p):
     assert chosen == (0.72 if method == "f1" else 0.58)  # the hand-checked answers of these cases
 
 
-@pytest.mark.filterwarnings("ignore:choose_thresholds: no cut")
+@pytest.mark.filterwarnings("ignore:.*no cut separates")
 def test_thresholds_follow_the_exact_rule_on_many_random_cases():
     rng = np.random.default_rng(0)
     for _ in range(300):
