@@ -14,9 +14,17 @@ from conftest import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_model, load_thresholds, save_thresholds, thresholds_path
+from cxr_lightning.checkpoints import (
+    calibration_path,
+    load_calibration,
+    load_model,
+    load_thresholds,
+    save_thresholds,
+    thresholds_path,
+)
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation.job import evaluate, predict_split
+from cxr_lightning.evaluation.statistics import expected_calibration_error
 from cxr_lightning.tasks.build import datamodule_for
 
 pytestmark = pytest.mark.slow
@@ -38,18 +46,42 @@ def evaluation(fitted):
 
 
 @pytest.fixture(scope="module")
-def predictions(fitted):
-    """Val and test probabilities computed here, independently of evaluate's own pass."""
+def predictions(fitted, evaluation):
+    """Val and test probabilities computed here, independently of evaluate's own pass, through the
+    calibration evaluate saved (every figure of the report is on that scale)."""
     _, ckpt = fitted
     model = load_model(ckpt)
     dm = datamodule_for(model, {"num_workers": 0})
     labels = list(model.hparams.label_names)
+    calibration, _ = load_calibration(ckpt, labels)
     cols = [f"label:{n}" for n in labels]
     out = {}
     for split in ("val", "test"):
         probs, table = predict_split(model, dm, split)
-        out[split] = (probs, table[cols].to_numpy(), table)
+        out[split] = (calibration.apply(probs), table[cols].to_numpy(), table)
+        out[f"raw_{split}"] = probs
     return labels, out
+
+
+def test_calibration_is_fitted_on_val_saved_beside_the_checkpoint_and_reported(fitted, evaluation, predictions):
+    _, ckpt = fitted
+    labels, preds = predictions
+    saved = json.loads(calibration_path(ckpt).read_text())
+    assert evaluation.calibration_file == calibration_path(ckpt)
+    assert saved["method"] == "platt" and saved["n_images"] == len(preds["val"][2])
+    assert saved["checkpoint_sha256"] == files.file_digest(ckpt)
+    _, y, _ = preds["test"]
+    written = json.loads((evaluation.output_dir / "metrics.json").read_text())
+    cal = expected_calibration_error(y, preds["test"][0], written["calibration_bins"])
+    raw = expected_calibration_error(y, preds["raw_test"], written["calibration_bins"])
+    for j, name in enumerate(labels):
+        assert written[f"ece.{name}"] == pytest.approx(cal[j], abs=1e-6)
+        assert written[f"ece_uncalibrated.{name}"] == pytest.approx(raw[j], abs=1e-6)
+    assert written["ece_mean"] == pytest.approx(cal.mean(), abs=1e-6)
+    assert written["ece_mean_uncalibrated"] == pytest.approx(raw.mean(), abs=1e-6)
+    text = (evaluation.output_dir / "report.md").read_text()
+    assert f"platt scaling per label, fitted on {len(preds['val'][2])} validation images" in text
+    assert "ECE raw" in text
 
 
 def test_writes_every_report_file_into_run_dir_evaluation(fitted, evaluation):

@@ -2,8 +2,10 @@
 
 Per label and on average: AUROC and AUPRC with patient-bootstrap intervals; sensitivity,
 specificity, precision and F1 at per-label thresholds chosen on the **validation** split (saved
-beside the checkpoint for ``predict``); calibration (ECE, reliability diagrams); mean AUROC per
-sex, age band and view position. Everything is rebuilt from the checkpoint alone (data config,
+beside the checkpoint for ``predict``); a post-hoc probability calibration fitted on the same
+validation split (saved beside the checkpoint; every figure after it is on the calibrated scale,
+thresholds included) with ECE and reliability diagrams before and after it; mean AUROC per sex,
+age band and view position. Everything is rebuilt from the checkpoint alone (data config,
 labels, metadata layout); ``data.*`` overrides only say where the files are and how to load them.
 
 Outputs in the output directory: ``report.md``, ``metrics.json``, ``per_class.csv``,
@@ -22,7 +24,16 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cxr_lightning import files, inference
-from cxr_lightning.checkpoints import DEFAULT_THRESHOLD, load_model, resolve_checkpoint, save_thresholds
+from cxr_lightning.calibration import METHODS as CALIBRATION_METHODS
+from cxr_lightning.calibration import Calibration, fit_calibration
+from cxr_lightning.checkpoints import (
+    DEFAULT_THRESHOLD,
+    calibration_path,
+    load_model,
+    resolve_checkpoint,
+    save_calibration,
+    save_thresholds,
+)
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.evaluation import report
@@ -54,6 +65,7 @@ class Evaluation:
     per_class: pd.DataFrame
     subgroups: pd.DataFrame
     thresholds_file: Path
+    calibration_file: Path | None
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -67,12 +79,16 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     log.info("Evaluating %s on the %s split of %s (%s)", ckpt, cfg.split, dm.root, device)
 
-    val_probs, val_table = predict_split(model, dm, "val", device)
-    probs, table = predict_split(model, dm, cfg.split, device)
+    raw_val_probs, val_table = predict_split(model, dm, "val", device)
+    raw_probs, table = predict_split(model, dm, cfg.split, device)
     label_cols = [f"label:{n}" for n in labels]
     y_val = val_table[label_cols].to_numpy()
     y = table[label_cols].to_numpy()
     patients = table[PATIENT].to_numpy()
+
+    calibration, calibration_file = _calibrate(ckpt, y_val, raw_val_probs, labels, cfg.calibration_method)
+    val_probs = calibration.apply(raw_val_probs) if calibration else raw_val_probs
+    probs = calibration.apply(raw_probs) if calibration else raw_probs
 
     method = cfg.threshold_method
     with warnings.catch_warnings():
@@ -82,14 +98,18 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     fallback = [n for n, ok in zip(labels, _both_classes(y_val)) if not ok]
     if fallback:
         log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
-    thresholds_file = save_thresholds(ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback)
+    thresholds_file = save_thresholds(
+        ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback, calibrated=calibration is not None
+    )
 
     boot = {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": labels}
     auroc = bootstrap_ci(y, probs, patients, "auroc", **boot)
     auprc = bootstrap_ci(y, probs, patients, "auprc", **boot)
     operating = operating_point_metrics(y, probs, thresholds, labels)
-    ece = pd.Series(expected_calibration_error(y, probs, int(cfg.calibration_bins)), index=labels)
-    per_class = _per_class_table(auroc, auprc, operating, ece)
+    bins = int(cfg.calibration_bins)
+    ece = pd.Series(expected_calibration_error(y, probs, bins), index=labels)
+    ece_raw = pd.Series(expected_calibration_error(y, raw_probs, bins), index=labels)
+    per_class = _per_class_table(auroc, auprc, operating, ece, ece_raw)
     subgroups = _subgroup_table(table, y, probs, labels, cfg, boot)
 
     summary = {
@@ -109,7 +129,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "n_boot": int(cfg.n_boot),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),
-        "calibration_bins": int(cfg.calibration_bins),
+        "calibration_bins": bins,
+        "calibration_method": calibration.method if calibration else "none",
+        "calibration_file": str(calibration_file) if calibration_file else None,
+        "calibration_n_images": calibration.n_images if calibration else 0,
+        "calibration_unfitted_labels": calibration.unfitted if calibration else [],
+        "calibration": calibration.describe() if calibration else "none (raw model probabilities)",
     }
     config = config_summary(model)
     metrics = {**summary, **_flat_metrics(per_class, subgroups), "config": config}
@@ -122,7 +147,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     figures = {
         "roc": report.roc_figure(y, probs, labels, per_label["auroc"].to_numpy()),
         "pr": report.pr_figure(y, probs, labels, per_label["auprc"].to_numpy()),
-        "reliability": report.reliability_figure(y, probs, labels, ece.to_numpy(), int(cfg.calibration_bins)),
+        "reliability": report.reliability_figure(
+            y, probs, labels, ece.to_numpy(), bins, raw=(raw_probs, ece_raw.to_numpy()) if calibration else None
+        ),
     }
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
@@ -133,12 +160,26 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         len(table),
         out / "report.md",
     )
-    return Evaluation(out, metrics, per_class, subgroups, thresholds_file)
+    return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file)
 
 
 def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:
     """Probabilities ``(N, L)`` for every image of ``split``, with the split's table in the same order."""
     return inference.predict_probabilities(model, dm.loader(split, shuffle=False), device), dm.split_table(split)
+
+
+def _calibrate(
+    ckpt: Path, y_val: np.ndarray, raw_val_probs: np.ndarray, labels: list[str], method: str
+) -> tuple[Calibration | None, Path | None]:
+    """Fit and save the calibration on val; ``none`` removes a stale file so predict stays raw."""
+    if method == "none":
+        stale = calibration_path(ckpt)
+        if stale.is_file():
+            stale.unlink()
+            log.info("calibration_method=none: removed %s, so predict reports raw probabilities", stale)
+        return None, None
+    calibration = fit_calibration(y_val, raw_val_probs, method, labels)
+    return calibration, save_calibration(ckpt, calibration)
 
 
 def config_summary(model: CXRClassifier) -> dict[str, Any]:
@@ -172,6 +213,10 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"split={cfg.split!r}: expected one of {list(SPLITS)}.")
     if cfg.split != "test":
         log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", cfg.split)
+    if cfg.calibration_method not in (*CALIBRATION_METHODS, "none"):
+        raise ConfigError(
+            f"calibration_method={cfg.calibration_method!r}: expected one of {[*CALIBRATION_METHODS, 'none']}."
+        )
     if int(cfg.n_boot) < 1:
         raise ConfigError(f"n_boot={cfg.n_boot}: need at least 1 bootstrap resample (1000 for a report).")
     if not 0.0 < float(cfg.alpha) < 1.0:
@@ -192,7 +237,7 @@ def _both_classes(y: np.ndarray) -> np.ndarray:
 
 
 def _per_class_table(
-    auroc: pd.DataFrame, auprc: pd.DataFrame, operating: pd.DataFrame, ece: pd.Series
+    auroc: pd.DataFrame, auprc: pd.DataFrame, operating: pd.DataFrame, ece: pd.Series, ece_raw: pd.Series
 ) -> pd.DataFrame:
     """One row per label plus ``mean`` (AUROC/AUPRC means from the bootstrap; the rest macro means)."""
     table = pd.DataFrame(
@@ -207,7 +252,9 @@ def _per_class_table(
             "auprc_upper": auprc["upper"],
         }
     )
-    extra = operating[["threshold", "sensitivity", "specificity", "precision", "f1"]].assign(ece=ece)
+    extra = operating[["threshold", "sensitivity", "specificity", "precision", "f1"]].assign(
+        ece=ece, ece_uncalibrated=ece_raw
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN mean, by design
         means = extra.drop(columns="threshold").mean(skipna=True)
@@ -251,6 +298,7 @@ def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str,
         "precision_mean": mean["precision"],
         "f1_macro": mean["f1"],
         "ece_mean": mean["ece"],
+        "ece_mean_uncalibrated": mean["ece_uncalibrated"],
     }
     for label, row in per_class.drop(index="mean").to_dict(orient="index").items():
         flat.update({f"{column}.{label}": value for column, value in row.items()})

@@ -87,6 +87,10 @@ def render_report(
         f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
         f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`, saved to "
         f"`{summary['thresholds_file']}`",
+        f"- Calibration: {summary['calibration']}"
+        + (f", saved to `{summary['calibration_file']}`" if summary.get("calibration_file") else "")
+        + ". Every probability below (and the thresholds) is on the calibrated scale; `ECE raw` is the "
+        "model's output before calibration.",
         f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
         "resampled together.",
         "",
@@ -142,6 +146,7 @@ def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
             "precision": rows["precision"],
             "F1": rows["f1"],
             "ECE": rows["ece"],
+            "ECE raw": rows["ece_uncalibrated"],
         },
         index=rows.index,
     )
@@ -235,16 +240,29 @@ def pr_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str]
 
 
 def reliability_figure(
-    y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], ece: Sequence[float], n_bins: int
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    label_names: Sequence[str],
+    ece: Sequence[float],
+    n_bins: int,
+    raw: tuple[np.ndarray, Sequence[float]] | None = None,
 ) -> Figure:
     """One reliability diagram per label: observed positive rate against mean probability per bin
-    (marker area ~ images in the bin), perfect calibration dashed, ECE in the title."""
+    (marker area ~ images in the bin), perfect calibration dashed, ECE in the title. ``raw``
+    (uncalibrated probabilities and their ECE) adds the curve before calibration, in grey."""
     fig, axes = _panels(len(label_names), "Reliability diagrams", "mean predicted probability", "observed positive rate")
+    curves = [("calibrated" if raw is not None else None, y_prob, ece, "C0")]
+    if raw is not None:
+        curves.append(("raw", raw[0], raw[1], "C7"))
     for j, (ax, name) in enumerate(zip(axes, label_names)):
-        _, accuracy, confidence, counts = reliability_curve(y_true[:, j], y_prob[:, j], n_bins)
-        filled = counts > 0
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
-        ax.plot(confidence[filled], accuracy[filled], lw=1.0)
-        ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3)
-        ax.set_title(f"{name}\nECE {ece[j]:.3f}", fontsize=9)
+        for kind, probs, _, colour in curves:
+            _, accuracy, confidence, counts = reliability_curve(y_true[:, j], probs[:, j], n_bins)
+            filled = counts > 0
+            ax.plot(confidence[filled], accuracy[filled], lw=1.0, color=colour, label=kind)
+            ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3, color=colour)
+        title = f"ECE {ece[j]:.3f}" if raw is None else f"ECE {ece[j]:.3f} (raw {raw[1][j]:.3f})"
+        ax.set_title(f"{name}\n{title}", fontsize=9)
+        if raw is not None and j == 0:
+            ax.legend(fontsize=7, loc="upper left")
     return fig

@@ -7,7 +7,8 @@ From a checkpoint (or a training run directory) alone it writes, into the output
   of ground-truth boxes drawn, title, file);
 * ``tensorboard/``: the overlays as one image grid, tag ``cam_grid``;
 * ``localization.csv``: per-finding pointing game, IoU and IoBB accuracy with the random-heatmap
-  baseline, over every image of the chosen split that has boxes (when the data has boxes);
+  baseline (``random_*``; named in ``localization.random_baseline``) and ``box_share``, the hit
+  rate of a uniformly placed point, over every image of the chosen split that has boxes (when the data has boxes);
 * ``metrics.json``: counts of uninformative CAMs and the pooled localisation scores.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cxr_lightning.explain.inputs import (
 )
 from cxr_lightning.explain.localization import (
     ALL_FINDINGS_ROW,
+    RANDOM_BASELINE,
     bbox_targets,
     localization_scores,
     pair_boxes,
@@ -275,6 +277,7 @@ def _localization(
         "localization.n_pairs": int(pooled["n_images"]),
         "localization.n_boxes": int(pooled["n_boxes"]),
     }
+    summary["localization.random_baseline"] = RANDOM_BASELINE
     summary["localization.zero_gradient"] = result.n_zero_gradient
     summary["localization.empty"] = result.n_empty
     return summary
@@ -286,11 +289,13 @@ def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> 
     log.info("  TensorBoard:  tensorboard --logdir %s", out / "tensorboard")
     if metrics.get("localization.n_boxes"):
         log.info(
-            "  localisation: %s (pointing game %.3f vs random %.3f; IoBB@0.5 %.3f vs random %.3f)",
+            "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
             out / "localization.csv",
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
+            metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
         )
+        log.info("  random baseline: %s", metrics["localization.random_baseline"])
     bad = {k: v for k, v in metrics.items() if k.endswith((".zero_gradient", ".empty")) and v}
     if bad:
         log.warning("  uninformative CAMs: %s (marked on the overlays; see cams.csv)", bad)
