@@ -97,8 +97,13 @@ def _train():
     return train
 
 
+def _selection_value(metrics: dict[str, Any]) -> float | None:
+    """What a sweeper optimises: the best value of ``selection.metric`` (its direction: tasks/validate.py)."""
+    return metrics["selection"]["best"]
+
+
 def train_main() -> None:
-    hydra_command("train", _train, lambda metrics: metrics.get("best_val_loss"))()
+    hydra_command("train", _train, _selection_value)()
 
 
 def _evaluate():

@@ -13,6 +13,7 @@ From a checkpoint (or a training run directory) alone it writes, into the output
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_model, resolve_checkpoint
+from cxr_lightning.checkpoints import load_calibration, load_model, resolve_checkpoint
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.data.tables import SPLITS
@@ -83,6 +84,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
 
     targets = [findings] * len(shown) if findings is not None else None
     result = image_set_cams(model, shown, targets, top_k, method, batch_size)
+    # titles and cams.csv show the probabilities predict reports: calibrated when evaluate fitted it
+    calibration, _ = load_calibration(ckpt, model.label_names)
+    if calibration is not None:
+        result = dataclasses.replace(result, probabilities=calibration.apply(result.probabilities))
     overlays = _write_overlays(out, shown, result, model.label_names, boxes)
     _log_grid(out / "tensorboard", shown, result, model.label_names, boxes)
 
@@ -93,6 +98,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "split": split,
         "n_images": len(shown),
         "n_cams": len(result.pairs),
+        "probabilities": calibration.describe() if calibration is not None else "raw model outputs (no calibration file)",
         "cams.zero_gradient": result.n_zero_gradient,
         "cams.empty": result.n_empty,
         "overlays": str(out / "overlays"),
