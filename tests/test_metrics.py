@@ -478,3 +478,26 @@ def test_age_bands():
         age_bands(pd.Series([30.0, -2.0], index=["a", "b"]))
     with pytest.raises(ConfigError, match="strictly increasing"):
         age_bands(ages, edges=(0, 40, 20))
+
+
+def test_underdiagnosis_rates_on_a_constructed_case():
+    from cxr_lightning.evaluation.statistics import underdiagnosis
+
+    names = ["Mass", "Nodule", "No Finding"]
+    # group F: 4 patients with Mass; 1 called No Finding, 2 Mass missed; 1 Nodule positive, missed
+    # group M: 2 patients with Nodule, both found, none called No Finding; 1 healthy image
+    y = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
+    p = np.array(
+        [[0.9, 0.1, 0.1], [0.2, 0.1, 0.7], [0.3, 0.2, 0.1], [0.8, 0.1, 0.2], [0.1, 0.6, 0.1], [0.1, 0.9, 0.2], [0.1, 0.1, 0.9]]
+    )
+    sex = pd.Series(["F", "F", "F", "F", "M", "M", "M"])
+    patients = np.array([1, 2, 3, 4, 5, 6, 7])
+    table = underdiagnosis(y, p, [0.5, 0.5, 0.5], sex, patients, n_boot=200, label_names=names).set_index("group")
+    f, m = table.loc["F"], table.loc["M"]
+    assert (f["n_images"], f["n_with_finding"], m["n_with_finding"]) == (4, 4, 2)
+    assert f["underdiagnosis"] == pytest.approx(1 / 4) and m["underdiagnosis"] == 0.0
+    assert f["fnr.Mass"] == pytest.approx(2 / 4) and f["fnr.Nodule"] == 1.0
+    assert m["fnr.Nodule"] == 0.0 and math.isnan(m["fnr.Mass"])  # no Mass in M: undefined, not 0
+    assert f["underdiagnosis_lower"] <= 0.25 <= f["underdiagnosis_upper"] and f["underdiagnosis_upper"] > f["underdiagnosis_lower"]
+    assert m["fnr.Nodule_lower"] == m["fnr.Nodule_upper"] == 0.0
+    assert "fnr.No Finding" not in table.columns

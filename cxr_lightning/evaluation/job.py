@@ -44,6 +44,7 @@ from cxr_lightning.evaluation.statistics import (
     expected_calibration_error,
     operating_point_metrics,
     subgroup_auroc,
+    underdiagnosis,
 )
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.tasks.build import datamodule_for
@@ -66,6 +67,7 @@ class Evaluation:
     subgroups: pd.DataFrame
     thresholds_file: Path
     calibration_file: Path | None
+    underdiagnosis: pd.DataFrame
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -111,6 +113,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     ece_raw = pd.Series(expected_calibration_error(y, raw_probs, bins), index=labels)
     per_class = _per_class_table(auroc, auprc, operating, ece, ece_raw)
     subgroups = _subgroup_table(table, y, probs, labels, cfg, boot)
+    audit = _underdiagnosis_table(table, y, probs, thresholds, labels, cfg, boot)
 
     summary = {
         "checkpoint": str(ckpt),
@@ -137,11 +140,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "calibration": calibration.describe() if calibration else "none (raw model probabilities)",
     }
     config = config_summary(model)
-    metrics = {**summary, **_flat_metrics(per_class, subgroups), "config": config}
+    metrics = {**summary, **_flat_metrics(per_class, subgroups), **_flat_underdiagnosis(audit), "config": config}
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_class, out / "per_class.csv", index=True)
     _write_csv(subgroups, out / "subgroups.csv", index=False)
+    _write_csv(audit, out / "underdiagnosis.csv", index=False)
     files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
@@ -153,14 +157,14 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     }
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
-    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups))
+    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups, audit))
     log.info(
         "Mean AUROC %s on %d images; report: %s",
         report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
         len(table),
         out / "report.md",
     )
-    return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file)
+    return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file, audit)
 
 
 def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:
@@ -281,6 +285,42 @@ def _subgroup_table(
     frame = pd.concat(parts, ignore_index=True)
     frame["group"] = frame["group"].astype(str)
     return frame[["attribute", "group", "n_images", "n_patients", "n_labels", "auroc_mean", "lower", "upper"]]
+
+
+def _underdiagnosis_table(
+    table: pd.DataFrame,
+    y: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    labels: list[str],
+    cfg: DictConfig,
+    boot: dict[str, Any],
+) -> pd.DataFrame:
+    """Underdiagnosis and false-negative rates per sex, age band, view and sex x age band."""
+    sex = table[SUBGROUP_COLUMNS["sex"]].reset_index(drop=True)
+    age = age_bands(table[SUBGROUP_COLUMNS["age"]], edges=list(cfg.age_edges)).reset_index(drop=True)
+    groups = {
+        "sex": sex,
+        "age": age,
+        "view": table[SUBGROUP_COLUMNS["view"]].reset_index(drop=True),
+        "sex_x_age": sex.astype(object).fillna("unknown").astype(str) + " × " + age.astype(str),
+    }
+    patients = table[PATIENT].to_numpy()
+    parts = [
+        underdiagnosis(y, probs, thresholds, values, patients, **boot).assign(attribute=attribute)
+        for attribute, values in groups.items()
+    ]
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[["attribute", *[c for c in frame.columns if c != "attribute"]]]
+
+
+def _flat_underdiagnosis(audit: pd.DataFrame) -> dict[str, Any]:
+    """``underdiagnosis.<attribute>.<group>.<rate>`` keys (rates, their intervals and counts)."""
+    flat: dict[str, Any] = {}
+    for row in audit.to_dict(orient="records"):
+        key = f"underdiagnosis.{row.pop('attribute')}.{row.pop('group')}"
+        flat.update({f"{key}.{column}": value for column, value in row.items()})
+    return flat
 
 
 def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def render_report(
     config: Mapping[str, Any],
     per_class: pd.DataFrame,
     subgroups: pd.DataFrame,
+    underdiagnosis: pd.DataFrame | None = None,
     figures: Mapping[str, str] = FIGURES,
 ) -> str:
     """The text of ``report.md``.
@@ -110,6 +111,17 @@ def render_report(
         "",
         markdown_table(_subgroup_display(subgroups), index=False),
     ]
+    if underdiagnosis is not None:
+        lines += [
+            "## Underdiagnosis",
+            "",
+            "As CheXclusion (Seyyed-Kalantari et al. 2021): among the images with at least one finding, the share "
+            "called \"No Finding\" at the chosen thresholds, and the false-negative rate (mean over findings; per "
+            f"finding in `underdiagnosis.csv`), with {level}% patient-bootstrap intervals. `sex_x_age` is the "
+            "intersection of sex and age band.",
+            "",
+            markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
+        ]
     undefined = summary.get("undefined_labels") or []
     if undefined:
         lines += [f"Labels without a defined AUROC in this split (left out of the mean): {', '.join(undefined)}.", ""]
@@ -149,6 +161,22 @@ def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
             "ECE raw": rows["ece_uncalibrated"],
         },
         index=rows.index,
+    )
+
+
+def _underdiagnosis_display(audit: pd.DataFrame) -> pd.DataFrame:
+    fnr = [c for c in audit.columns if c.startswith("fnr.") and not c.endswith(("_lower", "_upper"))]
+    return pd.DataFrame(
+        {
+            "attribute": audit["attribute"],
+            "group": audit["group"],
+            "images": audit["n_images"],
+            "with a finding": audit["n_with_finding"],
+            "called No Finding": [
+                interval(*v) for v in audit[["underdiagnosis", "underdiagnosis_lower", "underdiagnosis_upper"]].to_numpy()
+            ],
+            "mean FNR": audit[fnr].mean(axis=1, skipna=True),
+        }
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "expected_calibration_error",
     "operating_point_metrics",
     "threshold_curve",
+    "underdiagnosis",
     "reliability_curve",
     "subgroup_auroc",
 ]
@@ -459,3 +460,79 @@ def age_bands(ages: pd.Series, edges: Sequence[int] = (0, 20, 40, 60, 80, 200)) 
     bands = pd.cut(numeric, bins=edges, right=False, labels=names)
     bands = bands.cat.add_categories("unknown").fillna("unknown")
     return bands.rename("age_band")
+
+
+NO_FINDING = "No Finding"
+
+
+def underdiagnosis(
+    y_true: Any,
+    y_prob: Any,
+    thresholds: Any,
+    groups: pd.Series,
+    patient_ids: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    label_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Underdiagnosis per subgroup at the chosen thresholds (positive if ``p >= t``), as
+    CheXclusion (Seyyed-Kalantari et al. 2021) audited it on this dataset.
+
+    ``underdiagnosis``: among the images with at least one finding, the share called "No Finding"
+    (the ``No Finding`` label called positive when the model predicts it, else no finding called
+    at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
+    has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
+    of :func:`bootstrap_ci`) drawn within the group; a rate without images to count is NaN.
+    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_with_finding``.
+    """
+    where = "underdiagnosis"
+    y, p, names = _check_predictions(y_true, y_prob, label_names, where)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (y.shape[1],):
+        raise ConfigError(f"{where}: need {y.shape[1]} thresholds (one per label {names}), got {t.tolist()}.")
+    values = pd.Series(groups).reset_index(drop=True).astype(object)
+    if len(values) != len(y):
+        raise DataError(f"{where}: {len(values)} group values for {len(y)} images; pass one value per image row.")
+    values = values.where(values.notna(), "unknown")
+    patients = np.asarray(patient_ids)
+    _patient_codes(patients, len(y), where)
+    called = p >= t
+    findings = [j for j, n in enumerate(names) if n != NO_FINDING]
+    has_finding = y[:, findings].max(axis=1) == 1
+    if NO_FINDING in names:
+        called_normal = called[:, names.index(NO_FINDING)]
+    else:
+        called_normal = ~called[:, findings].any(axis=1)
+    # (numerator, denominator) indicator columns, one pair per rate
+    rates = {"underdiagnosis": (has_finding & called_normal, has_finding)}
+    rates |= {f"fnr.{names[j]}": ((y[:, j] == 1) & ~called[:, j], y[:, j] == 1) for j in findings}
+    num = np.column_stack([v[0] for v in rates.values()]).astype(np.float64)
+    den = np.column_stack([v[1] for v in rates.values()]).astype(np.float64)
+    order = list(pd.unique(values)) if not isinstance(groups.dtype, pd.CategoricalDtype) else [
+        c for c in [*groups.cat.categories, "unknown"] if (values == c).any()
+    ]
+    if not isinstance(groups.dtype, pd.CategoricalDtype):
+        order = sorted(order, key=str)
+    rows = []
+    for value in order:
+        mask = (values == value).to_numpy()
+        codes, n_patients = _patient_codes(patients[mask], int(mask.sum()), where)
+        # per patient sums, so a resample's rate is a count-weighted ratio of patient totals
+        pn = np.zeros((n_patients, num.shape[1]))
+        pd_ = np.zeros((n_patients, num.shape[1]))
+        np.add.at(pn, codes, num[mask])
+        np.add.at(pd_, codes, den[mask])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            estimate = pn.sum(axis=0) / pd_.sum(axis=0)
+            boot = np.concatenate(
+                [(counts @ pn) / (counts @ pd_) for counts in _iter_patient_counts(n_patients, n_boot, seed)]
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a rate never defined in resamples -> NaN
+            lower, upper = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
+        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_with_finding": int(has_finding[mask].sum())}
+        for k, name in enumerate(rates):
+            row |= {name: estimate[k], f"{name}_lower": lower[k], f"{name}_upper": upper[k]}
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -250,9 +250,9 @@ def _prediction_table(
     """``file``, one (calibrated) probability column per label, ``findings``, the demographics, and
     ``raw:<label>`` columns of the model's own outputs when asked for."""
     raw = pd.concat(rows) if rows else pd.DataFrame(columns=labels, dtype=float)
-    probs = raw.copy()
+    probs = raw
     if calibration is not None and len(raw):
-        probs[:] = calibration.apply(raw.to_numpy())
+        probs = pd.DataFrame(calibration.apply(raw.to_numpy()), index=raw.index, columns=raw.columns)
     positive = probs.to_numpy() >= thresholds
     findings = ["|".join(np.asarray(labels)[row]) for row in positive]
     used = demographics.reindex(probs.index)
