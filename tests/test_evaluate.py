@@ -227,3 +227,32 @@ def test_bad_settings_fail_before_any_work(fitted):
     cfg = compose_config([f"run_dir={run_dir}", "+data.colour=red", "output_dir=unused"], config_name="evaluate")
     with pytest.raises(ConfigError, match=r"Unknown data override\(s\) \['colour'\]"):
         evaluate(cfg)
+
+
+def test_model_card_and_underdiagnosis_carry_the_real_figures(evaluation, predictions):
+    labels, preds = predictions
+    test_table = preds["test"][2]
+    written = json.loads((evaluation.output_dir / "metrics.json").read_text())
+    card = (evaluation.output_dir / "model_card.md").read_text()
+    assert "frontal" in card and "text-mined" in card and "TRIPOD+AI" in card and "CLAIM" in card
+    assert f"Mean AUROC {written['auroc_mean']:.3f} (" in card
+    assert f"ECE {written['ece_mean']:.3f} after, {written['ece_mean_uncalibrated']:.3f} before" in card
+    assert f"({len(test_table)} images, {test_table['Patient ID'].nunique()} patients)" in card
+    y = preds["test"][1]
+    first = labels[0]
+    assert f"| {first} | " in card and f"{y[:, 0].mean():.3f}" in card  # the label's test prevalence
+    audit = pd.read_csv(evaluation.output_dir / "underdiagnosis.csv")
+    assert set(audit["attribute"]) == {"sex", "age", "view", "sex_x_age"}
+    sex = audit[audit["attribute"] == "sex"].set_index("group")
+    assert sex["n_images"].to_dict() == test_table["Patient Gender"].value_counts().to_dict()
+    group = sex.index[0]
+    assert written[f"underdiagnosis.sex.{group}.underdiagnosis"] == pytest.approx(sex.at[group, "underdiagnosis"], nan_ok=True)
+    # the rate by hand: images of the group with a finding, called No Finding at the saved thresholds
+    t = json.loads(evaluation.thresholds_file.read_text())["thresholds"]
+    probs = preds["test"][0]
+    mask = (test_table["Patient Gender"] == group).to_numpy()
+    findings = [j for j, n in enumerate(labels) if n != "No Finding"]
+    has = y[:, findings].max(axis=1) == 1
+    called_nf = probs[:, labels.index("No Finding")] >= t["No Finding"]
+    assert sex.at[group, "underdiagnosis"] == pytest.approx((has & called_nf & mask).sum() / (has & mask).sum())
+    assert "## Underdiagnosis" in (evaluation.output_dir / "report.md").read_text()

@@ -8,8 +8,9 @@ thresholds included) with ECE and reliability diagrams before and after it; mean
 age band and view position. Everything is rebuilt from the checkpoint alone (data config,
 labels, metadata layout); ``data.*`` overrides only say where the files are and how to load them.
 
-Outputs in the output directory: ``report.md``, ``metrics.json``, ``per_class.csv``,
-``subgroups.csv``, ``roc.png``, ``pr.png``, ``reliability.png``.
+Outputs in the output directory: ``report.md``, ``model_card.md``, ``metrics.json``,
+``per_class.csv``, ``subgroups.csv``, ``underdiagnosis.csv``, ``roc.png``, ``pr.png``,
+``reliability.png``.
 """
 from __future__ import annotations
 
@@ -158,6 +159,10 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
     files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups, audit))
+    files.write_text(
+        out / "model_card.md",
+        report.render_model_card(summary, config, data_table(dm, labels), per_class, subgroups, audit),
+    )
     log.info(
         "Mean AUROC %s on %d images; report: %s",
         report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
@@ -285,6 +290,19 @@ def _subgroup_table(
     frame = pd.concat(parts, ignore_index=True)
     frame["group"] = frame["group"].astype(str)
     return frame[["attribute", "group", "n_images", "n_patients", "n_labels", "auroc_mean", "lower", "upper"]]
+
+
+def data_table(dm, labels: list[str]) -> pd.DataFrame:
+    """Images, patients, and per-label positives and prevalence of every split, for the model card."""
+    columns: dict[str, Any] = {}
+    for split in SPLITS:
+        split_table = dm.split_table(split)
+        positives = split_table[[f"label:{n}" for n in labels]].sum().to_numpy()
+        columns[split] = [len(split_table), split_table[PATIENT].nunique(), *positives.astype(int)]
+        columns[f"{split} prevalence"] = [np.nan, np.nan, *(positives / max(len(split_table), 1))]
+    return pd.DataFrame(columns, index=pd.Index(["images", "patients", *labels], name="count")).astype(
+        {s: "int64" for s in SPLITS}
+    )
 
 
 def _underdiagnosis_table(

@@ -164,6 +164,88 @@ def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def render_model_card(
+    summary: Mapping[str, Any],
+    config: Mapping[str, Any],
+    data: pd.DataFrame,
+    per_class: pd.DataFrame,
+    subgroups: pd.DataFrame,
+    underdiagnosis: pd.DataFrame,
+) -> str:
+    """The text of ``model_card.md``: intended use and limits, data, results, training, and the
+    TRIPOD+AI / CLAIM items the framework knows. ``data`` has one row per label plus ``images``
+    and ``patients`` rows, one column per split (counts) and ``<split> prevalence`` columns."""
+    level = round(100 * (1 - float(summary["alpha"])))
+    mean = per_class.loc["mean"]
+    demo = str(config.get("data_source")) == "demo"
+    lines = [
+        "# Model card",
+        "",
+        f"Checkpoint `{summary['checkpoint']}` (sha256 `{summary['checkpoint_sha256']}`).",
+        "",
+        "## Intended use and limits",
+        "",
+        "- Research use only: multi-label screening scores for 14 findings and \"No Finding\" on **frontal** (PA/AP) "
+        "chest radiographs of adults and children as in NIH ChestX-ray14. Not a medical device; not for diagnosis.",
+        "- Lateral films are refused by predict; other modalities, body parts and paediatric-only populations are out of scope.",
+        "- The NIH labels were text-mined from radiology reports (NLP, estimated accuracy around 90%), so every figure "
+        "below is measured against noisy labels, not a radiologist's reading.",
+        "- Performance outside the population of the training data (other hospitals, scanners, ages) is unknown until "
+        "measured on an external set.",
+    ]
+    if demo:
+        lines += ["- **These figures come from the constructed demo dataset: they exercise the pipeline and are not "
+                  "evidence of clinical performance.**"]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"Label table `{summary['label_table']}` under `{summary['data_root']}`; patient-level split (seed "
+        f"{config.get('split_seed')}): no patient appears in two splits. Counts and label prevalences:",
+        "",
+        markdown_table(data),
+        "## Results",
+        "",
+        f"On the **{summary['split']}** split ({summary['n_images']} images, {summary['n_patients']} patients), "
+        f"{level}% patient-bootstrap intervals ({summary['n_boot']} resamples):",
+        "",
+        f"- Mean AUROC {interval(mean['auroc'], mean['auroc_lower'], mean['auroc_upper'])}, "
+        f"mean AUPRC {interval(mean['auprc'], mean['auprc_lower'], mean['auprc_upper'])}, macro F1 {mean['f1']:.3f}.",
+        f"- Calibration: {summary['calibration']}. ECE {mean['ece']:.3f} after, {mean['ece_uncalibrated']:.3f} before.",
+        f"- Thresholds: per label on the val split by `{summary['threshold_method']}`, on the calibrated scale "
+        f"(`{summary['thresholds_file']}`).",
+        "",
+        markdown_table(_per_class_display(per_class)),
+        "### Subgroups",
+        "",
+        markdown_table(_subgroup_display(subgroups), index=False),
+        "### Underdiagnosis",
+        "",
+        markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
+        "## Training",
+        "",
+        markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False),
+        "## Reporting checklists (TRIPOD+AI, CLAIM): items this framework records",
+        "",
+        "| item | where |",
+        "| --- | --- |",
+        "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data above; `label_table` |",
+        "| Data partitions at the patient level, no overlap | Data above (patients per split) |",
+        "| Sample size per split and outcome prevalence | Data above |",
+        "| Handling of missing predictors (age imputed with the training median, flagged) | training config `age_fill` |",
+        "| Model type, architecture, pretraining, input size, preprocessing | Training above |",
+        "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run `metrics.json` `selection` |",
+        "| Performance measures with confidence intervals (discrimination) | Results above |",
+        "| Calibration before and after post-hoc recalibration | Results above; `reliability.png` |",
+        "| Operating points and how thresholds were chosen (validation split only) | Results above |",
+        "| Fairness: performance and underdiagnosis by sex, age, view, sex x age | Subgroups, Underdiagnosis above |",
+        "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python -m cxr_lightning.explain` |",
+        "| Not recorded here: external validation, clinical setting and users, reader studies, failure analysis | to be reported by the study |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _underdiagnosis_display(audit: pd.DataFrame) -> pd.DataFrame:
     fnr = [c for c in audit.columns if c.startswith("fnr.") and not c.endswith(("_lower", "_upper"))]
     return pd.DataFrame(
