@@ -6,8 +6,9 @@
 - :class:`AtomicCheckpointIO` writes every checkpoint Lightning saves to a temporary file beside it
   and renames it into place, and refuses to write a model whose weights are no longer finite.
 - :func:`resolve_checkpoint` turns ``ckpt_path=`` / ``run_dir=`` into a file.
-- Thresholds chosen by evaluate live beside their checkpoint (``<stem>.thresholds.json``) with the
-  checkpoint's sha256, so a retrained checkpoint never inherits stale ones.
+- Thresholds and the probability calibration fitted by evaluate live beside their checkpoint
+  (``<stem>.thresholds.json``, ``<stem>.calibration.json``) with the checkpoint's sha256, so a
+  retrained checkpoint never inherits stale ones.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from cxr_lightning.calibration import Calibration
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.files import atomic_path, file_digest, write_json
 from cxr_lightning.models.module import CXRClassifier
@@ -31,6 +33,7 @@ LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EX
 # The decision threshold of a label without one chosen on the validation split.
 DEFAULT_THRESHOLD = 0.5
 THRESHOLDS_SUFFIX = ".thresholds.json"
+CALIBRATION_SUFFIX = ".calibration.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,8 +152,10 @@ def save_thresholds(
     method: str,
     n_images: int,
     fallback: Sequence[str] = (),
+    calibrated: bool = False,
 ) -> Path:
-    """Write the per-label thresholds with the checkpoint's fingerprint."""
+    """Write the per-label thresholds with the checkpoint's fingerprint; ``calibrated`` says they
+    apply to calibrated probabilities (the calibration file beside them)."""
     ckpt = Path(ckpt_path)
     return write_json(
         thresholds_path(ckpt),
@@ -158,11 +163,10 @@ def save_thresholds(
             "thresholds": {name: float(t) for name, t in zip(label_names, thresholds)},
             "method": method,
             "chosen_on": "val",
+            "scale": "calibrated" if calibrated else "raw",
             "n_images": int(n_images),
             "fallback_labels": list(fallback),
-            "checkpoint": ckpt.name,
-            "checkpoint_sha256": file_digest(ckpt),
-            "checkpoint_size": ckpt.stat().st_size,
+            **_fingerprint(ckpt),
         },
     )
 
@@ -182,18 +186,69 @@ def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) ->
             stacklevel=2,
         )
         return np.full(len(label_names), DEFAULT_THRESHOLD), None
+    saved = _read_sidecar(path, ckpt, "Thresholds")
     try:
-        saved = json.loads(path.read_text())
         by_label = {str(k): float(v) for k, v in saved["thresholds"].items()}
-        size, digest = int(saved["checkpoint_size"]), str(saved["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"Thresholds file {path} is malformed ({exc}); delete it and rerun evaluate.") from exc
-    if size != ckpt.stat().st_size or digest != file_digest(ckpt):
-        raise CheckpointError(
-            f"Thresholds file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
-            f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
-        )
     missing = [n for n in label_names if n not in by_label]
     if missing:
         raise CheckpointError(f"Thresholds file {path} has no threshold for {missing}; rerun evaluate.")
     return np.array([by_label[n] for n in label_names]), path
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration beside the checkpoint (fitted by evaluate; applied by predict, explain and export)
+def calibration_path(ckpt_path: str | os.PathLike) -> Path:
+    """``<checkpoint dir>/<checkpoint stem>.calibration.json``."""
+    ckpt = Path(ckpt_path)
+    return ckpt.with_name(ckpt.stem + CALIBRATION_SUFFIX)
+
+
+def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> Path:
+    """Write the fitted calibration with the checkpoint's fingerprint."""
+    ckpt = Path(ckpt_path)
+    return write_json(calibration_path(ckpt), {**calibration.to_dict(), **_fingerprint(ckpt)})
+
+
+def load_calibration(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -> tuple[Calibration | None, Path | None]:
+    """The calibration ``evaluate`` fitted for this checkpoint and its file.
+
+    Without a file: ``(None, None)`` and a warning that probabilities stay raw. A file written for
+    another checkpoint, or for other labels, is a :class:`CheckpointError`.
+    """
+    ckpt, path = Path(ckpt_path), calibration_path(ckpt_path)
+    if not path.is_file():
+        warnings.warn(
+            f"No calibration file {path}: probabilities are the model's raw outputs, which the class-weighted "
+            f"losses push up. Run `python -m cxr_lightning.evaluate ckpt_path={ckpt}` to fit a calibration "
+            "on the validation split.",
+            stacklevel=2,
+        )
+        return None, None
+    calibration = Calibration.from_dict(_read_sidecar(path, ckpt, "Calibration"), f"Calibration file {path}")
+    if calibration.label_names != list(label_names):
+        raise CheckpointError(
+            f"Calibration file {path} is for labels {calibration.label_names}, the checkpoint predicts "
+            f"{list(label_names)}; rerun evaluate."
+        )
+    return calibration, path
+
+
+def _fingerprint(ckpt: Path) -> dict[str, Any]:
+    return {"checkpoint": ckpt.name, "checkpoint_sha256": file_digest(ckpt), "checkpoint_size": ckpt.stat().st_size}
+
+
+def _read_sidecar(path: Path, ckpt: Path, kind: str) -> dict[str, Any]:
+    """A JSON file kept beside ``ckpt``, refused unless it was written for exactly this checkpoint."""
+    try:
+        saved = json.loads(path.read_text())
+        size, digest = int(saved["checkpoint_size"]), str(saved["checkpoint_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{kind} file {path} is malformed ({exc}); delete it and rerun evaluate.") from exc
+    if size != ckpt.stat().st_size or digest != file_digest(ckpt):
+        raise CheckpointError(
+            f"{kind} file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
+            f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
+        )
+    return saved

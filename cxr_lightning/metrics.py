@@ -42,8 +42,8 @@ class LabelMetrics(WrapperMetric):
     no batch is ever misread: torchmetrics' own "sigmoid only if some value lies outside [0, 1]"
     rule would treat a batch of small logits as probabilities.
 
-    ``compute()`` returns ``auroc/<Name>`` for every label, ``auroc_mean``, ``f1_macro`` (F1 at
-    ``threshold`` on the probabilities) and ``auprc_mean``. A label without positives or without
+    ``compute()`` returns ``auroc/<Name>`` for every label, ``auroc_mean``, ``f1_macro`` (F1 of the calls
+    ``p >= threshold``, the rule of every operating point in the framework) and ``auprc_mean``. A label without positives or without
     negatives in the data seen has AUROC NaN and is left out of ``auroc_mean``; a label without
     positives is also left out of ``f1_macro`` and ``auprc_mean`` (recall is undefined there).
     :meth:`skipped_labels` names the labels left out of ``auroc_mean``.
@@ -69,18 +69,23 @@ class LabelMetrics(WrapperMetric):
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"LabelMetrics: threshold must lie strictly between 0 and 1 (a probability), got {threshold}.")
         self.label_names = names
+        self.threshold = float(threshold)
         n = len(names)
         # validate_args=False: update() checks shapes and target values once, with our own errors.
         common = {"num_labels": n, "average": None, "validate_args": False, **metric_kwargs}
+        # auroc/auprc share the stored scores
         self.collection = MetricCollection(
+            {"auroc": MultilabelAUROC(**common), "auprc": MultilabelAveragePrecision(**common)}, compute_groups=True
+        )
+        # f1/stats share confusion counts of calls made here with the framework's one rule, p >= t
+        # (torchmetrics thresholds float predictions with p > t; integer calls pass through as they are)
+        self.calls = MetricCollection(
             {
-                "auroc": MultilabelAUROC(**common),
-                "auprc": MultilabelAveragePrecision(**common),
-                "f1": MultilabelF1Score(threshold=threshold, **common),
+                "f1": MultilabelF1Score(**common),
                 # tp/fp/tn/fn per label: the synced positive/negative counts that decide validity
-                "stats": MultilabelStatScores(threshold=threshold, **common),
+                "stats": MultilabelStatScores(**common),
             },
-            compute_groups=True,  # auroc/auprc share stored scores, f1/stats share counts
+            compute_groups=True,
         )
         self._n_updates = 0
 
@@ -104,7 +109,9 @@ class LabelMetrics(WrapperMetric):
                 "pass the hard labels, not smoothed or soft targets."
             )
         probs = torch.sigmoid(logits.detach().float())
-        self.collection.update(probs, targets.detach().long())
+        targets = targets.detach().long()
+        self.collection.update(probs, targets)
+        self.calls.update((probs >= self.threshold).long(), targets)
         self._n_updates += 1
 
     def compute(self) -> dict[str, Tensor]:
@@ -116,7 +123,7 @@ class LabelMetrics(WrapperMetric):
         with warnings.catch_warnings():
             for message in _UNDEFINED_LABEL_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            raw = self.collection.compute()
+            raw = {**self.collection.compute(), **self.calls.compute()}
         has_pos, has_neg = _has_pos_neg(raw["stats"])
         nan = torch.tensor(float("nan"), device=raw["auroc"].device)
         auroc = torch.where(has_pos & has_neg, raw["auroc"].float(), nan)
@@ -138,13 +145,14 @@ class LabelMetrics(WrapperMetric):
         with warnings.catch_warnings():
             for message in _UNDEFINED_LABEL_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
-            stats = self.collection.compute()["stats"]
+            stats = self.calls.compute()["stats"]
         has_pos, has_neg = _has_pos_neg(stats)
         valid = (has_pos & has_neg).tolist()
         return [name for name, ok in zip(self.label_names, valid) if not ok]
 
     def reset(self) -> None:
         self.collection.reset()
+        self.calls.reset()
         self._n_updates = 0
         super().reset()
 

@@ -14,9 +14,17 @@ from conftest import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_model, load_thresholds, save_thresholds, thresholds_path
+from cxr_lightning.checkpoints import (
+    calibration_path,
+    load_calibration,
+    load_model,
+    load_thresholds,
+    save_thresholds,
+    thresholds_path,
+)
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation.job import evaluate, predict_split
+from cxr_lightning.evaluation.statistics import expected_calibration_error
 from cxr_lightning.tasks.build import datamodule_for
 
 pytestmark = pytest.mark.slow
@@ -38,18 +46,42 @@ def evaluation(fitted):
 
 
 @pytest.fixture(scope="module")
-def predictions(fitted):
-    """Val and test probabilities computed here, independently of evaluate's own pass."""
+def predictions(fitted, evaluation):
+    """Val and test probabilities computed here, independently of evaluate's own pass, through the
+    calibration evaluate saved (every figure of the report is on that scale)."""
     _, ckpt = fitted
     model = load_model(ckpt)
     dm = datamodule_for(model, {"num_workers": 0})
     labels = list(model.hparams.label_names)
+    calibration, _ = load_calibration(ckpt, labels)
     cols = [f"label:{n}" for n in labels]
     out = {}
     for split in ("val", "test"):
         probs, table = predict_split(model, dm, split)
-        out[split] = (probs, table[cols].to_numpy(), table)
+        out[split] = (calibration.apply(probs), table[cols].to_numpy(), table)
+        out[f"raw_{split}"] = probs
     return labels, out
+
+
+def test_calibration_is_fitted_on_val_saved_beside_the_checkpoint_and_reported(fitted, evaluation, predictions):
+    _, ckpt = fitted
+    labels, preds = predictions
+    saved = json.loads(calibration_path(ckpt).read_text())
+    assert evaluation.calibration_file == calibration_path(ckpt)
+    assert saved["method"] == "platt" and saved["n_images"] == len(preds["val"][2])
+    assert saved["checkpoint_sha256"] == files.file_digest(ckpt)
+    _, y, _ = preds["test"]
+    written = json.loads((evaluation.output_dir / "metrics.json").read_text())
+    cal = expected_calibration_error(y, preds["test"][0], written["calibration_bins"])
+    raw = expected_calibration_error(y, preds["raw_test"], written["calibration_bins"])
+    for j, name in enumerate(labels):
+        assert written[f"ece.{name}"] == pytest.approx(cal[j], abs=1e-6)
+        assert written[f"ece_uncalibrated.{name}"] == pytest.approx(raw[j], abs=1e-6)
+    assert written["ece_mean"] == pytest.approx(cal.mean(), abs=1e-6)
+    assert written["ece_mean_uncalibrated"] == pytest.approx(raw.mean(), abs=1e-6)
+    text = (evaluation.output_dir / "report.md").read_text()
+    assert f"platt scaling per label, fitted on {len(preds['val'][2])} validation images" in text
+    assert "ECE raw" in text
 
 
 def test_writes_every_report_file_into_run_dir_evaluation(fitted, evaluation):
@@ -195,3 +227,32 @@ def test_bad_settings_fail_before_any_work(fitted):
     cfg = compose_config([f"run_dir={run_dir}", "+data.colour=red", "output_dir=unused"], config_name="evaluate")
     with pytest.raises(ConfigError, match=r"Unknown data override\(s\) \['colour'\]"):
         evaluate(cfg)
+
+
+def test_model_card_and_underdiagnosis_carry_the_real_figures(evaluation, predictions):
+    labels, preds = predictions
+    test_table = preds["test"][2]
+    written = json.loads((evaluation.output_dir / "metrics.json").read_text())
+    card = (evaluation.output_dir / "model_card.md").read_text()
+    assert "frontal" in card and "text-mined" in card and "TRIPOD+AI" in card and "CLAIM" in card
+    assert f"Mean AUROC {written['auroc_mean']:.3f} (" in card
+    assert f"ECE {written['ece_mean']:.3f} after, {written['ece_mean_uncalibrated']:.3f} before" in card
+    assert f"({len(test_table)} images, {test_table['Patient ID'].nunique()} patients)" in card
+    y = preds["test"][1]
+    first = labels[0]
+    assert f"| {first} | " in card and f"{y[:, 0].mean():.3f}" in card  # the label's test prevalence
+    audit = pd.read_csv(evaluation.output_dir / "underdiagnosis.csv")
+    assert set(audit["attribute"]) == {"sex", "age", "view", "sex_x_age"}
+    sex = audit[audit["attribute"] == "sex"].set_index("group")
+    assert sex["n_images"].to_dict() == test_table["Patient Gender"].value_counts().to_dict()
+    group = sex.index[0]
+    assert written[f"underdiagnosis.sex.{group}.underdiagnosis"] == pytest.approx(sex.at[group, "underdiagnosis"], nan_ok=True)
+    # the rate by hand: images of the group with a finding, called No Finding at the saved thresholds
+    t = json.loads(evaluation.thresholds_file.read_text())["thresholds"]
+    probs = preds["test"][0]
+    mask = (test_table["Patient Gender"] == group).to_numpy()
+    findings = [j for j, n in enumerate(labels) if n != "No Finding"]
+    has = y[:, findings].max(axis=1) == 1
+    called_nf = probs[:, labels.index("No Finding")] >= t["No Finding"]
+    assert sex.at[group, "underdiagnosis"] == pytest.approx((has & called_nf & mask).sum() / (has & mask).sum())
+    assert "## Underdiagnosis" in (evaluation.output_dir / "report.md").read_text()

@@ -453,9 +453,31 @@ def test_random_baseline_columns_score_the_seeded_random_heatmaps():
         table = localization_scores(
             heatmaps, pairs, ["a.png", "b.png"], LABELS, _bbox_table(True), SIZE, seed=7, thresholds=(0.1, 0.2)
         )
-    scores = [c for c in table.columns if c not in ("n_images", "n_boxes") and not c.startswith("random_")]
+    scores = [c for c in table.columns if c not in ("n_images", "n_boxes", "box_share") and not c.startswith("random_")]
     assert "iou@0.2" in scores
     np.testing.assert_array_equal(table[scores].to_numpy(), table[[f"random_{c}" for c in scores]].to_numpy())
+
+
+def test_random_baseline_points_like_a_uniform_point_on_random_boxes_of_known_area():
+    rng = np.random.default_rng(0)
+    n, side, size = 3000, 16, 64  # 16 x 16 boxes on a 64-px heatmap: a uniform point hits 1/16
+    names = [f"{i}.png" for i in range(n)]
+    xy = rng.integers(0, size - side + 1, size=(n, 2)) * 16.0  # on the 1024-px original
+    boxes = pd.DataFrame(
+        {"Image Index": names, "Finding Label": "Mass", "x": xy[:, 0], "y": xy[:, 1], "w": side * 16.0, "h": side * 16.0}
+    )
+    pairs = np.column_stack([np.arange(n), np.ones(n, dtype=int)])
+    table = localization_scores(np.zeros((n, size, size), np.float32), pairs, names, LABELS, boxes, size, seed=3)
+    share = (side / size) ** 2
+    assert table.at[ALL_FINDINGS_ROW, "box_share"] == pytest.approx(share)
+    noise = np.sqrt(share * (1 - share) / n)
+    assert abs(table.at[ALL_FINDINGS_ROW, "random_pointing_game"] - share) < 3 * noise
+    # the maxima themselves are uniformly placed: as many on the outer ring as its share of pixels
+    maxima = random_heatmaps(4000, (size, size), seed=1).reshape(4000, -1).argmax(axis=1)
+    r, c = np.divmod(maxima, size)
+    ring = ((r == 0) | (c == 0) | (r == size - 1) | (c == size - 1)).mean()
+    expected = 1 - ((size - 2) / size) ** 2
+    assert abs(ring - expected) < 3 * np.sqrt(expected * (1 - expected) / 4000)
 
 
 def test_bbox_targets_and_bad_tables():

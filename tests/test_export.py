@@ -13,7 +13,8 @@ from conftest import compose_config, fit_tiny
 from cxr_lightning.tasks import export as export_module
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
-from cxr_lightning.checkpoints import load_model
+from cxr_lightning.calibration import Calibration
+from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -86,3 +87,26 @@ def test_a_mismatching_export_fails_loudly_and_leaves_no_file(ckpt, tmp_path, mo
 def test_unknown_format_is_a_config_error(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="format='tflite'"):
         run_export(ckpt, "tflite", tmp_path / "m")
+
+
+def test_export_carries_the_calibration_that_turns_its_logits_into_calibrated_probabilities(ckpt, tmp_path):
+    model = load_model(ckpt)
+    labels = list(model.hparams.label_names)
+    params = {n: {"slope": 0.5 + 0.1 * j, "intercept": -1.0} for j, n in enumerate(labels)}
+    fitted = Calibration("platt", labels, params, n_images=7)
+    output = tmp_path / "model.pt"
+    try:
+        save_calibration(ckpt, fitted)
+        run_export(ckpt, "torchscript", output)
+    finally:
+        calibration_path(ckpt).unlink()
+    written = read_torchscript_metadata(output)
+    assert written["thresholds"] == "none"
+    carried = Calibration.from_dict(json.loads(written["calibration"]))
+    image, meta = inputs(model, 3)
+    with torch.no_grad():
+        exported = torch.sigmoid(torch.jit.load(str(output))(image, meta)).double().numpy()
+        reference = torch.sigmoid(model(image, meta)).double().numpy()
+    logit = np.log(reference) - np.log1p(-reference)
+    expected = 1 / (1 + np.exp(-(np.array([0.5 + 0.1 * j for j in range(len(labels))]) * logit - 1.0)))
+    np.testing.assert_allclose(carried.apply(exported), expected, atol=1e-5)

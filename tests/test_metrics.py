@@ -160,7 +160,7 @@ def test_update_rejects_bad_shapes_and_soft_targets_and_calls():
 
 def test_every_state_is_registered_with_a_distributed_reduction():
     metric = filled_metric()
-    children = list(metric.collection.values(copy_state=False))
+    children = [*metric.collection.values(copy_state=False), *metric.calls.values(copy_state=False)]
     assert children and not metric._defaults  # the wrapper holds no state of its own
     for child in children:
         assert child._defaults, type(child).__name__
@@ -283,6 +283,18 @@ def test_bootstrap_rejects_bad_input():
         bootstrap_ci(y, p, ids, n_boot=5)
 
 
+def test_logged_f1_calls_a_probability_equal_to_the_threshold_positive_like_the_offline_metrics():
+    # p = 0.5 exactly (logit 0): torchmetrics alone counts it negative (p > t); the rule is p >= t
+    y = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    p = np.array([[0.5, 0.5], [0.9, 0.5], [0.5, 0.2], [0.2, 0.5]])
+    metric = LabelMetrics(["A", "B"], threshold=0.5)
+    metric.update(logit(p), torch.as_tensor(y, dtype=torch.float32))
+    offline = operating_point_metrics(y, p, [0.5, 0.5])["f1"].to_numpy()
+    by_hand = [hand_f1(y[:, j], (p[:, j] >= 0.5).astype(int)) for j in range(2)]
+    assert offline == pytest.approx(by_hand) and by_hand == pytest.approx([4 / 5, 2 / 5])
+    assert metric.compute()["f1_macro"].item() == pytest.approx(np.mean(offline))
+
+
 # ---------------------------------------------------------------- thresholds and operating points
 
 
@@ -310,6 +322,59 @@ def test_thresholds_reach_the_brute_force_optimum():
         for j in range(2):
             best = max(score(j, t) for t in np.unique(p[:, j]))
             assert score(j, chosen[j]) == pytest.approx(best)
+
+
+def exact_best_threshold(y: np.ndarray, p: np.ndarray, method: str) -> float:
+    """The documented rule in exact rational arithmetic: best F1 / Youden J, highest cut on ties."""
+    from fractions import Fraction
+
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    best, best_cut = None, None
+    for cut in sorted(set(p.tolist()), reverse=True):  # highest first, so the first maximum wins
+        called = p >= cut
+        tp, fp = int((called & (y == 1)).sum()), int((called & (y == 0)).sum())
+        value = Fraction(2 * tp, 2 * tp + fp + n_pos - tp) if method == "f1" else Fraction(tp, n_pos) - Fraction(fp, n_neg)
+        if best is None or value > best:
+            best, best_cut = value, cut
+    return best_cut
+
+
+@pytest.mark.parametrize(
+    "method, y, p",
+    [
+        # torchmetrics' float32 curves pick 0.03 here (F1 4/9) instead of 0.72 (F1 4/7)
+        ("f1", [0, 0, 1, 1, 0, 0, 0, 1, 1, 0], [0.09, 0.72, 0.95, 0.72, 0.6, 0.28, 0.35, 0.03, 0.27, 0.59]),
+        # J ties at 1/2 between 0.58 and 0.28; float32 rounding picked the lower 0.28
+        ("youden", [1, 0, 0, 0, 1, 0, 0, 0], [0.28, 0.62, 0.43, 0.64, 0.58, 0.37, 0.48, 0.23]),
+    ],
+)
+def test_ties_are_decided_exactly_for_the_highest_threshold(method, y, p):
+    y, p = np.array(y, dtype=float), np.array(p)
+    expected = exact_best_threshold(y, p, method)
+    chosen = choose_thresholds(y[:, None], p[:, None], method=method)[0]
+    assert chosen == expected and chosen in p
+    assert chosen == (0.72 if method == "f1" else 0.58)  # the hand-checked answers of these cases
+
+
+@pytest.mark.filterwarnings("ignore:.*no cut separates")
+def test_thresholds_follow_the_exact_rule_on_many_random_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(5, 14))
+        y = rng.integers(0, 2, n).astype(float)
+        y[0], y[1] = 0.0, 1.0
+        p = np.round(rng.random(n), 2)  # rounded: many ties
+        for method in ("f1", "youden"):
+            assert choose_thresholds(y[:, None], p[:, None], method=method)[0] == exact_best_threshold(y, p, method)
+
+
+def test_no_useful_cut_gives_an_observed_score_and_a_warning():
+    # every cut has J = 0 or less; torchmetrics' ROC returned its artificial 1.0 here
+    y = np.array([[0], [0], [1], [1], [1], [0]])
+    p = np.array([[0.94], [0.67], [0.14], [0.48], [0.83], [0.14]])
+    with pytest.warns(UserWarning, match=r"no cut separates.*\['Mass'\]"):
+        chosen = choose_thresholds(y, p, method="youden", label_names=["Mass"])
+    assert chosen.tolist() == [0.83]  # J(0.83) = 1/3 - 1/3 = 0 = the best, highest such cut
 
 
 def test_threshold_falls_back_for_a_label_without_positives():
@@ -413,3 +478,26 @@ def test_age_bands():
         age_bands(pd.Series([30.0, -2.0], index=["a", "b"]))
     with pytest.raises(ConfigError, match="strictly increasing"):
         age_bands(ages, edges=(0, 40, 20))
+
+
+def test_underdiagnosis_rates_on_a_constructed_case():
+    from cxr_lightning.evaluation.statistics import underdiagnosis
+
+    names = ["Mass", "Nodule", "No Finding"]
+    # group F: 4 patients with Mass; 1 called No Finding, 2 Mass missed; 1 Nodule positive, missed
+    # group M: 2 patients with Nodule, both found, none called No Finding; 1 healthy image
+    y = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
+    p = np.array(
+        [[0.9, 0.1, 0.1], [0.2, 0.1, 0.7], [0.3, 0.2, 0.1], [0.8, 0.1, 0.2], [0.1, 0.6, 0.1], [0.1, 0.9, 0.2], [0.1, 0.1, 0.9]]
+    )
+    sex = pd.Series(["F", "F", "F", "F", "M", "M", "M"])
+    patients = np.array([1, 2, 3, 4, 5, 6, 7])
+    table = underdiagnosis(y, p, [0.5, 0.5, 0.5], sex, patients, n_boot=200, label_names=names).set_index("group")
+    f, m = table.loc["F"], table.loc["M"]
+    assert (f["n_images"], f["n_with_finding"], m["n_with_finding"]) == (4, 4, 2)
+    assert f["underdiagnosis"] == pytest.approx(1 / 4) and m["underdiagnosis"] == 0.0
+    assert f["fnr.Mass"] == pytest.approx(2 / 4) and f["fnr.Nodule"] == 1.0
+    assert m["fnr.Nodule"] == 0.0 and math.isnan(m["fnr.Mass"])  # no Mass in M: undefined, not 0
+    assert f["underdiagnosis_lower"] <= 0.25 <= f["underdiagnosis_upper"] and f["underdiagnosis_upper"] > f["underdiagnosis_lower"]
+    assert m["fnr.Nodule_lower"] == m["fnr.Nodule_upper"] == 0.0
+    assert "fnr.No Finding" not in table.columns

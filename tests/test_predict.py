@@ -17,7 +17,8 @@ from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.tasks.build import datamodule_for
 from cxr_lightning.evaluation.job import predict_split
 from cxr_lightning.errors import DataError
-from cxr_lightning.checkpoints import save_thresholds
+from cxr_lightning.calibration import Calibration
+from cxr_lightning.checkpoints import calibration_path, save_calibration, save_thresholds
 from cxr_lightning.checkpoints import load_model
 from cxr_lightning.tasks.predict import predict
 
@@ -170,6 +171,33 @@ def test_findings_use_the_thresholds_saved_by_evaluate(fitted, gray, tmp_path):
     assert second.thresholds_file is not None
     assert second.predictions.loc[0, "findings"] == "|".join(labels[::2])
     assert pd.read_csv(tmp_path / "b.csv").loc[0, "findings"] == "|".join(labels[::2])
+
+
+def test_probability_columns_are_calibrated_and_raw_ones_come_on_request(fitted, gray, tmp_path):
+    _, ckpt = fitted
+    labels = list(load_model(ckpt).hparams.label_names)
+    Image.fromarray(gray).save(tmp_path / "x.png")
+    with pytest.warns(UserWarning, match="No calibration file"):
+        raw = run_predict(ckpt, tmp_path / "x.png", tmp_path / "raw.csv").predictions.loc[0, labels].to_numpy(dtype=float)
+    # a known Platt map per label: sigmoid(0.5 * logit(p) - 1), the identity for the first label
+    params = {n: {"slope": 0.5, "intercept": -1.0} for n in labels[1:]} | {labels[0]: {}}
+    calibration = Calibration("platt", labels, params, n_images=10, unfitted=[labels[0]])
+    logit = np.log(raw) - np.log1p(-raw)
+    expected = np.r_[raw[0], 1 / (1 + np.exp(-(0.5 * logit[1:] - 1.0)))]
+    thresholds = expected - 1e-6  # every label called, on the calibrated scale
+    try:
+        save_calibration(ckpt, calibration)
+        save_thresholds(ckpt, labels, thresholds, "f1", n_images=10, calibrated=True)
+        run = run_predict(ckpt, tmp_path / "x.png", tmp_path / "cal.csv", "raw_probabilities=true")
+    finally:
+        calibration_path(ckpt).unlink()
+        ckpt.with_name(ckpt.stem + ".thresholds.json").unlink()
+    written = pd.read_csv(tmp_path / "cal.csv")
+    np.testing.assert_allclose(written.loc[0, labels].to_numpy(dtype=float), expected, rtol=1e-6)
+    np.testing.assert_allclose(written.loc[0, [f"raw:{n}" for n in labels]].to_numpy(dtype=float), raw, rtol=1e-6)
+    assert run.predictions.loc[0, "findings"] == "|".join(labels)
+    plain = run_predict(ckpt, tmp_path / "x.png", tmp_path / "plain.csv").predictions
+    assert not [c for c in plain.columns if c.startswith("raw:")]
 
 
 def test_corrupt_and_lateral_files_are_named_others_predicted_exit_status_one(fitted, gray, tmp_path):

@@ -99,6 +99,11 @@ def _print_cache(cache: Any) -> None:
     print(f"{cache.directory}: {len(cache)} images of {cache.size} px")
 
 
+def _selection_value(metrics: dict[str, Any]) -> float | None:
+    """What a sweeper optimises: the best value of ``selection.metric`` (its direction: tasks/validate.py)."""
+    return metrics["selection"]["best"]
+
+
 def _exit_on_failed_files(run: Any) -> None:
     from cxr_lightning.tasks.predict import report_failures
 
@@ -112,7 +117,7 @@ def _explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> st
 
 
 # The Hydra commands.
-train_main = hydra_command("train", "cxr_lightning.tasks.train:train", lambda metrics: metrics.get("best_val_loss"))
+train_main = hydra_command("train", "cxr_lightning.tasks.train:train", _selection_value)
 evaluate_main = hydra_command(
     "evaluate", "cxr_lightning.evaluation.job:evaluate", lambda result: float(result.metrics["auroc_mean"])
 )

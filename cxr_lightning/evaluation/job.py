@@ -2,8 +2,10 @@
 
 Per label and on average: AUROC and AUPRC with patient-bootstrap intervals; sensitivity,
 specificity, precision and F1 at per-label thresholds chosen on the **validation** split (saved
-beside the checkpoint for ``predict``); calibration (ECE, reliability diagrams); mean AUROC per
-sex, age band and view position. Everything is rebuilt from the checkpoint alone (data config,
+beside the checkpoint for ``predict``); a post-hoc probability calibration fitted on the same
+validation split (saved beside the checkpoint; every figure after it is on the calibrated scale,
+thresholds included) with ECE and reliability diagrams before and after it; mean AUROC per sex,
+age band and view position. Everything is rebuilt from the checkpoint alone (data config,
 labels, metadata layout); ``data.*`` overrides only say where the files are and how to load them.
 
 External validation: ``data=<source> data.root=DIR`` (chexpert, mimic_cxr, padchest, nih_google)
@@ -14,8 +16,8 @@ thresholds are the ones chosen on the checkpoint's own validation split (saved b
 earlier evaluate), so the report shows how they transfer; ``refit_thresholds=true`` chooses
 them on the source's validation split instead (and saves nothing).
 
-Outputs in the output directory: ``report.md``, ``metrics.json``, ``per_class.csv``,
-``subgroups.csv``, ``predictions.csv`` (each image's labels and probabilities), ``roc.png``,
+Outputs in the output directory: ``report.md``, ``model_card.md``, ``metrics.json``,
+``per_class.csv``, ``subgroups.csv``, ``underdiagnosis.csv``, ``predictions.csv`` (each image's labels and probabilities), ``roc.png``,
 ``pr.png``, ``reliability.png``; and the browser page ``report.html``: ``<run_dir>/report.html``
 with ``run_dir=`` (explain adds its gallery to it later), else beside ``report.md``.
 """
@@ -32,11 +34,16 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cxr_lightning import files, inference
+from cxr_lightning.calibration import METHODS as CALIBRATION_METHODS
+from cxr_lightning.calibration import Calibration, fit_calibration
 from cxr_lightning.checkpoints import (
     DEFAULT_THRESHOLD,
+    calibration_path,
+    load_calibration,
     load_model,
     load_thresholds,
     resolve_checkpoint,
+    save_calibration,
     save_thresholds,
     thresholds_path,
 )
@@ -50,6 +57,7 @@ from cxr_lightning.evaluation.statistics import (
     expected_calibration_error,
     operating_point_metrics,
     subgroup_auroc,
+    underdiagnosis,
 )
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.tasks.build import datamodule_for, external_source
@@ -73,6 +81,8 @@ class Evaluation:
     per_class: pd.DataFrame
     subgroups: pd.DataFrame
     thresholds_file: Path | None
+    calibration_file: Path | None
+    underdiagnosis: pd.DataFrame
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -101,18 +111,25 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         raise ConfigError(f"data={external}: none of the checkpoint's labels {labels} has a counterpart in {external}.")
     columns = [labels.index(n) for n in scored]
     label_cols = [f"label:{n}" for n in scored]
-    probs, table = predict_split(model, dm, split, device)
-    probs = probs[:, columns]
-    # Calibration chosen on the source's val split (a sidecar beside the checkpoint, like the
-    # thresholds) is applied to `probs` (and val_probs) here, before anything is scored.
+    raw_full, table = predict_split(model, dm, split, device)
+    raw_probs = raw_full[:, columns]
     y = table[label_cols].to_numpy(dtype=float)
     patients = table[PATIENT].to_numpy()
 
     method = cfg.threshold_method
     if external is None or refit:
-        val_probs, val_table = predict_split(model, dm, "val", device)
-        val_probs = val_probs[:, columns]
+        raw_val_full, val_table = predict_split(model, dm, "val", device)
+        raw_val_probs = raw_val_full[:, columns]
         y_val = val_table[label_cols].to_numpy(dtype=float)
+        if external is None:
+            calibration, calibration_file = _calibrate(ckpt, y_val, raw_val_probs, scored, cfg.calibration_method)
+        else:  # refitted on the external val split: never written over the source's files
+            calibration = None if cfg.calibration_method == "none" else fit_calibration(
+                y_val, raw_val_probs, cfg.calibration_method, scored
+            )
+            calibration_file = None
+        val_probs = calibration.apply(raw_val_probs) if calibration else raw_val_probs
+        probs = calibration.apply(raw_probs) if calibration else raw_probs
         with warnings.catch_warnings():
             # Labels without val positives/negatives are listed in the report instead.
             warnings.filterwarnings("ignore", message="choose_thresholds: labels")
@@ -122,12 +139,18 @@ def evaluate(cfg: DictConfig) -> Evaluation:
             log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
         n_val, n_patients_val = len(val_table), int(val_table[PATIENT].nunique())
         if external is None:
-            thresholds_file = save_thresholds(ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback)
+            thresholds_file = save_thresholds(
+                ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback,
+                calibrated=calibration is not None,
+            )
             threshold_source = f"chosen on the val split by {method}"
-        else:  # refitted on the external val split: never written over the source's thresholds
+        else:
             thresholds_file = None
             threshold_source = f"refitted on the {external} val split by {method} (refit_thresholds=true)"
     else:
+        # Calibration and thresholds chosen on the checkpoint's own val split: how they transfer is the point.
+        calibration, calibration_file = load_calibration(ckpt, labels)
+        probs = (calibration.apply(raw_full) if calibration else raw_full)[:, columns]
         thresholds, thresholds_file = _source_thresholds(ckpt, labels)
         thresholds = thresholds[columns]
         fallback, n_val, n_patients_val = [], 0, 0
@@ -137,9 +160,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     auroc = bootstrap_ci(y, probs, patients, "auroc", **boot)
     auprc = bootstrap_ci(y, probs, patients, "auprc", **boot)
     operating = operating_point_metrics(y, probs, thresholds, scored)
-    ece = pd.Series(expected_calibration_error(y, probs, int(cfg.calibration_bins)), index=scored)
-    per_class = _per_class_table(auroc, auprc, operating, ece)
+    bins = int(cfg.calibration_bins)
+    ece = pd.Series(expected_calibration_error(y, probs, bins), index=scored)
+    ece_raw = pd.Series(expected_calibration_error(y, raw_probs, bins), index=scored)
+    per_class = _per_class_table(auroc, auprc, operating, ece, ece_raw)
     subgroups = _subgroup_table(table, y, probs, scored, cfg, boot)
+    audit = _underdiagnosis_table(table, y, probs, thresholds, scored, cfg, boot)
 
     config = config_summary(model)
     summary = {
@@ -167,24 +193,36 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "n_boot": int(cfg.n_boot),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),
-        "calibration_bins": int(cfg.calibration_bins),
+        "calibration_bins": bins,
+        "calibration_method": calibration.method if calibration else "none",
+        "calibration_file": str(calibration_file) if calibration_file else None,
+        "calibration_n_images": calibration.n_images if calibration else 0,
+        "calibration_unfitted_labels": calibration.unfitted if calibration else [],
+        "calibration": calibration.describe() if calibration else "none (raw model probabilities)",
     }
-    metrics = {**summary, **_flat_metrics(per_class, subgroups), "config": config}
+    metrics = {**summary, **_flat_metrics(per_class, subgroups), **_flat_underdiagnosis(audit), "config": config}
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(per_class, out / "per_class.csv", index=True)
     _write_csv(subgroups, out / "subgroups.csv", index=False)
+    _write_csv(audit, out / "underdiagnosis.csv", index=False)
     _write_csv(predictions_table(table, y, probs, scored), out / html.PREDICTIONS, index=False)
     files.write_json(out / "metrics.json", metrics)
     per_label = per_class.drop(index="mean")
     figures = {
         "roc": report.roc_figure(y, probs, scored, per_label["auroc"].to_numpy()),
         "pr": report.pr_figure(y, probs, scored, per_label["auprc"].to_numpy()),
-        "reliability": report.reliability_figure(y, probs, scored, ece.to_numpy(), int(cfg.calibration_bins)),
+        "reliability": report.reliability_figure(
+            y, probs, scored, ece.to_numpy(), bins, raw=(raw_probs, ece_raw.to_numpy()) if calibration else None
+        ),
     }
     for name, fig in figures.items():
         report.save_figure(fig, out / report.FIGURES[name])
-    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups))
+    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups, audit))
+    files.write_text(
+        out / "model_card.md",
+        report.render_model_card(summary, config, data_table(dm, scored), per_class, subgroups, audit),
+    )
     page = _render_page(cfg, out)
     log.info(
         "Mean AUROC %s on %d images; report: %s (in a browser: %s)",
@@ -193,7 +231,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         out / "report.md",
         page,
     )
-    return Evaluation(out, metrics, per_class, subgroups, thresholds_file)
+    return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file, audit)
 
 
 def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:
@@ -221,6 +259,20 @@ def _render_page(cfg: DictConfig, out: Path) -> Path:
     if run_dir and out.resolve() == (Path(run_dir) / html.EVALUATION_DIR).resolve():
         return html.run_report(run_dir)
     return html.render_report(out)
+
+
+def _calibrate(
+    ckpt: Path, y_val: np.ndarray, raw_val_probs: np.ndarray, labels: list[str], method: str
+) -> tuple[Calibration | None, Path | None]:
+    """Fit and save the calibration on val; ``none`` removes a stale file so predict stays raw."""
+    if method == "none":
+        stale = calibration_path(ckpt)
+        if stale.is_file():
+            stale.unlink()
+            log.info("calibration_method=none: removed %s, so predict reports raw probabilities", stale)
+        return None, None
+    calibration = fit_calibration(y_val, raw_val_probs, method, labels)
+    return calibration, save_calibration(ckpt, calibration)
 
 
 def config_summary(model: CXRClassifier) -> dict[str, Any]:
@@ -265,6 +317,10 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"threshold_method={cfg.threshold_method!r}: expected one of {list(THRESHOLD_METHODS)}.")
     if split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r}: expected one of {list(SPLITS) + list(SPLIT_ALIASES)}.")
+    if cfg.calibration_method not in (*CALIBRATION_METHODS, "none"):
+        raise ConfigError(
+            f"calibration_method={cfg.calibration_method!r}: expected one of {[*CALIBRATION_METHODS, 'none']}."
+        )
     if int(cfg.n_boot) < 1:
         raise ConfigError(f"n_boot={cfg.n_boot}: need at least 1 bootstrap resample (1000 for a report).")
     if not 0.0 < float(cfg.alpha) < 1.0:
@@ -285,7 +341,7 @@ def _both_classes(y: np.ndarray) -> np.ndarray:
 
 
 def _per_class_table(
-    auroc: pd.DataFrame, auprc: pd.DataFrame, operating: pd.DataFrame, ece: pd.Series
+    auroc: pd.DataFrame, auprc: pd.DataFrame, operating: pd.DataFrame, ece: pd.Series, ece_raw: pd.Series
 ) -> pd.DataFrame:
     """One row per label plus ``mean`` (AUROC/AUPRC means from the bootstrap; the rest macro means)."""
     table = pd.DataFrame(
@@ -300,7 +356,9 @@ def _per_class_table(
             "auprc_upper": auprc["upper"],
         }
     )
-    extra = operating[["threshold", "sensitivity", "specificity", "precision", "f1"]].assign(ece=ece)
+    extra = operating[["threshold", "sensitivity", "specificity", "precision", "f1"]].assign(
+        ece=ece, ece_uncalibrated=ece_raw
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN mean, by design
         means = extra.drop(columns="threshold").mean(skipna=True)
@@ -329,6 +387,55 @@ def _subgroup_table(
     return frame[["attribute", "group", "n_images", "n_patients", "n_labels", "auroc_mean", "lower", "upper"]]
 
 
+def data_table(dm, labels: list[str]) -> pd.DataFrame:
+    """Images, patients, and per-label positives and prevalence of every split, for the model card."""
+    columns: dict[str, Any] = {}
+    for split in SPLITS:
+        split_table = dm.split_table(split)
+        positives = split_table[[f"label:{n}" for n in labels]].sum().to_numpy()
+        columns[split] = [len(split_table), split_table[PATIENT].nunique(), *positives.astype(int)]
+        columns[f"{split} prevalence"] = [np.nan, np.nan, *(positives / max(len(split_table), 1))]
+    return pd.DataFrame(columns, index=pd.Index(["images", "patients", *labels], name="count")).astype(
+        {s: "int64" for s in SPLITS}
+    )
+
+
+def _underdiagnosis_table(
+    table: pd.DataFrame,
+    y: np.ndarray,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    labels: list[str],
+    cfg: DictConfig,
+    boot: dict[str, Any],
+) -> pd.DataFrame:
+    """Underdiagnosis and false-negative rates per sex, age band, view and sex x age band."""
+    sex = table[SUBGROUP_COLUMNS["sex"]].reset_index(drop=True)
+    age = age_bands(table[SUBGROUP_COLUMNS["age"]], edges=list(cfg.age_edges)).reset_index(drop=True)
+    groups = {
+        "sex": sex,
+        "age": age,
+        "view": table[SUBGROUP_COLUMNS["view"]].reset_index(drop=True),
+        "sex_x_age": sex.astype(object).fillna("unknown").astype(str) + " × " + age.astype(str),
+    }
+    patients = table[PATIENT].to_numpy()
+    parts = [
+        underdiagnosis(y, probs, thresholds, values, patients, **boot).assign(attribute=attribute)
+        for attribute, values in groups.items()
+    ]
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[["attribute", *[c for c in frame.columns if c != "attribute"]]]
+
+
+def _flat_underdiagnosis(audit: pd.DataFrame) -> dict[str, Any]:
+    """``underdiagnosis.<attribute>.<group>.<rate>`` keys (rates, their intervals and counts)."""
+    flat: dict[str, Any] = {}
+    for row in audit.to_dict(orient="records"):
+        key = f"underdiagnosis.{row.pop('attribute')}.{row.pop('group')}"
+        flat.update({f"{key}.{column}": value for column, value in row.items()})
+    return flat
+
+
 def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str, Any]:
     """``auroc_mean`` & co. plus ``<column>.<label>`` and ``subgroup.<attribute>.<group>.<column>`` keys."""
     mean = per_class.loc["mean"]
@@ -344,6 +451,7 @@ def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str,
         "precision_mean": mean["precision"],
         "f1_macro": mean["f1"],
         "ece_mean": mean["ece"],
+        "ece_mean_uncalibrated": mean["ece_uncalibrated"],
     }
     for label, row in per_class.drop(index="mean").to_dict(orient="index").items():
         flat.update({f"{column}.{label}": value for column, value in row.items()})

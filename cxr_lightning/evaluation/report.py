@@ -68,6 +68,7 @@ def render_report(
     config: Mapping[str, Any],
     per_class: pd.DataFrame,
     subgroups: pd.DataFrame,
+    underdiagnosis: pd.DataFrame | None = None,
     figures: Mapping[str, str] = FIGURES,
 ) -> str:
     """The text of ``report.md``.
@@ -86,6 +87,10 @@ def render_report(
         f"- Evaluated split: **{summary['split']}**: {summary['n_images']} images of "
         f"{summary['n_patients']} patients" + _left_out(summary),
         _threshold_line(summary),
+        f"- Calibration: {summary['calibration']}"
+        + (f", saved to `{summary['calibration_file']}`" if summary.get("calibration_file") else "")
+        + ". Every probability below (and the thresholds) is on the calibrated scale; `ECE raw` is the "
+        "model's output before calibration.",
         f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
         "resampled together.",
         "",
@@ -109,6 +114,17 @@ def render_report(
     if unavailable:
         lines += [f"Labels of the checkpoint without a counterpart in {summary.get('data_source')} (unavailable, not "
                   f"scored; see the harmonisation table): {', '.join(unavailable)}.", ""]
+    if underdiagnosis is not None:
+        lines += [
+            "## Underdiagnosis",
+            "",
+            "As CheXclusion (Seyyed-Kalantari et al. 2021): among the images with at least one finding, the share "
+            "called \"No Finding\" at the chosen thresholds, and the false-negative rate (mean over findings; per "
+            f"finding in `underdiagnosis.csv`), with {level}% patient-bootstrap intervals. `sex_x_age` is the "
+            "intersection of sex and age band.",
+            "",
+            markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
+        ]
     undefined = summary.get("undefined_labels") or []
     if undefined:
         lines += [f"Labels without a defined AUROC in this split (left out of the mean): {', '.join(undefined)}.", ""]
@@ -168,8 +184,107 @@ def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
             "precision": rows["precision"],
             "F1": rows["f1"],
             "ECE": rows["ece"],
+            "ECE raw": rows["ece_uncalibrated"],
         },
         index=rows.index,
+    )
+
+
+def render_model_card(
+    summary: Mapping[str, Any],
+    config: Mapping[str, Any],
+    data: pd.DataFrame,
+    per_class: pd.DataFrame,
+    subgroups: pd.DataFrame,
+    underdiagnosis: pd.DataFrame,
+) -> str:
+    """The text of ``model_card.md``: intended use and limits, data, results, training, and the
+    TRIPOD+AI / CLAIM items the framework knows. ``data`` has one row per label plus ``images``
+    and ``patients`` rows, one column per split (counts) and ``<split> prevalence`` columns."""
+    level = round(100 * (1 - float(summary["alpha"])))
+    mean = per_class.loc["mean"]
+    demo = str(config.get("data_source")) == "demo"
+    lines = [
+        "# Model card",
+        "",
+        f"Checkpoint `{summary['checkpoint']}` (sha256 `{summary['checkpoint_sha256']}`).",
+        "",
+        "## Intended use and limits",
+        "",
+        "- Research use only: multi-label screening scores for 14 findings and \"No Finding\" on **frontal** (PA/AP) "
+        "chest radiographs of adults and children as in NIH ChestX-ray14. Not a medical device; not for diagnosis.",
+        "- Lateral films are refused by predict; other modalities, body parts and paediatric-only populations are out of scope.",
+        "- The NIH labels were text-mined from radiology reports (NLP, estimated accuracy around 90%), so every figure "
+        "below is measured against noisy labels, not a radiologist's reading.",
+        "- Performance outside the population of the training data (other hospitals, scanners, ages) is unknown until "
+        "measured on an external set.",
+    ]
+    if demo:
+        lines += ["- **These figures come from the constructed demo dataset: they exercise the pipeline and are not "
+                  "evidence of clinical performance.**"]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"Label table `{summary['label_table']}` under `{summary['data_root']}`; patient-level split (seed "
+        f"{config.get('split_seed')}): no patient appears in two splits. Counts and label prevalences:",
+        "",
+        markdown_table(data),
+        "## Results",
+        "",
+        f"On the **{summary['split']}** split ({summary['n_images']} images, {summary['n_patients']} patients), "
+        f"{level}% patient-bootstrap intervals ({summary['n_boot']} resamples):",
+        "",
+        f"- Mean AUROC {interval(mean['auroc'], mean['auroc_lower'], mean['auroc_upper'])}, "
+        f"mean AUPRC {interval(mean['auprc'], mean['auprc_lower'], mean['auprc_upper'])}, macro F1 {mean['f1']:.3f}.",
+        f"- Calibration: {summary['calibration']}. ECE {mean['ece']:.3f} after, {mean['ece_uncalibrated']:.3f} before.",
+        f"- Thresholds: per label on the val split by `{summary['threshold_method']}`, on the calibrated scale "
+        f"(`{summary['thresholds_file']}`).",
+        "",
+        markdown_table(_per_class_display(per_class)),
+        "### Subgroups",
+        "",
+        markdown_table(_subgroup_display(subgroups), index=False),
+        "### Underdiagnosis",
+        "",
+        markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
+        "## Training",
+        "",
+        markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False),
+        "## Reporting checklists (TRIPOD+AI, CLAIM): items this framework records",
+        "",
+        "| item | where |",
+        "| --- | --- |",
+        "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data above; `label_table` |",
+        "| Data partitions at the patient level, no overlap | Data above (patients per split) |",
+        "| Sample size per split and outcome prevalence | Data above |",
+        "| Handling of missing predictors (age imputed with the training median, flagged) | training config `age_fill` |",
+        "| Model type, architecture, pretraining, input size, preprocessing | Training above |",
+        "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run `metrics.json` `selection` |",
+        "| Performance measures with confidence intervals (discrimination) | Results above |",
+        "| Calibration before and after post-hoc recalibration | Results above; `reliability.png` |",
+        "| Operating points and how thresholds were chosen (validation split only) | Results above |",
+        "| Fairness: performance and underdiagnosis by sex, age, view, sex x age | Subgroups, Underdiagnosis above |",
+        "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python -m cxr_lightning.explain` |",
+        "| Not recorded here: external validation, clinical setting and users, reader studies, failure analysis | to be reported by the study |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _underdiagnosis_display(audit: pd.DataFrame) -> pd.DataFrame:
+    fnr = [c for c in audit.columns if c.startswith("fnr.") and not c.endswith(("_lower", "_upper"))]
+    return pd.DataFrame(
+        {
+            "attribute": audit["attribute"],
+            "group": audit["group"],
+            "images": audit["n_images"],
+            "with a finding": audit["n_with_finding"],
+            "called No Finding": [
+                interval(*v) for v in audit[["underdiagnosis", "underdiagnosis_lower", "underdiagnosis_upper"]].to_numpy()
+            ],
+            "mean FNR": audit[fnr].mean(axis=1, skipna=True),
+        }
     )
 
 
@@ -263,16 +378,29 @@ def pr_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str]
 
 
 def reliability_figure(
-    y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], ece: Sequence[float], n_bins: int
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    label_names: Sequence[str],
+    ece: Sequence[float],
+    n_bins: int,
+    raw: tuple[np.ndarray, Sequence[float]] | None = None,
 ) -> Figure:
     """One reliability diagram per label: observed positive rate against mean probability per bin
-    (marker area ~ images in the bin), perfect calibration dashed, ECE in the title."""
+    (marker area ~ images in the bin), perfect calibration dashed, ECE in the title. ``raw``
+    (uncalibrated probabilities and their ECE) adds the curve before calibration, in grey."""
     fig, axes = _panels(len(label_names), "Reliability diagrams", "mean predicted probability", "observed positive rate")
+    curves = [("calibrated" if raw is not None else None, y_prob, ece, "C0")]
+    if raw is not None:
+        curves.append(("raw", raw[0], raw[1], "C7"))
     for j, (ax, name) in enumerate(zip(axes, label_names)):
-        _, accuracy, confidence, counts = reliability_curve(y_true[:, j], y_prob[:, j], n_bins)
-        filled = counts > 0
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
-        ax.plot(confidence[filled], accuracy[filled], lw=1.0)
-        ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3)
-        ax.set_title(f"{name}\nECE {ece[j]:.3f}", fontsize=9)
+        for kind, probs, _, colour in curves:
+            _, accuracy, confidence, counts = reliability_curve(y_true[:, j], probs[:, j], n_bins)
+            filled = counts > 0
+            ax.plot(confidence[filled], accuracy[filled], lw=1.0, color=colour, label=kind)
+            ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3, color=colour)
+        title = f"ECE {ece[j]:.3f}" if raw is None else f"ECE {ece[j]:.3f} (raw {raw[1][j]:.3f})"
+        ax.set_title(f"{name}\n{title}", fontsize=9)
+        if raw is not None and j == 0:
+            ax.legend(fontsize=7, loc="upper left")
     return fig

@@ -17,8 +17,6 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
     binary_calibration_error,
-    binary_precision_recall_curve,
-    binary_roc,
     binary_stat_scores,
 )
 
@@ -30,6 +28,8 @@ __all__ = [
     "choose_thresholds",
     "expected_calibration_error",
     "operating_point_metrics",
+    "threshold_curve",
+    "underdiagnosis",
     "reliability_curve",
     "subgroup_auroc",
 ]
@@ -244,6 +244,25 @@ def _both_classes(y: np.ndarray) -> np.ndarray:
     return (np.nansum(y, axis=0) > 0) & (np.nansum(1 - y, axis=0) > 0)
 
 
+def threshold_curve(y_true_c: np.ndarray, y_prob_c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every candidate cut of one label with its confusion counts: ``(cuts, tp, fp)``.
+
+    ``cuts`` are the distinct observed scores, ascending, in float64; ``tp``/``fp`` count the
+    positives/negatives with ``p >= cut``. Written here rather than taken from torchmetrics'
+    ``binary_roc``/``binary_precision_recall_curve`` because those return float32 curves even for
+    float64 input: equally good cuts then differ in the last bit (the wrong one wins a tie) and
+    the returned cut need not be an observed score (``binary_roc`` adds an artificial 1.0).
+    """
+    cuts, inverse = np.unique(np.asarray(y_prob_c, dtype=np.float64), return_inverse=True)
+    y = np.asarray(y_true_c, dtype=np.float64)
+    pos = np.bincount(inverse, weights=y, minlength=len(cuts))
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=len(cuts))
+    # counts at or above each cut: reversed cumulative sums (exact integers in float64)
+    tp = np.cumsum(pos[::-1])[::-1].astype(np.int64)
+    fp = np.cumsum(neg[::-1])[::-1].astype(np.int64)
+    return cuts, tp, fp
+
+
 def choose_thresholds(
     y_true: Any,
     y_prob: Any,
@@ -253,10 +272,15 @@ def choose_thresholds(
 ) -> np.ndarray:
     """One decision threshold per label from validation predictions (call positive if ``p >= t``).
 
-    ``"f1"`` maximises F1, ``"youden"`` maximises sensitivity + specificity - 1. The threshold is
-    always one of the observed scores; among equally good ones the highest wins (fewest positive
-    calls). A label without positives or without negatives has no optimum: it gets ``fallback``
-    and a warning names it.
+    ``"f1"`` maximises F1, ``"youden"`` maximises J = sensitivity + specificity - 1. The candidate
+    cuts are the observed scores (:func:`threshold_curve`, float64) and the threshold is always one
+    of them; among equally good cuts the **highest** wins (fewest positive calls). Ties are decided
+    exactly: F1 = 2tp / (2tp + fp + fn) is a ratio of integers (equal ratios give the same double)
+    and J is compared through its integer numerator ``tp * n_neg - fp * n_pos``. When no cut is
+    useful (best J <= 0: no cut separates positives from negatives better than chance) the rule
+    still picks an observed score, the highest one with the best J, and a warning names the label.
+    A label without positives or without negatives has no optimum: it gets ``fallback`` and a
+    warning names it.
     """
     where = "choose_thresholds"
     if method not in ("f1", "youden"):
@@ -264,16 +288,25 @@ def choose_thresholds(
     y, p, names = _check_predictions(y_true, y_prob, label_names, where)
     usable = _both_classes(y)
     thresholds = np.full(y.shape[1], float(fallback))
+    useless = []
     for j in np.flatnonzero(usable):
-        scores, target = _column_tensors(y, p, j)
+        cuts, tp, fp = threshold_curve(y[:, j], p[:, j])
+        n_pos, n_neg = int(tp[0]), int(fp[0])
         if method == "f1":
-            precision, recall, cuts = binary_precision_recall_curve(scores, target)  # cuts ascending
-            f1 = torch.nan_to_num(2 * precision * recall / (precision + recall))[: len(cuts)]
-            best = len(cuts) - 1 - int(torch.argmax(f1.flip(0)))  # last maximum = highest threshold
+            # the lowest cut calls everything positive, so tp > 0 there and the best F1 is > 0
+            score = 2 * tp / (2 * tp + fp + (n_pos - tp))
         else:
-            fpr, tpr, cuts = binary_roc(scores, target)  # cuts descending; cuts[0] is an artificial 1.0
-            best = int(torch.argmax(tpr - fpr))  # first maximum = highest threshold
-        thresholds[j] = float(cuts[best])
+            score = tp * n_neg - fp * n_pos  # J * n_pos * n_neg, an exact integer
+        best = len(cuts) - 1 - int(np.argmax(score[::-1]))  # last maximum in ascending order = highest cut
+        thresholds[j] = cuts[best]
+        if score[best] <= 0:
+            useless.append(names[j])
+    if useless:
+        warnings.warn(
+            f"{where}: no cut separates positives from negatives for {useless} (best Youden J <= 0); "
+            "their threshold is the highest observed score with the best J.",
+            stacklevel=2,
+        )
     if not usable.all():
         missing = [names[j] for j in np.flatnonzero(~usable)]
         warnings.warn(
@@ -435,3 +468,79 @@ def age_bands(ages: pd.Series, edges: Sequence[int] = (0, 20, 40, 60, 80, 200)) 
     bands = pd.cut(numeric, bins=edges, right=False, labels=names)
     bands = bands.cat.add_categories("unknown").fillna("unknown")
     return bands.rename("age_band")
+
+
+NO_FINDING = "No Finding"
+
+
+def underdiagnosis(
+    y_true: Any,
+    y_prob: Any,
+    thresholds: Any,
+    groups: pd.Series,
+    patient_ids: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    label_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Underdiagnosis per subgroup at the chosen thresholds (positive if ``p >= t``), as
+    CheXclusion (Seyyed-Kalantari et al. 2021) audited it on this dataset.
+
+    ``underdiagnosis``: among the images with at least one finding, the share called "No Finding"
+    (the ``No Finding`` label called positive when the model predicts it, else no finding called
+    at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
+    has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
+    of :func:`bootstrap_ci`) drawn within the group; a rate without images to count is NaN.
+    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_with_finding``.
+    """
+    where = "underdiagnosis"
+    y, p, names = _check_predictions(y_true, y_prob, label_names, where)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (y.shape[1],):
+        raise ConfigError(f"{where}: need {y.shape[1]} thresholds (one per label {names}), got {t.tolist()}.")
+    values = pd.Series(groups).reset_index(drop=True).astype(object)
+    if len(values) != len(y):
+        raise DataError(f"{where}: {len(values)} group values for {len(y)} images; pass one value per image row.")
+    values = values.where(values.notna(), "unknown")
+    patients = np.asarray(patient_ids)
+    _patient_codes(patients, len(y), where)
+    called = p >= t
+    findings = [j for j, n in enumerate(names) if n != NO_FINDING]
+    has_finding = y[:, findings].max(axis=1) == 1
+    if NO_FINDING in names:
+        called_normal = called[:, names.index(NO_FINDING)]
+    else:
+        called_normal = ~called[:, findings].any(axis=1)
+    # (numerator, denominator) indicator columns, one pair per rate
+    rates = {"underdiagnosis": (has_finding & called_normal, has_finding)}
+    rates |= {f"fnr.{names[j]}": ((y[:, j] == 1) & ~called[:, j], y[:, j] == 1) for j in findings}
+    num = np.column_stack([v[0] for v in rates.values()]).astype(np.float64)
+    den = np.column_stack([v[1] for v in rates.values()]).astype(np.float64)
+    order = list(pd.unique(values)) if not isinstance(groups.dtype, pd.CategoricalDtype) else [
+        c for c in [*groups.cat.categories, "unknown"] if (values == c).any()
+    ]
+    if not isinstance(groups.dtype, pd.CategoricalDtype):
+        order = sorted(order, key=str)
+    rows = []
+    for value in order:
+        mask = (values == value).to_numpy()
+        codes, n_patients = _patient_codes(patients[mask], int(mask.sum()), where)
+        # per patient sums, so a resample's rate is a count-weighted ratio of patient totals
+        pn = np.zeros((n_patients, num.shape[1]))
+        pd_ = np.zeros((n_patients, num.shape[1]))
+        np.add.at(pn, codes, num[mask])
+        np.add.at(pd_, codes, den[mask])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            estimate = pn.sum(axis=0) / pd_.sum(axis=0)
+            boot = np.concatenate(
+                [(counts @ pn) / (counts @ pd_) for counts in _iter_patient_counts(n_patients, n_boot, seed)]
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a rate never defined in resamples -> NaN
+            lower, upper = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
+        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_with_finding": int(has_finding[mask].sum())}
+        for k, name in enumerate(rates):
+            row |= {name: estimate[k], f"{name}_lower": lower[k], f"{name}_upper": upper[k]}
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -7,7 +7,8 @@ From a checkpoint (or a training run directory) alone it writes, into the output
   of ground-truth boxes drawn, title, file);
 * ``tensorboard/``: the overlays as one image grid, tag ``cam_grid``;
 * ``localization.csv``: per-finding pointing game, IoU and IoBB accuracy with the random-heatmap
-  baseline, over every image of the chosen split that has boxes (when the data has boxes);
+  baseline (``random_*``; named in ``localization.random_baseline``) and ``box_share``, the hit
+  rate of a uniformly placed point, over every image of the chosen split that has boxes (when the data has boxes);
 * ``metrics.json``: counts of uninformative CAMs and the pooled localisation scores.
 
 With ``run_dir=`` of an evaluated run, the run's ``report.html`` is rendered again with the
@@ -15,6 +16,7 @@ overlays as its gallery.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -30,7 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_model, resolve_checkpoint
+from cxr_lightning.checkpoints import load_calibration, load_model, resolve_checkpoint
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.data.tables import SPLITS
@@ -46,6 +48,7 @@ from cxr_lightning.explain.inputs import (
 )
 from cxr_lightning.explain.localization import (
     ALL_FINDINGS_ROW,
+    RANDOM_BASELINE,
     bbox_targets,
     localization_scores,
     pair_boxes,
@@ -85,6 +88,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
 
     targets = [findings] * len(shown) if findings is not None else None
     result = image_set_cams(model, shown, targets, top_k, method, batch_size)
+    # titles and cams.csv show the probabilities predict reports: calibrated when evaluate fitted it
+    calibration, _ = load_calibration(ckpt, model.label_names)
+    if calibration is not None:
+        result = dataclasses.replace(result, probabilities=calibration.apply(result.probabilities))
     overlays = _write_overlays(out, shown, result, model.label_names, boxes)
     _log_grid(out / "tensorboard", shown, result, model.label_names, boxes)
 
@@ -95,6 +102,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "split": split,
         "n_images": len(shown),
         "n_cams": len(result.pairs),
+        "probabilities": calibration.describe() if calibration is not None else "raw model outputs (no calibration file)",
         "cams.zero_gradient": result.n_zero_gradient,
         "cams.empty": result.n_empty,
         "overlays": str(out / "overlays"),
@@ -284,6 +292,7 @@ def _localization(
         "localization.n_pairs": int(pooled["n_images"]),
         "localization.n_boxes": int(pooled["n_boxes"]),
     }
+    summary["localization.random_baseline"] = RANDOM_BASELINE
     summary["localization.zero_gradient"] = result.n_zero_gradient
     summary["localization.empty"] = result.n_empty
     return summary
@@ -295,11 +304,13 @@ def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> 
     log.info("  TensorBoard:  tensorboard --logdir %s", out / "tensorboard")
     if metrics.get("localization.n_boxes"):
         log.info(
-            "  localisation: %s (pointing game %.3f vs random %.3f; IoBB@0.5 %.3f vs random %.3f)",
+            "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
             out / "localization.csv",
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
+            metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
         )
+        log.info("  random baseline: %s", metrics["localization.random_baseline"])
     bad = {k: v for k, v in metrics.items() if k.endswith((".zero_gradient", ".empty")) and v}
     if bad:
         log.warning("  uninformative CAMs: %s (marked on the overlays; see cams.csv)", bad)

@@ -76,15 +76,27 @@ def iobb(pred_box: Box, gt_box: Box) -> float:
     return _intersection(pred_box, gt_box) / area if area > 0 else 0.0
 
 
+RANDOM_BASELINE = (
+    "seeded random heatmaps: uniform noise smoothed with a periodic (wrap-around) Gaussian, so the maximum "
+    "and every blob are uniformly placed; its pointing game equals, within sampling noise, the share of the "
+    "image the boxes cover"
+)
+
+
 def random_heatmaps(n: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     """``(n, H, W)`` seeded baseline heatmaps: uniform noise smoothed to CAM-like blobs, in [0, 1].
 
     The Gaussian's sigma is 1/16 of the larger side, about the blob size of a CAM taken at 1/32
-    of the input resolution and upsampled.
+    of the input resolution and upsampled. The smoothing wraps around the edges (``mode="wrap"``),
+    which makes the field stationary on the torus: every pixel is equally likely to hold the
+    maximum and a blob is equally likely anywhere, so the baseline's pointing game is the hit rate
+    of a uniformly placed point and its IoU/IoBB those of uniformly placed blobs. Mirror padding
+    would not do: a border pixel then averages its own noise twice, its smoothed values vary
+    more, and most maxima land on the border, far from any box.
     """
     noise = np.random.default_rng(seed).random((n, *shape))
     sigma = max(shape) / 16
-    smooth = ndimage.gaussian_filter(noise, sigma=(0, sigma, sigma), mode="reflect")
+    smooth = ndimage.gaussian_filter(noise, sigma=(0, sigma, sigma), mode="wrap")
     lo = smooth.min(axis=(1, 2), keepdims=True)
     span = np.ptp(smooth, axis=(1, 2), keepdims=True)
     return ((smooth - lo) / np.where(span > 0, span, 1)).astype(np.float32)
@@ -135,11 +147,14 @@ def localization_scores(
     heatmap box reaches IoU >= T (``iou@T``) or IoBB >= T (``iobb@T``, intersection over the
     heatmap box's area, Wang et al. 2017). ``pointing_game`` is the fraction of (image, finding)
     pairs whose heatmap maximum lies inside one of that finding's boxes. Blank heatmaps score as
-    misses. ``random_*`` columns score :func:`random_heatmaps` (seeded) the same way.
+    misses. ``random_*`` columns score :func:`random_heatmaps` (seeded; :data:`RANDOM_BASELINE`)
+    the same way.
 
     Returns one row per finding with evaluated boxes, in ``label_names`` order, plus a row
     ``"All"`` pooling every box and pair; columns ``n_images``, ``n_boxes``, ``pointing_game``,
-    ``iou@T``..., ``iobb@T``..., and the ``random_`` versions of the scores.
+    ``iou@T``..., ``iobb@T``..., the ``random_`` versions of the scores, and ``box_share``: the
+    mean share of pixels (centres) inside a pair's boxes, the pointing game of a uniformly placed
+    point, which ``random_pointing_game`` estimates.
     """
     heatmaps = np.asarray(heatmaps, dtype=np.float32)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -179,7 +194,7 @@ def localization_scores(
     for pair, group in matched.groupby("pair", sort=True):
         gt = list(group[["x", "y", "w", "h"]].itertuples(index=False, name=None))
         box_scores = {"finding": group["Finding Label"].to_numpy()}
-        pair_scores = {"finding": group["Finding Label"].iloc[0]}
+        pair_scores = {"finding": group["Finding Label"].iloc[0], "box_share": _box_share(gt, height, width)}
         for prefix, heatmap in (("", heatmaps[pair]), ("random_", baseline[pair])):
             predicted = heatmap_to_box(heatmap, binarize_threshold)
             pair_scores[f"{prefix}pointing_game"] = pointing_game_hit(heatmap, gt)
@@ -196,7 +211,7 @@ def _summarise(
     """Per-finding means (and the pooled ``All`` row) of per-pair hits and per-box accuracies."""
     score_cols = [f"{kind}@{t:g}" for kind in ("iou", "iobb") for t in thresholds]
     columns = ["n_images", "n_boxes", "pointing_game", *score_cols]
-    columns += [f"random_{c}" for c in columns[2:]]
+    columns += [f"random_{c}" for c in columns[2:]] + ["box_share"]
     if not per_box:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="finding"))
     best = pd.concat(per_box, ignore_index=True)
@@ -218,6 +233,15 @@ def _summarise(
     table = table[columns].astype(float).astype({"n_images": int, "n_boxes": int})
     table.index.name = "finding"
     return table
+
+
+def _box_share(boxes: Sequence[Box], height: int, width: int) -> float:
+    """Share of the heatmap's pixel centres inside the union of ``boxes`` (as :func:`pointing_game_hit` tests them)."""
+    cols, rows = np.arange(width) + 0.5, np.arange(height) + 0.5
+    inside = np.zeros((height, width), dtype=bool)
+    for x, y, w, h in boxes:
+        inside |= ((rows >= y) & (rows <= y + h))[:, None] & ((cols >= x) & (cols <= x + w))[None, :]
+    return float(inside.mean())
 
 
 def _checked_bbox_table(bbox_table: pd.DataFrame) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.selection import selection_mode
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.param_groups import GROUP_KEYS
@@ -131,7 +132,14 @@ def use_channels_last(cfg: DictConfig) -> bool:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    """The configured callbacks; every one monitoring ``selection.metric`` gets that metric's mode."""
+    metric = cfg.selection.metric
+    mode = selection_mode(metric)
+    callbacks = [
+        instantiate(c, mode=mode) if c.get("monitor") == metric else instantiate(c)
+        for c in cfg.get("callbacks", {}).values()
+        if c is not None
+    ]
     unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
     if cfg.backbone.get("freeze") and unfreeze_at is not None:
         # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).

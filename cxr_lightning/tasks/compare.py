@@ -32,6 +32,7 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cxr_lightning.files import atomic_path, write_text
+from cxr_lightning.selection import LOSS_SCALED
 from cxr_lightning.errors import CXRError, DataError
 from cxr_lightning.evaluation import html
 
@@ -154,7 +155,8 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
             except (OSError, json.JSONDecodeError) as exc:
                 log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
-    return {**row, "status": "ok", "reason": "", **numeric}
+    selection = metrics.get("selection") or {"metric": "val/loss"}  # runs before selection.metric chose by loss
+    return {**row, "status": "ok", "reason": "", "loss_name": _group_value(cfg, "loss"), "selection_metric": selection["metric"], **numeric}
 
 
 def _failure_reason(run_dir: Path) -> str:
@@ -298,7 +300,8 @@ def report_tables(
         ]
         for _, row in summary.iterrows()
     ]
-    tables = [("", headers, body, "")]
+    # A loss-scale warning belongs under the table whose "best val loss" column it qualifies.
+    tables = [("", headers, body, " ".join(_loss_scale_warning(runs)))]
 
     aurocs = [c for c in metric_columns(runs) if c.startswith(AUROC_PREFIX)]
     if aurocs:
@@ -326,6 +329,23 @@ def report_tables(
     tables.append(("Runs", ["run", "status", *by, "seed", "fold", "test AUROC", "best val loss", "epochs", "failure"],
                    run_rows, ""))
     return tables
+
+
+def _loss_scale_warning(runs: pd.DataFrame) -> list[str]:
+    """A warning when runs of different losses were selected (or would be ranked) by their loss values."""
+    finished = runs[runs["status"] == "ok"]
+    if "loss_name" not in finished or finished["loss_name"].nunique() < 2:
+        return []
+    by_loss = sorted(set(finished["selection_metric"]) & LOSS_SCALED)
+    if not by_loss and "best_val_loss" not in finished:
+        return []
+    return [
+        f"**Warning:** these runs were trained with different losses ({', '.join(sorted(finished['loss_name'].unique()))}). "
+        "Their validation losses are on different scales, so the `best val loss` column does not rank them"
+        + (f", and their best checkpoints were chosen by {', '.join(by_loss)}" if by_loss else "")
+        + ". Compare them by test AUROC and select with selection.metric=val/auroc_mean.",
+        "",
+    ]
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -5,8 +5,11 @@ The exported graph is the model's ``forward(image, meta) -> logits``: ``image`` 
 ``preprocessing`` in the file's metadata says), ``meta`` float32 ``(B, M)``
 in the checkpoint's ``meta_names`` order (built as ``predict`` builds it), ``logits`` ``(B, L)``
 (apply a sigmoid for probabilities); the batch axis is dynamic. Label names, metadata names, image
-size, normalisation and the checkpoint's sha256 travel inside the file: ONNX ``metadata_props``,
-TorchScript extra file ``cxr_lightning.json``.
+size, normalisation, the checkpoint's sha256, and the probability calibration and thresholds
+evaluate fitted on the validation split travel inside the file: ONNX ``metadata_props``,
+TorchScript extra file ``cxr_lightning.json``. The graph stays the checkpoint's own logits (its
+parity check compares exactly those); a deployment calibrates with ``calibration``
+(:meth:`cxr_lightning.calibration.Calibration.from_dict`) and then compares with ``thresholds``.
 
 After writing, the file is loaded back (onnxruntime for ONNX, ``torch.jit.load`` for TorchScript)
 and run on random inputs of another batch size; unless its logits match the checkpoint's within
@@ -27,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_model, resolve_checkpoint
+from cxr_lightning.checkpoints import load_calibration, load_model, load_thresholds, resolve_checkpoint
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.module import CXRClassifier
 
@@ -83,8 +86,12 @@ def export(cfg: DictConfig) -> ExportResult:
 
 
 def export_metadata(model: CXRClassifier, ckpt: str | os.PathLike) -> dict[str, str]:
-    """What a deployment needs to feed the exported graph, as strings (ONNX metadata_props are)."""
+    """What a deployment needs to feed the exported graph and read its output, as strings (ONNX
+    metadata_props are); ``calibration`` is ``"none"`` when evaluate has not fitted one."""
     hp = model.hparams
+    labels = list(hp.label_names)
+    calibration, _ = load_calibration(ckpt, labels)
+    thresholds, thresholds_file = load_thresholds(ckpt, labels)
     return {
         "label_names": json.dumps(list(hp.label_names)),
         "meta_names": json.dumps(list(hp.meta_names)),
@@ -97,6 +104,8 @@ def export_metadata(model: CXRClassifier, ckpt: str | os.PathLike) -> dict[str, 
         "output": f"{OUTPUT_NAME} (apply a sigmoid for probabilities)",
         "checkpoint": Path(ckpt).name,
         "checkpoint_sha256": files.file_digest(ckpt),
+        "calibration": json.dumps(calibration.to_dict()) if calibration else "none",
+        "thresholds": json.dumps(dict(zip(labels, thresholds.tolist()))) if thresholds_file else "none",
     }
 
 

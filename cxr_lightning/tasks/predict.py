@@ -13,6 +13,10 @@ preprocessing (through :mod:`cxr_lightning.inference`), and its metadata vector 
   ``has_prior`` is 0, as for a patient's first visit in training;
 * a view other than PA/AP (a lateral film in particular) is refused for that file.
 
+The probability columns are calibrated by the calibration evaluate fitted on the validation split
+(``<ckpt stem>.calibration.json``), the scale the thresholds were chosen on; ``raw_probabilities=true``
+adds the model's own outputs as ``raw:<label>`` columns.
+
 A file that cannot be read or is refused is named in a summary at the end, the others are still
 predicted and written, and the command exits with status 1.
 """
@@ -33,7 +37,8 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from cxr_lightning import inference
-from cxr_lightning.checkpoints import load_model, load_thresholds, resolve_checkpoint
+from cxr_lightning.calibration import Calibration
+from cxr_lightning.checkpoints import load_calibration, load_model, load_thresholds, resolve_checkpoint
 from cxr_lightning.data import cohort, images
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import atomic_path
@@ -46,6 +51,8 @@ FRONTAL_VIEWS = ("PA", "AP")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")
 CSV_KEYS = ("file", "Image Index")
 CSV_FIELDS = ("age", "sex", "view")
+# raw_probabilities=true: the model's uncalibrated outputs as raw:<label> columns
+RAW_PREFIX = "raw:"
 
 
 @dataclass
@@ -73,6 +80,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
         raise ConfigError("cam=true: this checkpoint's head (metadata_only) has no image branch to explain.")
     labels = list(model.hparams.label_names)
     thresholds, thresholds_file = load_thresholds(ckpt, labels)
+    calibration, _ = load_calibration(ckpt, labels)  # the thresholds are on its scale
 
     root, files = collect_inputs(cfg.input)
     keys = [_relative(f, root) for f in files]
@@ -100,7 +108,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
             on = read.to(batch["input"].device)
             cam_files += _save_cams(model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir)
 
-    predictions = _prediction_table(rows, labels, thresholds, kept)
+    predictions = _prediction_table(rows, labels, thresholds, kept, calibration, bool(cfg.raw_probabilities))
     with atomic_path(output) as tmp:
         predictions.to_csv(tmp, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
@@ -232,9 +240,19 @@ class ImageFiles(Dataset):
 # Outputs
 # --------------------------------------------------------------------------------------------
 def _prediction_table(
-    rows: list[pd.DataFrame], labels: list[str], thresholds: np.ndarray, demographics: pd.DataFrame
+    rows: list[pd.DataFrame],
+    labels: list[str],
+    thresholds: np.ndarray,
+    demographics: pd.DataFrame,
+    calibration: Calibration | None,
+    with_raw: bool,
 ) -> pd.DataFrame:
-    probs = pd.concat(rows) if rows else pd.DataFrame(columns=labels, dtype=float)
+    """``file``, one (calibrated) probability column per label, ``findings``, the demographics, and
+    ``raw:<label>`` columns of the model's own outputs when asked for."""
+    raw = pd.concat(rows) if rows else pd.DataFrame(columns=labels, dtype=float)
+    probs = raw
+    if calibration is not None and len(raw):
+        probs = pd.DataFrame(calibration.apply(raw.to_numpy()), index=raw.index, columns=raw.columns)
     positive = probs.to_numpy() >= thresholds
     findings = ["|".join(np.asarray(labels)[row]) for row in positive]
     used = demographics.reindex(probs.index)
@@ -244,6 +262,7 @@ def _prediction_table(
             probs,
             pd.Series(findings, name="findings", index=probs.index, dtype=object),
             used[list(CSV_FIELDS)],
+            *([raw.add_prefix(RAW_PREFIX)] if with_raw else []),
         ],
         axis=1,
     ).reset_index(drop=True)

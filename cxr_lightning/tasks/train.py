@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning import files
 from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.checkpoints import AtomicCheckpointIO
+from cxr_lightning.selection import selection_mode
 from cxr_lightning.tasks.build import box_weight, build_callbacks, build_datamodule, build_model
 from cxr_lightning.tasks.resume import resolve_resume
 from cxr_lightning.tasks.validate import validate_config
@@ -63,7 +64,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
         "best_checkpoint": best,
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
-        "best_val_loss": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+        "selection": {
+            "metric": cfg.selection.metric,
+            "mode": selection_mode(cfg.selection.metric),
+            "best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+        },
+        "best_val_loss": _best_val_loss(checkpoint, fit_metrics, cfg.selection.metric),
         **throughput.summary(trainer),
         "params": sum(p.numel() for p in model.parameters()),
         "label_table": dm.label_table_name,
@@ -92,3 +98,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("  TensorBoard: tensorboard --logdir %s", out)
     return metrics
 
+
+
+def _best_val_loss(checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str) -> float | None:
+    """The best checkpoint's val/loss when it selects by loss; otherwise the last epoch's."""
+    if metric == "val/loss":
+        return float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None
+    return fit_metrics.get("val/loss")

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning.checkpoints import checkpoint_hparams
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.heads import head_class
+from cxr_lightning.selection import selection_mode
 from cxr_lightning.tasks.build import expected_label_names, expected_meta_names, optimizer_factory, scheduler_factory
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,22 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     check_optimizer(cfg)
     _check_metadata_use(cfg)
     check_finetuning_devices(cfg)
+    check_selection(cfg)
     if ckpt_path:
         check_checkpoint_fits(cfg, ckpt_path)
+
+
+def check_selection(cfg: DictConfig) -> None:
+    """``selection.metric`` is a known metric, and a Hydra sweeper optimises it in its own direction."""
+    mode = selection_mode(cfg.selection.metric)
+    from hydra.core.hydra_config import HydraConfig
+
+    direction = HydraConfig.get().sweeper.get("direction") if HydraConfig.initialized() else None
+    if direction is not None and str(direction).lower() != {"min": "minimize", "max": "maximize"}[mode]:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} but selection.metric={cfg.selection.metric} is best at its {mode}imum: "
+            f"set hydra.sweeper.direction={'minimize' if mode == 'min' else 'maximize'} or choose another selection.metric."
+        )
 
 
 def check_finetuning_devices(cfg: DictConfig) -> None:
