@@ -75,8 +75,8 @@ def _write_run(run: Path, calibrated: bool = False, underdiagnosis: bool = False
         "calibration_bins": 15, "config": {"backbone": "resnet18", "head": "fusion_residual", "data_source": "demo"},
     }
     if calibrated:
-        metrics["ece_mean_uncalibrated"] = 0.19
-        _png(ev / html.RELIABILITY_UNCALIBRATED, (300, 200), (120, 120, 120))
+        metrics.update(ece_mean_uncalibrated=0.19, calibration_method="platt",
+                       calibration="platt scaling per label, fitted on 40 validation images")
     (ev / "metrics.json").write_text(json.dumps(metrics))
     for name in ("roc.png", "pr.png", html.RELIABILITY):
         _png(ev / name, (400, 300), (90, 140, 200))
@@ -163,9 +163,9 @@ def test_page_is_one_self_contained_file_with_every_part(tmp_path: Path) -> None
 def test_calibrated_evaluation_shows_reliability_before_and_after(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run", calibrated=True)
     text = html.run_report(run).read_text()
-    assert "Reliability before calibration" in text and "Reliability after calibration" in text
-    assert "0.190" in text
-    assert len([a for t, a in _elements(text) if t == "img"]) == 10
+    assert "Reliability before (grey, raw) and after (blue) calibration" in text
+    assert "0.190" in text and "platt scaling per label, fitted on 40 validation images" in text
+    assert len([a for t, a in _elements(text) if t == "img"]) == 9
 
 
 def test_without_explain_the_page_has_no_gallery_and_without_evaluation_there_is_none(tmp_path: Path) -> None:

@@ -29,9 +29,9 @@ REPORT_NAME = "report.html"
 EVALUATION_DIR, EXPLAIN_DIR, RUN_CONFIG = "evaluation", "explain", "config.yaml"
 PREDICTIONS = "predictions.csv"  # evaluate: one row per image of the split, truth and probability
 UNDERDIAGNOSIS = "underdiagnosis.csv"
-# Reliability diagrams: the model's own probabilities, and after post-hoc calibration when
-# evaluate calibrates (then metrics.json holds ``ece_mean_uncalibrated``).
-RELIABILITY, RELIABILITY_UNCALIBRATED = "reliability.png", "reliability_uncalibrated.png"
+# The reliability figure: with a post-hoc calibration it draws the raw (grey) and the calibrated
+# (blue) curves together.
+RELIABILITY = "reliability.png"
 
 # Error classes of a CAM overlay, in the gallery's default order: misses first.
 FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRUE_NEGATIVE, UNKNOWN = (
@@ -291,7 +291,8 @@ def _headline(metrics: Mapping[str, Any], ex_metrics: Mapping[str, Any], demo: b
         ("mean sensitivity", interval(metrics.get("sensitivity_mean")), "at val-chosen thresholds"),
         ("mean specificity", interval(metrics.get("specificity_mean")), "at val-chosen thresholds"),
         ("mean ECE", interval(metrics.get("ece_mean")),
-         f"uncalibrated {interval(metrics['ece_mean_uncalibrated'])}" if "ece_mean_uncalibrated" in metrics else "uncalibrated"),
+         f"before calibration {interval(metrics.get('ece_mean_uncalibrated'))}"
+         if metrics.get("calibration_method", "none") != "none" else "uncalibrated"),
     ]
     if "localization.pointing_game" in ex_metrics:
         items.append(("pointing game", interval(ex_metrics["localization.pointing_game"]),
@@ -325,11 +326,10 @@ def _per_label(per_class: pd.DataFrame, metrics: Mapping[str, Any]) -> str:
 
 
 def _calibration(ev: Path, metrics: Mapping[str, Any]) -> str:
-    if "ece_mean_uncalibrated" in metrics:
-        return (f"<p>Mean ECE before calibration {esc(interval(metrics['ece_mean_uncalibrated']))}, after "
-                f"{esc(interval(metrics.get('ece_mean')))}.</p><div class=\"pair\">"
-                + figure(ev / RELIABILITY_UNCALIBRATED, "Reliability before calibration")
-                + figure(ev / RELIABILITY, "Reliability after calibration") + "</div>")
+    if metrics.get("calibration_method", "none") != "none":
+        return (f"<p>{esc(metrics.get('calibration', metrics['calibration_method']))}. Mean ECE before calibration "
+                f"{esc(interval(metrics.get('ece_mean_uncalibrated')))}, after {esc(interval(metrics.get('ece_mean')))}.</p>"
+                + figure(ev / RELIABILITY, "Reliability before (grey, raw) and after (blue) calibration"))
     return ("<p>The model's own probabilities (this evaluation applied no post-hoc calibration); "
             f"mean ECE {esc(interval(metrics.get('ece_mean')))} over "
             f"{esc(metrics.get('calibration_bins', '?'))} equal-width bins.</p>"
