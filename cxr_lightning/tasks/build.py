@@ -42,8 +42,9 @@ def build_datamodule(cfg: DictConfig) -> CXRDataModule:
 
 
 def box_weight(cfg: DictConfig) -> float:
-    """``loss.box_weight`` (0: no box-guided training)."""
-    return float(cfg.loss.get("box_weight", 0.0) or 0.0)
+    """``loss.box_weight`` (0: no box-guided training, and for configs without a loss: cache, bench)."""
+    loss = cfg.get("loss")
+    return float(loss.get("box_weight", 0.0) or 0.0) if loss is not None else 0.0
 
 
 def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifier:
