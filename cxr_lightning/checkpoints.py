@@ -1,7 +1,10 @@
 """The one place a checkpoint, or a file kept beside one, is read or written.
 
 - :func:`read_checkpoint` is the only ``torch.load`` of the package: model loading, the config
-  checks, resuming a fit (through :class:`AtomicCheckpointIO`) and export all go through it.
+  checks, resuming a fit (through :class:`AtomicCheckpointIO`) and export all go through it. It
+  unpickles nothing but :data:`CHECKPOINT_GLOBALS` (``weights_only`` loading): opening a file
+  someone shared never runs code from it. ``trust=True`` (the commands' ``trust_checkpoint=true``)
+  is the explicit opt-in to full unpickling, for the user's own files of another layout.
 - :func:`load_model` rebuilds a trained :class:`CXRClassifier` from a checkpoint alone.
 - :class:`AtomicCheckpointIO` writes every checkpoint Lightning saves to a temporary file beside it
   and renames it into place, and refuses to write a model whose weights are no longer finite.
@@ -11,8 +14,11 @@
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
+import pickle
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +33,7 @@ from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.files import atomic_path, file_digest, write_json
 from cxr_lightning.models.module import CXRClassifier
 
+log = logging.getLogger(__name__)
 LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 # The decision threshold of a label without one chosen on the validation split.
 DEFAULT_THRESHOLD = 0.5
@@ -35,33 +42,77 @@ THRESHOLDS_SUFFIX = ".thresholds.json"
 
 # --------------------------------------------------------------------------------------------------
 # Reading
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+# The classes a checkpoint written by this framework holds besides what ``weights_only`` loading
+# always allows (tensors, builtin containers and scalars): found by listing the globals referenced
+# by real checkpoints of fits with every callback of conf/callbacks/default.yaml (ModelCheckpoint,
+# EarlyStopping, LearningRateMonitor), each optimizer and scheduler config and a fine-tuning
+# schedule (tests/test_safe_checkpoints.py keeps that list true). Hyperparameters are plain data
+# (see CXRClassifier), so this stays short on purpose: anything else in a file is refused.
+CHECKPOINT_GLOBALS: tuple[type, ...] = (collections.OrderedDict,)
+TRUST_HINT = (
+    "If you made this file yourself with an older or modified version of this code and trust it, pass "
+    "trust_checkpoint=true to load it with full unpickling (which runs any code the file carries), then "
+    "re-save it (for example with `python -m cxr_lightning.export format=bundle`)."
+)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False, trust: bool = False
+) -> dict[str, Any]:
     """The checkpoint dict stored at ``path``; :class:`CheckpointError` naming the file when it is
-    missing, truncated or not a checkpoint. ``mmap`` leaves the tensors on disk (for reading
-    hyperparameters only)."""
+    missing, truncated, not a checkpoint, or needs more than :data:`CHECKPOINT_GLOBALS` to unpickle
+    (``trust=True`` allows that, for files the user made). ``mmap`` leaves the tensors on disk (for
+    reading hyperparameters only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except Exception as exc:  # truncated, not a zip-format torch file, foreign pickle
+        if trust:
+            log.warning("trust_checkpoint=true: unpickling %s without restrictions.", path)
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)  # explicit opt-in
+        else:
+            with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path)
+        if not unsafe:  # weights_only failed on something that is not a readable pickle: garbage bytes
+            raise CheckpointError(f"Cannot read checkpoint {path} ({exc}); is it a .ckpt file, and complete?") from None
+        # weights_only refused a global: unpickling would call code the file names.
+        raise CheckpointError(
+            f"Refusing to open checkpoint {path}: unpickling it needs {unsafe} beyond the tensors and plain data "
+            f"a cxr-lightning checkpoint holds, so it could run arbitrary code. Only open files from people you "
+            f"trust. {TRUST_HINT}"
+        ) from None
+    except Exception as exc:  # truncated, not a zip-format torch file
         raise CheckpointError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}); is it complete?") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint.")
     return ckpt
 
 
-def checkpoint_hparams(path: str | os.PathLike) -> dict[str, Any]:
+def _unsafe_globals(path: Path) -> str:
+    """The classes/functions a refused file references beyond the allow-list, as torch lists them
+    from the pickle's opcodes (nothing is unpickled); "" when the file is no readable pickle."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip-format torch file
+        return ""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in CHECKPOINT_GLOBALS}
+    names = [n for n in names if n not in allowed]
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def checkpoint_hparams(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     """A cxr-lightning checkpoint's hyperparameters, read without loading its weights into memory."""
-    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters")
+    hparams = read_checkpoint(path, mmap=True, trust=trust).get("hyper_parameters")
     if not hparams or "label_names" not in hparams:
         raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
     return dict(hparams)
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CXRClassifier:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False) -> CXRClassifier:
     """Rebuild a trained model from its checkpoint alone, in eval mode, without downloading weights."""
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
     hparams = ckpt.get("hyper_parameters")
     if not hparams or "label_names" not in hparams:
         raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
@@ -99,10 +150,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Every checkpoint is written to a temporary file in its folder, synced and renamed into place,
     and read back through :func:`read_checkpoint`.
 
+    ``trust`` is :func:`read_checkpoint`'s opt-in, for resuming from a file the user made.
+
     Lightning's own writer stages the file in the system temp folder and moves it, which is a copy
     (not atomic) when that folder is on another file system. A model whose weights hold NaN/inf is
     not written at all, so a diverged state never replaces the last good checkpoint.
     """
+
+    def __init__(self, trust: bool = False) -> None:
+        super().__init__()
+        self.trust = trust
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's writer
@@ -120,9 +177,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location)
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        if "://" in str(path):  # remote storage: Lightning's reader, weights_only unless trusted
+            return super().load_checkpoint(path, map_location=map_location, weights_only=not self.trust)
+        return read_checkpoint(path, map_location=map_location or "cpu", trust=self.trust)
 
 
 def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:

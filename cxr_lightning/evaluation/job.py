@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     _check_settings(cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = _output_dir(cfg)
-    model = load_model(ckpt)
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False)))
     labels = list(model.hparams.label_names)
     dm = datamodule_for(model, cfg.get("data"))
     device = inference.default_device() if cfg.device == "auto" else cfg.device

@@ -45,7 +45,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     labels = expected_label_names(cfg.data)
     stats = {}
     if dm is not None and dm.tables is not None:
-        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill}
+        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill)}
     model = CXRClassifier(
         backbone=_plain(cfg.backbone),
         head=_plain(cfg.head),

@@ -57,7 +57,7 @@ def export(cfg: DictConfig) -> ExportResult:
         raise ConfigError(f"check_batch_size={cfg.check_batch_size}: must be at least 1.")
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     output = Path(cfg.output) if cfg.get("output") else ckpt.with_name(ckpt.stem + SUFFIXES[fmt])
-    model = load_model(ckpt).float().eval()
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False))).float().eval()
     metadata = export_metadata(model, ckpt)
 
     sample = random_inputs(model, _EXPORT_BATCH, int(cfg.seed))

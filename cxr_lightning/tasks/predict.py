@@ -68,7 +68,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
         raise ConfigError(f"batch_size={cfg.batch_size}: must be at least 1.")
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     output = _output_path(cfg)
-    model = load_model(ckpt)
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False)))
     if cfg.cam and model.backbone is None:
         raise ConfigError("cam=true: this checkpoint's head (metadata_only) has no image branch to explain.")
     labels = list(model.hparams.label_names)

@@ -119,7 +119,7 @@ def check_optimizer(cfg: DictConfig) -> None:
 
 def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None:
     """The checkpoint a fit continues from has this config's labels, metadata, backbone and head."""
-    hparams = checkpoint_hparams(ckpt_path)
+    hparams = checkpoint_hparams(ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     problems = []
     labels = expected_label_names(cfg.data)
     if list(hparams["label_names"]) != labels:
