@@ -16,7 +16,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -24,7 +23,9 @@ from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
+from cxr_lightning.models import finetune
 from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess
 
@@ -74,8 +75,10 @@ class CXRClassifier(pl.LightningModule):
                 global_pool=backbone.get("global_pool", "avg"),
             )
             in_features = self.backbone.num_features
-            if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:
-                BaseFinetuning.freeze(self.backbone, train_bn=False)
+        # Head first, then the backbone (see models/finetune.py): a function of the epoch only.
+        self.finetune = finetune.FinetuneSchedule.from_config(backbone)
+        if self.backbone is not None and self.finetune.freeze and not self.finetune.staged:
+            self.backbone.requires_grad_(False)
         self.head = create_head(
             head_name,
             in_features=in_features,
@@ -100,6 +103,7 @@ class CXRClassifier(pl.LightningModule):
         self.test_loss = MeanMetric()
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self.train()
 
     def _build_criterion(self, pos_frac: Sequence[float]) -> None:
         pos = torch.tensor(list(pos_frac), dtype=torch.float32)
@@ -135,6 +139,12 @@ class CXRClassifier(pl.LightningModule):
         augment = getattr(trainer.datamodule, "augment", None) if training else None
         batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
         return batch
+
+    def train(self, mode: bool = True) -> "CXRClassifier":
+        # A frozen backbone stays in eval mode: Lightning (and users) call train() on the whole model.
+        super().train(mode)
+        finetune.set_backbone_mode(self.backbone, self.finetune, self.current_epoch, mode)
+        return self
 
     # ------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -190,6 +200,26 @@ class CXRClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
+        # The next epoch's rates before the epoch-start hooks (the learning-rate monitor) read them.
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch + 1)
+
+    def on_train_start(self) -> None:
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch)
+        self.train()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        finetune.drop_frozen_gradients(self.backbone, self.finetune, self.current_epoch)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        optimizer = scheduler.optimizer
+        with finetune.scheduled_rates(optimizer):
+            super().lr_scheduler_step(scheduler, metric)
+        # An epoch-interval scheduler steps at the end of the epoch: its rates are the next epoch's.
+        interval = next((c.interval for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler), "epoch")
+        finetune.apply_hold(optimizer, self.finetune, self.current_epoch + (interval == "epoch"))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -203,7 +233,10 @@ class CXRClassifier(pl.LightningModule):
                 "No optimizer: build the model with cxr_lightning.tasks.build.build_model(cfg), which makes "
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        lr = self.hparams.optimizer.get("lr")
+        if lr is None:
+            raise ConfigError("The optimizer config has no lr: set optimizer.lr=... (the head's rate; the backbone's follows from it).")
+        optimizer = self.optimizer_factory(param_groups(self, float(lr), self.hparams.backbone))
         if self.scheduler_factory is None:
             return optimizer
         # monitor is read by ReduceLROnPlateau only.

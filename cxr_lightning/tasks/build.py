@@ -118,24 +118,9 @@ def use_channels_last(cfg: DictConfig) -> bool:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
-    if cfg.backbone.get("freeze") and unfreeze_at is not None:
-        # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).
-        callbacks.append(
-            pl.callbacks.BackboneFinetuning(
-                unfreeze_backbone_at_epoch=int(unfreeze_at),
-                lambda_func=_keep_lr,
-                backbone_initial_ratio_lr=float(cfg.backbone.get("finetune_lr_scale", 0.1)),
-                should_align=False,
-                train_bn=True,
-            )
-        )
-    return callbacks
-
-
-def _keep_lr(epoch: int) -> float:
-    return 1.0
+    """The ``callbacks`` group's callbacks (head-then-backbone fine-tuning is the model's own
+    schedule, see :mod:`cxr_lightning.models.finetune`, not a callback)."""
+    return [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
 
 
 # --------------------------------------------------------------------------------------------------
