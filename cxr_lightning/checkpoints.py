@@ -6,6 +6,10 @@
   someone shared never runs code from it. ``trust=True`` (the commands' ``trust_checkpoint=true``)
   is the explicit opt-in to full unpickling, for the user's own files of another layout.
 - :func:`load_model` rebuilds a trained :class:`CXRClassifier` from a checkpoint alone.
+- A *bundle* (``export format=bundle``, :func:`save_bundle`) is a model to share without pickle: one
+  safetensors file of weights whose header holds JSON metadata (labels, metadata layout, input
+  size, preprocessing, the model config that rebuilds it, thresholds). :func:`load_model` takes a
+  bundle wherever it takes a checkpoint, so predict, explain and evaluate do too.
 - :class:`AtomicCheckpointIO` writes every checkpoint Lightning saves to a temporary file beside it
   and renames it into place, and refuses to write a model whose weights are no longer finite.
 - :func:`resolve_checkpoint` turns ``ckpt_path=`` / ``run_dir=`` into a file.
@@ -104,26 +108,37 @@ def _unsafe_globals(path: Path) -> str:
 
 def checkpoint_hparams(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     """A cxr-lightning checkpoint's hyperparameters, read without loading its weights into memory."""
-    hparams = read_checkpoint(path, mmap=True, trust=trust).get("hyper_parameters")
+    return _hparams_of(read_checkpoint(path, mmap=True, trust=trust), path)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False) -> CXRClassifier:
+    """Rebuild a trained model from its checkpoint (or bundle, see :func:`is_bundle`) alone, in eval
+    mode, without downloading weights."""
+    if is_bundle(path):
+        from safetensors.torch import load_model as load_weights
+
+        model = _rebuild(dict(read_bundle_metadata(path)["hyper_parameters"]))
+        load_weights(model, str(path), strict=True, device=str(map_location))
+        return model.eval()
+    ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
+    model = _rebuild(_hparams_of(ckpt, path))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def _hparams_of(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    hparams = ckpt.get("hyper_parameters")
     if not hparams or "label_names" not in hparams:
         raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
     return dict(hparams)
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False) -> CXRClassifier:
-    """Rebuild a trained model from its checkpoint alone, in eval mode, without downloading weights."""
-    ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
-    hparams = ckpt.get("hyper_parameters")
-    if not hparams or "label_names" not in hparams:
-        raise CheckpointError(f"{path} is not a cxr-lightning checkpoint (no label names in its hyperparameters).")
-    hparams = dict(hparams)
+def _rebuild(hparams: dict[str, Any]) -> CXRClassifier:
     # The state dict holds the trained weights: never fetch or load pretrained ones again.
-    hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
+    hparams = {**hparams, "backbone": {**hparams["backbone"], "pretrained": False, "weights": None}}
     # channels_last is a training-speed choice for GPUs, not part of the model.
     hparams["channels_last"] = False
-    model = CXRClassifier(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return CXRClassifier(**hparams)
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
@@ -142,6 +157,66 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
     if last.is_file():
         return last
     raise CheckpointError(f"{run_dir} holds no finished run (no metrics.json best checkpoint, no checkpoints/{LAST_CHECKPOINT}).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundles: safetensors weights + JSON metadata, nothing to unpickle
+BUNDLE_SUFFIX = ".safetensors"
+BUNDLE_KEY = "cxr_lightning"  # the safetensors header entry holding the JSON metadata
+BUNDLE_FORMAT = 1
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a bundle (by its ``.safetensors`` suffix) rather than a checkpoint."""
+    return str(path).endswith(BUNDLE_SUFFIX)
+
+
+def save_bundle(model: CXRClassifier, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as a bundle: its state dict as safetensors, its hyperparameters (plain data)
+    and ``extra`` (provenance, thresholds, parity) as the JSON metadata of the file's header."""
+    from safetensors.torch import save_model
+
+    hp = model.hparams
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "label_names": list(hp.label_names),
+        "meta_names": list(hp.meta_names),
+        "image_size": int(hp.image_size),
+        "preprocessing": model.preprocess.describe(),
+        "hyper_parameters": _plain_data(dict(hp)),
+        **dict(extra or {}),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        # save_model (not save_file): it keeps one copy of tensors the model shares between modules.
+        save_model(model, str(tmp), metadata={BUNDLE_KEY: json.dumps(metadata)})
+    return path
+
+
+def read_bundle_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A bundle's JSON metadata, read from the safetensors header (the weights are not loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Bundle {path} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        metadata = json.loads(header[BUNDLE_KEY])
+    except Exception as exc:  # not a safetensors file, or one without our metadata
+        raise CheckpointError(
+            f"Cannot read bundle {path} ({type(exc).__name__}: {exc}); make one with "
+            "`python -m cxr_lightning.export ckpt_path=FILE format=bundle`."
+        ) from None
+    if metadata.get("format") != BUNDLE_FORMAT or "label_names" not in metadata.get("hyper_parameters", {}):
+        raise CheckpointError(f"{path} is not a cxr-lightning bundle of format {BUNDLE_FORMAT}.")
+    return metadata
+
+
+def _plain_data(value: Any) -> Any:
+    """``value`` as JSON data (hyperparameters are plain data; tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,11 +302,15 @@ def save_thresholds(
 def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -> tuple[np.ndarray, Path | None]:
     """The thresholds ``evaluate`` saved for this checkpoint, in ``label_names`` order, and their file.
 
-    Without a thresholds file every label gets :data:`DEFAULT_THRESHOLD` (with a warning) and the
-    file is ``None``; a file written for another checkpoint, or for other labels, is a
-    :class:`CheckpointError`.
+    A bundle carries the thresholds of the checkpoint it was made from; a thresholds file beside it
+    (evaluate run on the bundle itself) takes precedence. Without either every label gets
+    :data:`DEFAULT_THRESHOLD` (with a warning) and the file is ``None``; a file written for another
+    checkpoint, or for other labels, is a :class:`CheckpointError`.
     """
     ckpt, path = Path(ckpt_path), thresholds_path(ckpt_path)
+    if not path.is_file() and is_bundle(ckpt) and read_bundle_metadata(ckpt).get("thresholds"):
+        saved = read_bundle_metadata(ckpt)["thresholds"]
+        return _in_order(saved["thresholds"], label_names, ckpt), ckpt
     if not path.is_file():
         warnings.warn(
             f"No thresholds file {path}: calling findings at probability >= {DEFAULT_THRESHOLD} for every label. "
@@ -239,9 +318,25 @@ def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) ->
             stacklevel=2,
         )
         return np.full(len(label_names), DEFAULT_THRESHOLD), None
+    saved = _read_thresholds_file(path, ckpt)
+    return _in_order(saved["thresholds"], label_names, path), path
+
+
+def matching_thresholds(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The thresholds file's content when it was written for this very checkpoint, else None."""
+    path = thresholds_path(ckpt_path)
+    if not path.is_file():
+        return None
+    try:
+        return _read_thresholds_file(path, Path(ckpt_path))
+    except CheckpointError:
+        return None
+
+
+def _read_thresholds_file(path: Path, ckpt: Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text())
-        by_label = {str(k): float(v) for k, v in saved["thresholds"].items()}
+        saved["thresholds"] = {str(k): float(v) for k, v in saved["thresholds"].items()}
         size, digest = int(saved["checkpoint_size"]), str(saved["checkpoint_sha256"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"Thresholds file {path} is malformed ({exc}); delete it and rerun evaluate.") from exc
@@ -250,7 +345,11 @@ def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) ->
             f"Thresholds file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
             f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
         )
+    return saved
+
+
+def _in_order(by_label: Mapping[str, float], label_names: Sequence[str], source: Path) -> np.ndarray:
     missing = [n for n in label_names if n not in by_label]
     if missing:
-        raise CheckpointError(f"Thresholds file {path} has no threshold for {missing}; rerun evaluate.")
-    return np.array([by_label[n] for n in label_names]), path
+        raise CheckpointError(f"Thresholds in {source} have no threshold for {missing}; rerun evaluate.")
+    return np.array([float(by_label[n]) for n in label_names])

@@ -36,6 +36,9 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class CXRClassifier(pl.LightningModule):
+    # TorchScript tracing compiles properties; cam_layer raises for head=metadata_only.
+    __jit_unused_properties__ = [*pl.LightningModule.__jit_unused_properties__, "cam_layer"]
+
     def __init__(
         self,
         backbone: Mapping[str, Any],
