@@ -75,9 +75,9 @@ def test_export_reproduces_the_checkpoint_at_any_batch_size_and_carries_its_meta
 
 def test_a_mismatching_export_fails_loudly_and_leaves_no_file(ckpt, tmp_path, monkeypatch):
     real_run = export_module.run_onnx
-    monkeypatch.setattr(export_module, "run_onnx", lambda path, batch: real_run(path, batch) + 1e-3)
+    monkeypatch.setattr(export_module, "run_onnx", lambda path, batch: real_run(path, batch) + 1e-2)
     output = tmp_path / "model.onnx"
-    with pytest.raises(CheckpointError, match=r"does not reproduce the checkpoint: max \|logit difference\| 0\.001"):
+    with pytest.raises(CheckpointError, match=r"does not reproduce the checkpoint: max \|logit difference\| 0\.01"):
         run_export(ckpt, "onnx", output)
     assert not output.exists()
     assert not list(tmp_path.iterdir())
@@ -94,7 +94,7 @@ def test_exported_files_say_how_they_were_checked(ckpt, tmp_path):
     parity = json.loads(read_onnx_metadata(output)["parity"])
     assert parity["passed"] and parity["n"] == 8 and "generated demo X-rays" in parity["inputs"]
     assert parity["max_abs_logit_diff"] == result.max_abs_diff <= parity["atol"] + parity["rtol"] * parity["max_abs_logit"]
-    assert (parity["atol"], parity["rtol"]) == (1e-4, 1e-3)
+    assert (parity["atol"], parity["rtol"]) == (1e-3, 1e-3) and parity["checkpoint_float32_vs_float64"] >= 0
 
 
 def test_a_bundle_predicts_what_its_checkpoint_predicts_and_carries_its_thresholds(ckpt, tiny_demo, tmp_path):

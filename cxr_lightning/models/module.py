@@ -36,9 +36,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class CXRClassifier(pl.LightningModule):
-    # TorchScript tracing compiles properties; cam_layer raises for head=metadata_only.
-    __jit_unused_properties__ = [*pl.LightningModule.__jit_unused_properties__, "cam_layer"]
-
     def __init__(
         self,
         backbone: Mapping[str, Any],
@@ -160,10 +157,12 @@ class CXRClassifier(pl.LightningModule):
         return self.head(features, meta)
 
     @property
-    def cam_layer(self) -> nn.Module:
-        """The layer Grad-CAM hooks, named by the backbone's config."""
+    def cam_layer(self) -> nn.Module | None:
+        """The layer Grad-CAM hooks, named by the backbone's config; None for head=metadata_only
+        (no image branch; predict and explain refuse it first). Not an error: TorchScript tracing
+        reads every attribute of the model."""
         if self.backbone is None:
-            raise ConfigError("head=metadata_only has no image branch to explain.")
+            return None
         return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
