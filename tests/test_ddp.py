@@ -96,3 +96,56 @@ def test_multirun_refuses_ddp_that_relaunches_the_command(monkeypatch):
     check_multirun_strategy(_job_config("trainer=ddp_cpu", "trainer.devices=1"))
     monkeypatch.setenv("SLURM_NTASKS", "2")
     check_multirun_strategy(_job_config("trainer=ddp_cpu"))
+
+
+PROBE = '''
+import torch, pytorch_lightning as pl
+
+class BackboneProbe(pl.Callback):
+    """Each rank's backbone weights and BatchNorm statistics at the start and after every epoch."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def _save(self, trainer, pl_module, tag):
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.backbone.state_dict().items()}
+        torch.save(state, f"{self.out}/rank{trainer.global_rank}_{tag}.pt")
+
+    def on_train_start(self, trainer, pl_module):
+        self._save(trainer, pl_module, "start")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._save(trainer, pl_module, f"epoch{trainer.current_epoch}")
+'''
+
+
+@pytest.mark.slow
+def test_ddp_head_then_backbone_fine_tuning_trains_one_backbone_on_both_ranks(tiny_demo, tmp_path):
+    """Unfrozen after epoch 0 under two-process DDP: both ranks hold the same backbone, unchanged
+    while frozen and changed after the unfreeze (DDP all-reduced its gradients)."""
+    import torch
+
+    (tmp_path / "ddp_probe.py").write_text(PROBE)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    skip = ("paths.output_dir=", "trainer.max_epochs=")
+    overrides = [o for o in tiny_overrides(tiny_demo, tmp_path) if not o.startswith(skip)] + [
+        "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "test_after_fit=false",
+        "backbone.freeze=true", "backbone.unfreeze_at_epoch=1", "optimizer.lr=1e-2",
+        "+callbacks.probe._target_=ddp_probe.BackboneProbe", f"+callbacks.probe.out={probes}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "cxr_lightning.train", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = {(r, tag): torch.load(probes / f"rank{r}_{tag}.pt", weights_only=True) for r in (0, 1) for tag in ("start", "epoch0", "epoch1")}
+    for tag in ("start", "epoch0", "epoch1"):
+        for key, value in state[0, tag].items():
+            assert torch.equal(value, state[1, tag][key]), f"ranks differ in {key} at {tag}"
+
+    def moved(a: str, b: str) -> float:
+        return sum(float((state[0, b][k].float() - v.float()).abs().sum()) for k, v in state[0, a].items())
+
+    assert moved("start", "epoch0") == 0.0  # frozen: weights and BatchNorm statistics held
+    assert moved("epoch0", "epoch1") > 0.0  # unfrozen at epoch 1, and trained on both ranks alike

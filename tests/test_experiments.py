@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.models.backbones import BACKBONE_NAMES
-from cxr_lightning.tasks.validate import validate_config
+from cxr_lightning.models.finetune import FinetuneSchedule
+from cxr_lightning.tasks.validate import check_finetuning, validate_config
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -104,8 +105,14 @@ def test_final_model_recipe(tmp_path):
     assert cfg.backbone.name == "efficientnet_b3" and cfg.backbone.global_pool == "max"
     assert cfg.data.drop_no_finding and cfg.data.prior_labels and cfg.head.name == "fusion_residual"
     assert cfg.trainer.max_epochs == 30 and cfg.callbacks.early_stopping.patience == 3
-    finetuning = [c for c in build_callbacks(cfg) if isinstance(c, pl.callbacks.BackboneFinetuning)]
-    assert len(finetuning) == 1 and finetuning[0].unfreeze_backbone_at_epoch == 3
+    # Head first, then the backbone: the model's own schedule, not Lightning's BackboneFinetuning.
+    schedule = FinetuneSchedule.from_config(cfg.backbone)
+    assert schedule.staged and schedule.frozen(2) and not schedule.frozen(3)
+    assert not [c for c in build_callbacks(cfg) if isinstance(c, pl.callbacks.BaseFinetuning)]
+    # ... and it runs under DDP (trainer=ddp is no longer refused).
+    ddp = compose_config(["experiment=final_model", "data.root=/nih", "trainer=ddp", f"paths.output_dir={tmp_path}"])
+    check_finetuning(ddp.backbone)
+    assert ddp.trainer.devices != 1
 
 
 @pytest.mark.parametrize("path", PLUGIN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -145,8 +145,8 @@ def test_named_images_and_findings(tiny_run, tiny_demo, tmp_path):
 
 
 def test_zero_gradient_is_counted_warned_and_marked(tiny_run, tmp_path, monkeypatch):
-    def detached_cam_layer(path, map_location="cpu"):
-        model = load_model(path, map_location)
+    def detached_cam_layer(path, map_location="cpu", trust=False):
+        model = load_model(path, map_location, trust=trust)
         # Nothing downstream of the CAM layer can send a gradient back to it: the seed's failure.
         model.cam_layer.register_forward_hook(lambda module, args, output: output.detach())
         return model

@@ -246,3 +246,18 @@ def test_bad_demographics_csv_names_the_line(fitted, gray, tmp_path):
         run_predict(ckpt, tmp_path / "x.png", tmp_path / "p.csv", f"demographics={tmp_path / 'd.csv'}")
     with pytest.raises(DataError, match="does not exist"):
         run_predict(ckpt, tmp_path / "nothing_here", tmp_path / "p.csv")
+
+
+def test_predict_warns_about_wrongly_scaled_inputs_and_still_predicts_them(fitted, gray, tmp_path, caplog):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(gray).save(folder / "normal.png")
+    Image.fromarray(np.full_like(gray, 7)).save(folder / "constant.png")
+    Image.fromarray(np.where(gray > 128, 255, 0).astype(np.uint8)).save(folder / "binary.png")
+    Image.fromarray((gray // 16 + 60).astype(np.uint8)).save(folder / "narrow.png")
+    run = run_predict(fitted[1], folder, tmp_path / "preds.csv")
+    assert len(run.predictions) == 4 and not run.failures
+    assert sorted(Path(p).name for p in run.scaling_warnings) == ["binary.png", "constant.png", "narrow.png"]
+    why = {Path(p).name: w for p, w in run.scaling_warnings.items()}
+    assert "constant" in why["constant.png"] and "binary" in why["binary.png"] and "window" in why["narrow.png"]
+    assert "constant.png looks wrongly scaled" in caplog.text

@@ -20,6 +20,13 @@ from cxr_lightning.errors import DataError
 # Recorded in the cache fingerprint: changing the resampling must invalidate every cache.
 RESIZE_METHOD = "PIL-bilinear-antialias"
 
+# The largest image decoded: 100 megapixels (10000 x 10000), five times the largest radiography
+# detectors (about 4300 x 4300 for chest, 4096 x 5120 for mammography). It is checked from the
+# header, before any pixel is decoded, so a decompression bomb (a small file that decodes to
+# gigapixels) or a DICOM header promising more is refused in milliseconds instead of exhausting
+# memory. PIL's own guard (Image.MAX_IMAGE_PIXELS) only warns below twice its 89 MP limit.
+MAX_PIXELS = 100_000_000
+
 _DICOM_MAGIC_OFFSET = 128
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -92,16 +99,56 @@ def check_readable(path: str | os.PathLike) -> None:
     _check_nonempty(path)
     if _is_dicom(path):
         # defer_size: large elements (the pixels) are not read, only located.
-        if "PixelData" not in _dcmread(path, defer_size=1024):
+        ds = _dcmread(path, defer_size=1024)
+        if "PixelData" not in ds:
             raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
+        _check_dicom_size(path, ds)
         return
     try:
         with Image.open(path) as im:
+            _check_pixel_count(path, im.width, im.height)
             im.verify()
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, str(exc)) from None
     except UnidentifiedImageError:
         raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
     except Exception as exc:  # PIL signals corruption with OSError, SyntaxError, struct.error...
         raise DataError(f"Image file {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
+
+
+# Thresholds of scaling_problem: a radiograph spreads over most of 0..255 (min-max scaled DICOMs
+# span all of it); these flag inputs that a model trained on radiographs will misread.
+_NEAR_BINARY = 0.95  # share of pixels on the two most frequent values
+_NARROW_RANGE = 48  # 1st-99th percentile span of gray levels, of 255
+_CLIPPED = 0.25  # share of pixels at exactly 0 or exactly 255
+
+
+def scaling_problem(pixels: np.ndarray) -> str | None:
+    """Why decoded ``uint8`` pixels look wrongly scaled for a radiograph, or None: constant, nearly
+    binary (a mask, a thresholded or 1-bit export), a narrow gray range (the wrong window or
+    16-bit data squeezed into a few levels), or heavily clipped (a window far too narrow)."""
+    values = np.asarray(pixels).ravel()
+    if values.size == 0:
+        return None
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:
+        return f"it is constant (every pixel is {lo})"
+    counts = np.bincount(values.astype(np.int64), minlength=256)
+    top_two = float(np.sort(counts)[-2:].sum()) / values.size
+    if top_two >= _NEAR_BINARY:
+        return f"it is nearly binary ({top_two:.0%} of its pixels take two gray values): a mask or a thresholded export?"
+    p1, p99 = np.percentile(values, [1, 99])
+    if p99 - p1 < _NARROW_RANGE:
+        return (
+            f"98% of its pixels lie in gray levels {p1:.0f}..{p99:.0f} of 0..255: the wrong window, or high-bit data "
+            "scaled as if 8-bit?"
+        )
+    clipped = float(counts[0] + counts[255]) / values.size
+    if clipped >= _CLIPPED:
+        return f"{clipped:.0%} of its pixels are clipped at 0 or 255: a window much narrower than the image's range?"
+    return None
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -134,11 +181,14 @@ def _is_dicom(path: Path) -> bool:
 
 def _read_pil(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            _check_pixel_count(path, im.width, im.height)
             im.load()
             return _pil_to_gray(im, path)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, str(exc)) from None
     except UnidentifiedImageError:
         raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
     except Exception as exc:  # PIL signals truncation/corruption with OSError, SyntaxError, ValueError, zlib.error...
@@ -165,6 +215,30 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.uint8).copy()
 
 
+def _check_pixel_count(path: Path, width: int, height: int, frames: int = 1) -> None:
+    if width * height * frames > MAX_PIXELS:
+        size = f"{width} x {height}{f' x {frames} frames' if frames > 1 else ''} pixels ({width * height * frames / 1e6:.0f} MP)"
+        raise _too_large(path, size)
+
+
+def _too_large(path: Path, size: str) -> DataError:
+    return DataError(
+        f"Image file {path} declares {size}, more than the {MAX_PIXELS / 1e6:.0f} MP limit "
+        "(cxr_lightning.data.images.MAX_PIXELS): not decoding it. A radiograph is at most about 20 MP; "
+        "downscale the image, or check where the file came from (a decompression bomb looks like this)."
+    )
+
+
+def _check_dicom_size(path: Path, ds: Any) -> None:
+    """Rows x Columns x frames x samples from the header, before the pixel data is read."""
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        frames = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"DICOM file {path}: unreadable image size in its header ({exc}).") from None
+    _check_pixel_count(path, cols, rows, frames)
+
+
 def _dcmread(path: Path, **kwargs: Any):
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -184,9 +258,10 @@ def _read_dicom(path: Path) -> np.ndarray:
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
-    ds = _dcmread(path)
+    ds = _dcmread(path, defer_size=1024)  # the pixel data is read only when decoded below
     if "PixelData" not in ds:
         raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
+    _check_dicom_size(path, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # truncated data, or no decoder plug-in for a compressed transfer syntax

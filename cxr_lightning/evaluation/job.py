@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     split = SPLIT_ALIASES.get(cfg.split, cfg.split)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = _output_dir(cfg)
-    model = load_model(ckpt)
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False)))
     labels = list(model.hparams.label_names)
     external = external_source(model, cfg.get("data"))
     refit = bool(cfg.get("refit_thresholds", False))

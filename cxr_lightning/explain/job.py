@@ -68,7 +68,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     entries, split, method, top_k, batch_size = _checked_options(cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = job_output_dir(cfg.get("output_dir"), cfg.get("run_dir"), _hydra_run_dir())
-    model = load_model(ckpt).to(default_device() if cfg.device == "auto" else str(cfg.device))
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False))).to(default_device() if cfg.device == "auto" else str(cfg.device))
     if model.backbone is None:
         raise ConfigError(
             f"{ckpt} was trained with head=metadata_only: it never sees the image, so there is nothing "

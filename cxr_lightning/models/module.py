@@ -17,7 +17,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -25,8 +24,10 @@ from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.models.backbones import create_backbone
+from cxr_lightning.models import finetune
 from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
 from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.param_groups import param_groups
@@ -84,8 +85,10 @@ class CXRClassifier(pl.LightningModule):
                 weights_strict=bool(backbone.get("weights_strict", True)),
             )
             in_features = self.backbone.num_features
-            if backbone.get("freeze") and backbone.get("unfreeze_at_epoch") is None:
-                BaseFinetuning.freeze(self.backbone, train_bn=False)
+        # Head first, then the backbone (see models/finetune.py): a function of the epoch only.
+        self.finetune = finetune.FinetuneSchedule.from_config(backbone)
+        if self.backbone is not None and self.finetune.freeze and not self.finetune.staged:
+            self.backbone.requires_grad_(False)
         self.head = create_head(
             head_name,
             in_features=in_features,
@@ -114,6 +117,7 @@ class CXRClassifier(pl.LightningModule):
         self.test_loss = MeanMetric()
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self.train()
 
     def _build_criterion(self, pos_frac: Sequence[float]) -> None:
         pos = torch.tensor(list(pos_frac), dtype=torch.float32)
@@ -156,6 +160,12 @@ class CXRClassifier(pl.LightningModule):
             )
         return batch
 
+    def train(self, mode: bool = True) -> "CXRClassifier":
+        # A frozen backbone stays in eval mode: Lightning (and users) call train() on the whole model.
+        super().train(mode)
+        finetune.set_backbone_mode(self.backbone, self.finetune, self.current_epoch, mode)
+        return self
+
     # ------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         if self.backbone is None:
@@ -167,10 +177,12 @@ class CXRClassifier(pl.LightningModule):
         return self.head(features, meta)
 
     @property
-    def cam_layer(self) -> nn.Module:
-        """The layer Grad-CAM hooks, named by the backbone's config."""
+    def cam_layer(self) -> nn.Module | None:
+        """The layer Grad-CAM hooks, named by the backbone's config; None for head=metadata_only
+        (no image branch; predict and explain refuse it first). Not an error: TorchScript tracing
+        reads every attribute of the model."""
         if self.backbone is None:
-            raise ConfigError("head=metadata_only has no image branch to explain.")
+            return None
         return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
 
     def cam_reshape(self, input_hw: Sequence[int]) -> ReshapeTransform | None:
@@ -235,6 +247,26 @@ class CXRClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
+        # The next epoch's rates before the epoch-start hooks (the learning-rate monitor) read them.
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch + 1)
+
+    def on_train_start(self) -> None:
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        finetune.apply_hold(self.optimizers(use_pl_optimizer=False), self.finetune, self.current_epoch)
+        self.train()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        finetune.drop_frozen_gradients(self.backbone, self.finetune, self.current_epoch)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        optimizer = scheduler.optimizer
+        with finetune.scheduled_rates(optimizer):
+            super().lr_scheduler_step(scheduler, metric)
+        # An epoch-interval scheduler steps at the end of the epoch: its rates are the next epoch's.
+        interval = next((c.interval for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler), "epoch")
+        finetune.apply_hold(optimizer, self.finetune, self.current_epoch + (interval == "epoch"))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -249,7 +281,7 @@ class CXRClassifier(pl.LightningModule):
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
         backbone = self.backbone.model if self.backbone is not None else None
-        optimizer = self.optimizer_factory(param_groups(backbone, self.head, self.hparams.optimizer))
+        optimizer = self.optimizer_factory(param_groups(backbone, self.head, self.hparams.optimizer, self.hparams.backbone))
         if self.scheduler_factory is None:
             return optimizer
         interval = (self.hparams.scheduler or {}).get("interval", "epoch")

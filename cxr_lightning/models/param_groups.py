@@ -1,10 +1,13 @@
 """The optimiser's parameter groups: one function, so every recipe names its groups the same way.
 
-Each group carries ``name`` (``backbone.<timm group>`` or ``head.<decay|no_decay>``), ``lr_scale``
-(its learning rate over the optimiser's) and the ``lr`` and ``weight_decay`` it trains with; torch
-optimisers read the last two per group, and a scheduler scales every group's ``lr`` alike, so the
-ratios hold for the whole run.
+Each group carries ``name`` (``backbone.<group>`` or ``head.<group>``), ``lr_scale`` (its learning
+rate over the optimiser's) and the ``lr`` and ``weight_decay`` it trains with; torch optimisers read
+the last two per group, and a scheduler scales every group's ``lr`` alike, so the ratios hold for
+the whole run. :mod:`cxr_lightning.models.finetune` finds the backbone's groups by their name.
 
+* ``backbone.finetune_lr_scale``: a backbone fine-tuned after a frozen start (``freeze`` with
+  ``unfreeze_at_epoch``) trains at this fraction of the head's rate (the seed's EfficientNet-B3
+  recipe); its rate is held at 0 until the unfreeze epoch by :mod:`.finetune`.
 * ``layer_decay``: layer-wise learning-rate decay (BEiT, Bao et al. 2022; MAE, He et al. 2022),
   grouped by timm's ``param_groups_layer_decay`` from the model's own ``group_matcher``: for a ViT
   of depth ``D`` the embedding is layer 0, block ``i`` layer ``i + 1`` and the final norm joins the
@@ -25,21 +28,37 @@ from torch import nn
 
 from cxr_lightning.errors import ConfigError
 
+HEAD, BACKBONE = "head", "backbone"
 # Keys of the optimizer config read here, not passed to the optimiser class (tasks/build.py strips them).
 GROUP_KEYS: tuple[str, ...] = ("layer_decay", "no_decay_norm_bias")
 
 
-def param_groups(backbone: nn.Module | None, head: nn.Module, optimizer: Mapping[str, Any]) -> list[dict[str, Any]]:
+def is_backbone_group(group: Mapping[str, Any]) -> bool:
+    return str(group.get("name", "")).split(".")[0] == BACKBONE
+
+
+def param_groups(
+    backbone: nn.Module | None, head: nn.Module, optimizer: Mapping[str, Any], backbone_cfg: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Groups of the trainable parameters of ``backbone`` (a timm model, or None) and ``head`` for
-    the ``optimizer`` config (its ``lr``, ``weight_decay`` and :data:`GROUP_KEYS`)."""
-    lr = float(optimizer.get("lr", 1e-3))
+    the ``optimizer`` config (its ``lr``, ``weight_decay`` and :data:`GROUP_KEYS`) and the backbone
+    config (``freeze``, ``unfreeze_at_epoch``, ``finetune_lr_scale``)."""
+    if optimizer.get("lr") is None:
+        raise ConfigError("The optimizer config has no lr: set optimizer.lr=... (the head's rate; the backbone's follows from it).")
+    lr = float(optimizer["lr"])
     weight_decay = float(optimizer.get("weight_decay", 0.0))
     layer_decay = optimizer.get("layer_decay")
     no_decay = bool(optimizer.get("no_decay_norm_bias", False)) or layer_decay is not None
     groups = []
     if backbone is not None:
-        groups += [_named(g, "backbone", i, lr) for i, g in enumerate(_backbone_groups(backbone, weight_decay, layer_decay, no_decay))]
-    groups += [_named(g, "head", i, lr) for i, g in enumerate(_plain_groups(head, weight_decay, no_decay))]
+        backbone_cfg = backbone_cfg or {}
+        staged = bool(backbone_cfg.get("freeze")) and backbone_cfg.get("unfreeze_at_epoch") is not None
+        scale = float(backbone_cfg.get("finetune_lr_scale", 0.1)) if staged else 1.0
+        groups += [
+            _named(g, BACKBONE, i, lr, scale)
+            for i, g in enumerate(_backbone_groups(backbone, weight_decay, layer_decay, no_decay))
+        ]
+    groups += [_named(g, HEAD, i, lr, 1.0) for i, g in enumerate(_plain_groups(head, weight_decay, no_decay))]
     return [g for g in groups if g["params"]]
 
 
@@ -50,6 +69,7 @@ def _backbone_groups(model: nn.Module, weight_decay: float, layer_decay: float |
             raise ConfigError(f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75).")
         groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
                                           layer_decay=float(layer_decay))
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         return [{**g, "name": _layer_group_name(g, float(layer_decay))} for g in groups]
     return _plain_groups(model, weight_decay, no_decay, skip)
 
@@ -70,6 +90,6 @@ def _layer_group_name(group: dict[str, Any], layer_decay: float) -> str:
     return f"below{below}_{'decay' if group['weight_decay'] else 'no_decay'}"
 
 
-def _named(group: dict[str, Any], owner: str, index: int, lr: float) -> dict[str, Any]:
-    scale = float(group.get("lr_scale", 1.0))
+def _named(group: dict[str, Any], owner: str, index: int, lr: float, owner_scale: float) -> dict[str, Any]:
+    scale = float(group.get("lr_scale", 1.0)) * owner_scale
     return {**group, "name": f"{owner}.{group.get('name', index)}", "lr_scale": scale, "lr": lr * scale}

@@ -54,7 +54,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     labels = expected_label_names(cfg.data)
     stats = {}
     if dm is not None and dm.tables is not None:
-        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": dm.age_fill, "sampler": dm.sampler_record}
+        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill), "sampler": dm.sampler_record}
     model = CXRClassifier(
         backbone=_plain(cfg.backbone),
         head=_plain(cfg.head),
@@ -133,31 +133,16 @@ def use_channels_last(cfg: DictConfig) -> bool:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The configured callbacks; every one monitoring ``selection.metric`` gets that metric's mode."""
+    """The configured callbacks; every one monitoring ``selection.metric`` gets that metric's mode.
+    Head-then-backbone fine-tuning is the model's own schedule (:mod:`cxr_lightning.models.finetune`),
+    not a callback."""
     metric = cfg.selection.metric
     mode = selection_mode(metric)
-    callbacks = [
+    return [
         instantiate(c, mode=mode) if c.get("monitor") == metric else instantiate(c)
         for c in cfg.get("callbacks", {}).values()
         if c is not None
     ]
-    unfreeze_at = cfg.backbone.get("unfreeze_at_epoch")
-    if cfg.backbone.get("freeze") and unfreeze_at is not None:
-        # Head first, then the backbone at a smaller learning rate (the seed's EfficientNet-B3 recipe).
-        callbacks.append(
-            pl.callbacks.BackboneFinetuning(
-                unfreeze_backbone_at_epoch=int(unfreeze_at),
-                lambda_func=_keep_lr,
-                backbone_initial_ratio_lr=float(cfg.backbone.get("finetune_lr_scale", 0.1)),
-                should_align=False,
-                train_bn=True,
-            )
-        )
-    return callbacks
-
-
-def _keep_lr(epoch: int) -> float:
-    return 1.0
 
 
 # --------------------------------------------------------------------------------------------------

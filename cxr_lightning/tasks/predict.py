@@ -64,6 +64,8 @@ class PredictionRun:
     output: Path
     thresholds_file: Path | None
     cam_files: list[Path] = field(default_factory=list)
+    # Files predicted although they look wrongly scaled (constant, nearly binary, narrow window): why.
+    scaling_warnings: dict[str, str] = field(default_factory=dict)
 
 
 def predict(cfg: DictConfig) -> PredictionRun:
@@ -75,7 +77,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
         raise ConfigError(f"batch_size={cfg.batch_size}: must be at least 1.")
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     output = _output_path(cfg)
-    model = load_model(ckpt)
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False)))
     if cfg.cam and model.backbone is None:
         raise ConfigError("cam=true: this checkpoint's head (metadata_only) has no image branch to explain.")
     labels = list(model.hparams.label_names)
@@ -94,10 +96,14 @@ def predict(cfg: DictConfig) -> PredictionRun:
     cam_dir = Path(cfg.cam_dir) if cfg.get("cam_dir") else output.parent / "cams"
     dataset = ImageFiles(kept.index.tolist(), meta, int(model.hparams.image_size))
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
-    rows, cam_files = [], []
+    rows, cam_files, scaling = [], [], {}
     batches = inference.probability_batches(model, loader, device)
     for batch, probs in track(batches, description="Predicting", total=len(loader), transient=True):
         failures.update({dataset.paths[i]: e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
+        odd = {dataset.paths[i]: w for i, w in zip(batch["index"].tolist(), batch["warning"]) if w}
+        for path, why in odd.items():
+            log.warning("%s looks wrongly scaled for a radiograph: %s Its predictions are unreliable.", path, why)
+        scaling.update(odd)
         read = torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
         if not read.any():
             continue
@@ -112,7 +118,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
     with atomic_path(output) as tmp:
         predictions.to_csv(tmp, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
-    return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files)
+    return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items())))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +221,9 @@ def gather_demographics(
 
 
 class ImageFiles(Dataset):
-    """Files as ``{"image": uint8 (1, S, S), "meta", "index", "error"}``; a file that cannot be
-    decoded gives a blank image and its error message instead of stopping the run."""
+    """Files as ``{"image": uint8 (1, S, S), "meta", "index", "error", "warning"}``; a file that
+    cannot be decoded gives a blank image and its error message instead of stopping the run, one
+    that decodes but looks wrongly scaled (:func:`images.scaling_problem`) a warning."""
 
     def __init__(self, paths: Sequence[str], meta: np.ndarray, image_size: int) -> None:
         self.paths = list(paths)
@@ -228,12 +235,13 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         try:
-            pixels = images.load_resized(self.paths[index], self.image_size)
-            error = ""
+            pixels, error = images.load_resized(self.paths[index], self.image_size), ""
+            warning = images.scaling_problem(pixels) or ""
         except DataError as exc:
             pixels = np.zeros((self.image_size, self.image_size), np.uint8)
-            error = str(exc)
-        return {"image": torch.from_numpy(pixels)[None], "meta": self.meta[index], "index": index, "error": error}
+            error, warning = str(exc), ""
+        item = {"image": torch.from_numpy(pixels)[None], "meta": self.meta[index], "index": index}
+        return {**item, "error": error, "warning": warning}
 
 
 # --------------------------------------------------------------------------------------------

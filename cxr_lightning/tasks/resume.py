@@ -19,7 +19,7 @@ from cxr_lightning.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 # Keys that differ between two invocations of the same experiment.
-RUN_SPECIFIC_KEYS = ("paths", "hydra", "resume", "ckpt_path")
+RUN_SPECIFIC_KEYS = ("paths", "hydra", "resume", "ckpt_path", "trust_checkpoint")
 RESUMED_NOTE = "resumed_into.txt"
 
 

@@ -34,7 +34,7 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     check_loss(cfg.loss.name)
     check_optimizer(cfg)
     _check_metadata_use(cfg)
-    check_finetuning_devices(cfg)
+    check_finetuning(cfg.backbone)
     check_selection(cfg)
     if ckpt_path:
         check_checkpoint_fits(cfg, ckpt_path)
@@ -53,18 +53,22 @@ def check_selection(cfg: DictConfig) -> None:
         )
 
 
-def check_finetuning_devices(cfg: DictConfig) -> None:
-    """Unfreezing mid-training is single-device only: DDP never all-reduces parameters that were
-    frozen when it wrapped the model (Lightning issue #20340), so the ranks' backbones drift apart."""
-    trainer = cfg.get("trainer", {})
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    several = nodes not in (None, 1) or not (devices in (1, "1") or devices == [0] or devices is None)
-    if cfg.backbone.get("freeze") and cfg.backbone.get("unfreeze_at_epoch") is not None and several:
+
+def check_finetuning(backbone: DictConfig) -> None:
+    """The head-then-backbone schedule (models/finetune.py) is one the model can follow; it runs the
+    same on one device or under DDP (the backbone's parameters are registered from the start)."""
+    at, scale = backbone.get("unfreeze_at_epoch"), backbone.get("finetune_lr_scale", 0.1)
+    if at is None:
+        return
+    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+        raise ConfigError(f"backbone.unfreeze_at_epoch={at!r}: expected an epoch number (0, 1, ...) or null.")
+    if not backbone.get("freeze"):
         raise ConfigError(
-            f"backbone.unfreeze_at_epoch={cfg.backbone.unfreeze_at_epoch} with trainer.devices={devices} "
-            f"trainer.num_nodes={nodes}: DDP does not synchronise a backbone unfrozen mid-training "
-            "(Lightning issue #20340). Train this recipe on one device (trainer.devices=1)."
+            f"backbone.unfreeze_at_epoch={at} without backbone.freeze=true: the backbone trains from epoch 0 "
+            "anyway. Pass backbone.freeze=true to train the head alone first, or backbone.unfreeze_at_epoch=null."
         )
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ConfigError(f"backbone.finetune_lr_scale={scale!r}: expected a positive number (the backbone's lr / lr).")
 
 
 def check_training_labels(data: DictConfig) -> None:
@@ -182,7 +186,7 @@ def check_optimizer(cfg: DictConfig) -> None:
 
 def check_checkpoint_fits(cfg: DictConfig, ckpt_path: str | os.PathLike) -> None:
     """The checkpoint a fit continues from has this config's labels, metadata, backbone and head."""
-    hparams = checkpoint_hparams(ckpt_path)
+    hparams = checkpoint_hparams(ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     problems = []
     labels = expected_label_names(cfg.data)
     if list(hparams["label_names"]) != labels:
