@@ -276,9 +276,13 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     before = page.read_text()
     assert 'id="per-label"' in before and 'id="cam-grid"' not in before
 
-    # predictions.csv holds the split's labels and the model's probabilities, computed again here
+    # predictions.csv holds the split's labels and the model's calibrated probabilities, computed again here
+    from cxr_lightning.checkpoints import load_calibration
+
     model = load_model(ckpt)
-    probs, table = predict_split(model, datamodule_for(model, {"num_workers": 0}), "test")
+    raw, table = predict_split(model, datamodule_for(model, {"num_workers": 0}), "test")
+    calibration, _ = load_calibration(ckpt, model.hparams.label_names)
+    probs = calibration.apply(raw)
     predictions = pd.read_csv(run / "evaluation" / html.PREDICTIONS)
     assert list(predictions["Image Index"]) == list(table["Image Index"])
     names = list(model.hparams.label_names)

@@ -290,7 +290,8 @@ def choose_thresholds(
     thresholds = np.full(y.shape[1], float(fallback))
     useless = []
     for j in np.flatnonzero(usable):
-        cuts, tp, fp = threshold_curve(y[:, j], p[:, j])
+        keep = ~np.isnan(y[:, j])  # an ignored (uncertain) label does not count for that label
+        cuts, tp, fp = threshold_curve(y[keep, j], p[keep, j])
         n_pos, n_neg = int(tp[0]), int(fp[0])
         if method == "f1":
             # the lowest cut calls everything positive, so tp > 0 there and the best F1 is > 0
