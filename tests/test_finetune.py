@@ -102,8 +102,10 @@ def test_the_uninterrupted_run_holds_then_trains_the_backbone_at_its_scaled_rate
     cfg, _, epochs = staged
     cosine = [0.5 * (1 + math.cos(math.pi * e / EPOCHS)) for e in range(EPOCHS)]  # CosineAnnealingLR, T_max=4
     for epoch, seen in epochs.items():
-        (head, n_head, head_lr), (trunk, n_trunk, trunk_lr) = seen["groups"]
-        assert (head, trunk) == ("head", "backbone") and n_head > 0 and n_trunk > 0
+        by_owner = {name.split(".")[0]: (name, n, lr) for name, n, lr in seen["groups"]}
+        assert len(by_owner) == len(seen["groups"]) == 2
+        (head, n_head, head_lr), (trunk, n_trunk, trunk_lr) = by_owner["head"], by_owner["backbone"]
+        assert (head, trunk) == ("head.all", "backbone.all") and n_head > 0 and n_trunk > 0
         assert all(seen["requires_grad"])  # DDP's parameter set never changes
         assert head_lr == pytest.approx(LR * cosine[epoch])
         frozen = epoch < UNFREEZE
@@ -132,6 +134,6 @@ def test_a_continued_run_matches_the_uninterrupted_one(staged, stop):
 def test_schedule_is_a_function_of_the_epoch():
     staged = FinetuneSchedule(freeze=True, unfreeze_at_epoch=3)
     assert [staged.frozen(e) for e in range(5)] == [True, True, True, False, False]
-    assert [staged.hold({"name": "backbone"}, e) for e in (2, 3)] == [0.0, 1.0]
-    assert staged.hold({"name": "head"}, 0) == 1.0
+    assert [staged.hold({"name": "backbone.all"}, e) for e in (2, 3)] == [0.0, 1.0]
+    assert staged.hold({"name": "head.all"}, 0) == 1.0
     assert FinetuneSchedule(freeze=True).frozen(100) and not FinetuneSchedule().frozen(0)
