@@ -20,6 +20,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: two threads on a shared two-core machine spend more
+    time waiting than computing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """A 40-patient, 64-pixel demo dataset in the NIH layout, generated once per test session."""

@@ -29,12 +29,8 @@ TINY = "test_resnet"  # timm's 0.4M-parameter ResNet
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared two-core machine spend more time waiting than computing.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

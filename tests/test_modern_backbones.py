@@ -22,11 +22,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 def backbone_cfg(stem: str, **changes) -> dict:
