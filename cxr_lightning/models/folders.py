@@ -434,16 +434,3 @@ def build_encoder(backbone: Mapping[str, Any]) -> FolderEncoder:
 
         encoder.loaded = load_folder_weights(encoder, found["weights_file"], strict=strict)
     return encoder
-
-
-def open_clip_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The image tower's tensors of an open_clip weights file (``visual.*``, prefix removed), and
-    the keys left out on purpose (the text tower, the logit scale)."""
-    from cxr_lightning.models.weights import read_state_dict
-
-    state = read_state_dict(path)
-    prefix = "visual."
-    if not any(k.startswith(prefix) for k in state):
-        raise CheckpointError(f"{path} has no visual.* tensors: it is not an open_clip model's state dict.")
-    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return kept, sorted(k for k in state if not k.startswith(prefix))

@@ -288,9 +288,12 @@ def load_folder_weights(encoder: nn.Module, path: Path, strict: bool = True) -> 
     """Load an open_clip weights file's image tower into ``encoder.net``
     (:class:`~cxr_lightning.models.folders.OpenCLIPEncoder`), with the checks of a timm load: a
     tensor the tower lacks is refused, and one with no place too unless ``strict=False``."""
-    from cxr_lightning.models.folders import open_clip_state_dict
-
-    state_dict, dropped = open_clip_state_dict(path)
+    state = read_state_dict(path)
+    prefix = "visual."  # the image tower; the text tower and the logit scale are left out on purpose
+    if not any(k.startswith(prefix) for k in state):
+        raise CheckpointError(f"{path} has no visual.* tensors: it is not an open_clip model's state dict.")
+    state_dict = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dropped = sorted(k for k in state if not k.startswith(prefix))
     report = WeightsReport(path=str(path), source="open_clip", dropped=dropped)
     _load(encoder.net, state_dict, report, set(), strict)
     log.info("backbone weights: %s", report.summary())
