@@ -120,11 +120,10 @@ def check_data_root(data: DictConfig) -> None:
 
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
+    from cxr_lightning.models import folders
     from cxr_lightning.models.backbones import check_name_and_pool
     from cxr_lightning.models.reshape import CAM_RESHAPES
     from cxr_lightning.models.weights import WEIGHT_SOURCES
-
-    from cxr_lightning.models import folders
 
     name = str(backbone.name)
     fmt = backbone.get("format", "timm") or "timm"
@@ -133,7 +132,8 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
     if OmegaConf.is_missing(backbone, "weights") or (fmt != "timm" and backbone.get("weights") is None):
         raise ConfigError(
             f"backbone={name} needs its weights: pass backbone.weights=PATH. "
-            + str(backbone.get("weights_help") or "(a state dict file, or a timm / Hugging Face folder; see docs/backbones.md)")
+            + str(backbone.get("weights_help")
+                  or "(a state dict file, or a timm / Hugging Face folder; see docs/backbones.md)")
         )
     if fmt == "timm":
         check_name_and_pool(name, backbone.get("global_pool", "avg"))
