@@ -136,3 +136,20 @@ def test_rsna_mapping_and_errors(tmp_path):
     labels.write_text(labels.read_text().replace(",0\n", ",2\n", 1))
     with pytest.raises(DataError, match=r"stage_2_train_labels.csv: 1 row\(s\) with a Target that is not 0 or 1"):
         rsna_pneumonia.read(root)
+
+
+def test_vindr_boxes_scale_by_each_dicoms_size_and_keep_their_readers(tmp_path):
+    from cxr_lightning.data.boxes import NO_READER, image_boxes
+
+    root = write_vindr(tmp_path / "v", vindr_images())
+    table = vindr_cxr.read(root).table.assign(source="vindr")
+    boxes = vindr_cxr.read_boxes(root)
+    got = image_boxes(table, boxes, ["Effusion", "Fibrosis", "Nodule/Mass"], image_size=64)
+    assert got.count == 3 and got.by_source == {"vindr": {"Effusion": 2, "Fibrosis": 1}}
+    a = list(table["Image Index"]).index("a" * 32)
+    rows, cols = 96, 80  # every fixture image: not square
+    for slot, (_, x0, y0, x1, y1) in enumerate((EFFUSION_R1, EFFUSION_R2)):
+        np.testing.assert_allclose(got.boxes[a, slot], [x0 * 64 / cols, y0 * 64 / rows, x1 * 64 / cols, y1 * 64 / rows],
+                                   rtol=1e-6)
+        assert got.labels[a, slot] == 0
+    assert got.readers[a, 0] != got.readers[a, 1] and (got.readers[a, :2] != NO_READER).all()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
 from cxr_lightning.errors import ConfigError, DataError
 
@@ -110,6 +111,7 @@ def read_boxes(root: Path) -> pd.DataFrame:
         "w": boxed["width"].to_numpy(), "h": boxed["height"].to_numpy(),
         "Reader": np.nan,
         "finding": LUNG_OPACITY,
+        "pixel_space": DICOM_PIXELS,
     }).reset_index(drop=True)
 
 

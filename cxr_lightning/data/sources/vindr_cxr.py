@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
 from cxr_lightning.errors import ConfigError, DataError
 
@@ -140,7 +141,8 @@ def read(root: Path, label_table: str = "auto", reader_vote: str = "majority", h
 def read_boxes(root: Path, reader_vote: str = "majority") -> pd.DataFrame:
     """Every reader's box of each finding the vote calls positive, one row per (box, concept):
     ``Image Index``, ``Finding Label`` (the concept), ``x``, ``y``, ``w``, ``h`` (DICOM pixels),
-    ``Reader`` (the radiologist's id, NaN for a consensus box) and ``finding`` (VinDr's class)."""
+    ``Reader`` (the radiologist's id, NaN for a consensus box), ``finding`` (VinDr's class) and
+    ``pixel_space`` (``dicom``)."""
     check_vote(reader_vote)
     root = common.existing_dir(root, "VinDr-CXR")
     votes, _ = _image_votes(root, reader_vote)
@@ -164,7 +166,9 @@ def read_boxes(root: Path, reader_vote: str = "majority") -> pd.DataFrame:
         for row in boxes.to_dict("records") for concept in HARMONISATION.get(row["finding"], ())
     ]
     columns = ["Image Index", "Finding Label", "x", "y", "w", "h", "Reader", "finding"]
-    return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
+    out = pd.DataFrame(rows, columns=columns).reset_index(drop=True)
+    out["pixel_space"] = DICOM_PIXELS  # VinDr's images vary in size: each box in its DICOM's pixels
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
