@@ -8,6 +8,7 @@ case a three-channel ImageNet first convolution is folded to one channel by timm
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,28 @@ class Backbone(nn.Module):
             return self.model.get_submodule(path)
         except AttributeError:
             raise ConfigError(_unknown_layer_message(self.model, path, self.timm_name)) from None
+
+
+def cam_layer_of(backbone: Mapping[str, Any]) -> str:
+    """The layer Grad-CAM hooks for a backbone config: ``cam_layer`` when it names one, else the
+    entry of ``cam_layers`` (``{stride16: PATH, stride32: PATH}``) at ``cam_stride``. Experiments
+    choose a stride, not a layer name, so that they compose with every backbone."""
+    explicit = backbone.get("cam_layer")
+    if explicit:
+        return str(explicit)
+    layers = dict(backbone.get("cam_layers") or {})
+    stride = backbone.get("cam_stride")
+    name = backbone.get("name", "?")
+    if not layers:
+        raise ConfigError(f"backbone {name!r} names no CAM layer: set backbone.cam_layer=PATH or give its yaml "
+                          "cam_layers: {stride16: PATH, stride32: PATH} and cam_stride.")
+    if f"stride{stride}" not in layers:
+        strides = sorted(int(str(k).removeprefix("stride")) for k in layers)
+        raise ConfigError(
+            f"backbone.cam_stride={stride}: backbone {name!r} has CAM layers at stride {strides} only; "
+            f"pass backbone.cam_stride={strides[-1]} or backbone.cam_layer=PATH."
+        )
+    return str(layers[f"stride{stride}"])
 
 
 def check_name_and_pool(name: str, global_pool: str) -> None:
