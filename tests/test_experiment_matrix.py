@@ -79,7 +79,7 @@ def test_every_experiment_has_a_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(RUNS))
 def test_experiment_trains_explains_and_exports(experiment, tiny_demo, tmp_path, one_thread):
-    from cxr_lightning.explain.job import explain
+    from cxr_lightning.tasks.explain import explain
     from cxr_lightning.tasks.export import export
     from cxr_lightning.tasks.train import train
 

@@ -183,7 +183,8 @@ def _build_problem(name: str, global_pool: str, drop_path: float, image_size: in
     except ConfigError as exc:
         if drop_path and "drop_path_rate" in str(exc):
             return (f"backbone.drop_path_rate={drop_path}: timm's {name} has no stochastic depth; pass "
-                    "backbone.drop_path_rate=0.0, or a backbone that has it (resnet, efficientnet, convnext, vit, swin).")
+                    "backbone.drop_path_rate=0.0, or a backbone that has it (resnet, efficientnet, convnext, "
+                    "vit, swin).")
         return str(exc)
     return None
 
