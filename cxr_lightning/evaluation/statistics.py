@@ -488,7 +488,8 @@ def underdiagnosis(
     """Underdiagnosis per subgroup at the chosen thresholds (positive if ``p >= t``), as
     CheXclusion (Seyyed-Kalantari et al. 2021) audited it on this dataset.
 
-    ``underdiagnosis``: among the images with at least one finding, the share called "No Finding"
+    ``underdiagnosis``: among the images with at least one finding (``No Finding`` negative where the
+    labels include it, else any label positive; a NaN label counts for neither), the share called "No Finding"
     (the ``No Finding`` label called positive when the model predicts it, else no finding called
     at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
     has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
@@ -508,7 +509,12 @@ def underdiagnosis(
     _patient_codes(patients, len(y), where)
     called = p >= t
     findings = [j for j, n in enumerate(names) if n != NO_FINDING]
-    has_finding = y[:, findings].max(axis=1) == 1
+    if NO_FINDING in names:
+        # The source gives No Finding: an image has a finding where No Finding is negative, whether
+        # its findings are in the label space, outside it, or uncertain.
+        has_finding = y[:, names.index(NO_FINDING)] == 0
+    else:
+        has_finding = (y[:, findings] == 1).any(axis=1)
     if NO_FINDING in names:
         called_normal = called[:, names.index(NO_FINDING)]
     else:

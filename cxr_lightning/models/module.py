@@ -27,7 +27,6 @@ from cxr_lightning.models.backbones import create_backbone
 from cxr_lightning.models import finetune
 from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
 from cxr_lightning.models.divergence import check_finite_loss
-from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.param_groups import param_groups
@@ -214,7 +213,7 @@ class CXRClassifier(pl.LightningModule):
 
     def _scored(self, batch: dict, stage: str, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         check_finite_loss(self, batch, stage, loss, logits)
-        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
+        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"])
         getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))
         return loss
 
