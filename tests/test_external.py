@@ -15,13 +15,14 @@ from fixtures.make_external import nih_as_chexpert
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
-from cxr_lightning.data import harmonise
+from cxr_lightning.data.sources.chexpert import HARMONISATION
+from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation.job import evaluate
 
 pytestmark = pytest.mark.slow
 N_BOOT = 30
-NIH_OF = harmonise.mapping("chexpert")  # CheXpert observation -> NIH label
+NIH_OF = {o: c[0] for o, c in HARMONISATION.items() if c[0] in ALL_LABELS}  # CheXpert observation -> NIH label
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +132,34 @@ def chexpert_training_overrides(root: Path, out: Path) -> list[str]:
     return ["data=chexpert" if o == "data=nih" else o for o in tiny_overrides(root, out)] + ["data.test_fraction=0.2"]
 
 
-def test_training_on_chexpert_needs_ones_or_zeros(tmp_path):
-    from fixtures.make_external import write_chexpert
+def test_training_on_chexpert_with_uncertain_ignored(tmp_path):
+    """U-Ignore: an uncertain label is masked in the loss, the class weights and the metrics."""
+    from fixtures.make_external import CHEXPERT_TRAIN, write_chexpert
 
+    from cxr_lightning.checkpoints import checkpoint_hparams
+    from cxr_lightning.tasks.train import train
     from cxr_lightning.tasks.validate import validate_config
 
     root = write_chexpert(tmp_path / "CheXpert-v1.0-small")
-    with pytest.raises(ConfigError, match="data.uncertain=ones"):
-        validate_config(compose_config(chexpert_training_overrides(root, tmp_path / "run")))
+    cfg = compose_config(chexpert_training_overrides(root, tmp_path / "run")
+                         + ["data.uncertain=ignore", "data.image_size=32", "head=fusion", "test_after_fit=false",
+                            "trainer.limit_train_batches=1"])
+    validate_config(cfg)
+    metrics = train(cfg)
+    hparams = checkpoint_hparams(metrics["best_checkpoint"])
+    assert hparams["label_space"] == "nih14"
+    # The class weights count only the training images whose label is certain (recounted from the
+    # fixture's rows: a -1 code does not count, a blank is a negative).
+    from cxr_lightning.data.spec import DataSpec
+    from cxr_lightning.data.tables import build_tables
+
+    train_patients = set(build_tables(DataSpec.from_options(source="chexpert", root=root, test_fraction=0.2))
+                         .tables["train"]["Patient ID"])
+    pos_frac = dict(zip(hparams["label_names"], hparams["pos_frac"]))
+    for observation, label in (("Cardiomegaly", "Cardiomegaly"), ("Atelectasis", "Atelectasis"), ("Edema", "Edema")):
+        codes = [r[7].get(observation, "") for r in CHEXPERT_TRAIN if r[5] == "Frontal" and r[0] in train_patients]
+        certain = [c for c in codes if c != "-1.0"]
+        assert pos_frac[label] == pytest.approx(certain.count("1.0") / len(certain)), label
 
 
 def test_training_on_chexpert_with_its_official_split(tmp_path):
@@ -151,7 +172,7 @@ def test_training_on_chexpert_with_its_official_split(tmp_path):
     metrics = train(compose_config(chexpert_training_overrides(root, tmp_path / "run")
                                    + ["data.uncertain=ones", "head=fusion_residual", "test_after_fit=false"]))
     hparams = checkpoint_hparams(metrics["best_checkpoint"])
-    assert hparams["label_names"] == harmonise.available_labels("chexpert")
+    assert hparams["label_names"] == [n for n in ALL_LABELS if n in set(NIH_OF.values())]
     val = (tmp_path / "run" / "val_patients.txt").read_text().split()
     assert sorted(map(int, val)) == sorted({r[0] for r in CHEXPERT_VALID})
 

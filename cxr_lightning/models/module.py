@@ -48,6 +48,7 @@ class CXRClassifier(pl.LightningModule):
         label_names: Sequence[str],
         meta_names: Sequence[str],
         image_size: int,
+        label_space: str = "nih14",
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
         input_range: Sequence[float] = UNIT_RANGE,
