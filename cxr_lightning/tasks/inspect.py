@@ -26,9 +26,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cxr_lightning import files
-from cxr_lightning.data import nih
+from cxr_lightning.data import label_spaces, nih
 from cxr_lightning.data.spec import SPLITS, DataSpec, SourceSpec
-from cxr_lightning.data.tables import assign_splits, concept_codes, find_images, frontal_views, label_space
+from cxr_lightning.data.tables import assign_splits, concept_codes, find_images, frontal_views
 from cxr_lightning.errors import DataError
 from cxr_lightning.tasks.build import data_spec
 
@@ -51,7 +51,9 @@ def inspect(cfg: DictConfig) -> dict[str, Any]:
 def inspect_spec(spec: DataSpec) -> dict[str, Any]:
     """The inspect record of every source of ``spec`` (see the module docstring)."""
     readers = [s.create(_root(spec, s)) for s in spec.sources]
-    space = label_space(spec, readers)
+    # Every label of the space, those no source gives included (flagged unavailable): what the
+    # space would lose on this data.
+    space = label_spaces.resolve(spec.label_space, [r.concepts() for r in readers], spec.drop_no_finding)
     record: dict[str, Any] = {"label_space": space.name, "labels": list(space.labels), "sources": {}}
     for s, reader in zip(spec.sources, readers):
         record["sources"][s.name] = inspect_source(spec, s, reader, space)
