@@ -32,19 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from cxr_lightning.calibration import Calibration
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.files import atomic_path, file_digest, write_json
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.run_dir import RunDir, calibration_path, thresholds_path
 
 log = logging.getLogger(__name__)
-LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 # The decision threshold of a label without one chosen on the validation split.
 DEFAULT_THRESHOLD = 0.5
-THRESHOLDS_SUFFIX = ".thresholds.json"
-CALIBRATION_SUFFIX = ".calibration.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,15 +148,17 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
         return Path(ckpt_path)
     if not run_dir:
         raise ConfigError("Pass ckpt_path=PATH (a .ckpt file) or run_dir=DIR (a training run directory).")
-    metrics_path = Path(run_dir) / "metrics.json"
-    if metrics_path.is_file():
-        best = json.loads(metrics_path.read_text()).get("best_checkpoint")
+    run = RunDir(run_dir)
+    if run.metrics.is_file():
+        best = json.loads(run.metrics.read_text()).get("best_checkpoint")
         if best and Path(best).is_file():
             return Path(best)
-    last = Path(run_dir) / "checkpoints" / LAST_CHECKPOINT
-    if last.is_file():
-        return last
-    raise CheckpointError(f"{run_dir} holds no finished run (no metrics.json best checkpoint, no checkpoints/{LAST_CHECKPOINT}).")
+    if run.last_checkpoint.is_file():
+        return run.last_checkpoint
+    raise CheckpointError(
+        f"{run_dir} holds no finished run (no {run.metrics.name} best checkpoint, no "
+        f"{run.last_checkpoint.relative_to(run.root)})."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,12 +270,6 @@ def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # Thresholds beside the checkpoint (written by evaluate, read by predict)
-def thresholds_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.thresholds.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + THRESHOLDS_SUFFIX)
-
-
 def save_thresholds(
     ckpt_path: str | os.PathLike,
     label_names: Sequence[str],
@@ -354,12 +347,6 @@ def _in_order(by_label: Mapping[str, float], label_names: Sequence[str], source:
 
 # --------------------------------------------------------------------------------------------------
 # Calibration beside the checkpoint (fitted by evaluate; applied by predict, explain and export)
-def calibration_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.calibration.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + CALIBRATION_SUFFIX)
-
-
 def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> Path:
     """Write the fitted calibration with the checkpoint's fingerprint."""
     ckpt = Path(ckpt_path)
