@@ -193,3 +193,31 @@ def test_nih_google_scores_pneumothorax_only_on_googles_test_set(both, fitted, t
     assert result.metrics["n_images"] == len(google_test)
     assert result.metrics["n_pos.Pneumothorax"] == int((google_test["Pneumothorax"] == "YES").sum())
     assert "Nodule" in result.metrics["unavailable_labels"] and "Mass" in result.metrics["unavailable_labels"]
+
+
+def test_underdiagnosis_denominator_on_chexpert_is_no_finding_negative(both):
+    _, external, chexpert = both
+    valid = pd.read_csv(chexpert / "valid.csv")
+    audit = external.underdiagnosis
+    assert audit.loc[audit["attribute"] == "sex", "n_with_finding"].sum() == int((valid["No Finding"] == 0).sum())
+
+
+def test_external_valid_split_needs_only_its_own_rows_and_images(both, fitted, tmp_path):
+    """The 234-image CheXpert validation set alone: no training image on disk, then no train.csv."""
+    nih, external, chexpert = both
+    _, ckpt = fitted
+    root = tmp_path / "CheXpert-v1.0-small"
+    shutil.copytree(chexpert, root)
+    shutil.rmtree(root / "train")
+    n_valid = len(pd.read_csv(root / "valid.csv"))
+
+    def score(out: str):
+        return evaluate(compose_config(
+            [f"ckpt_path={ckpt}", "data=chexpert", f"data.root={root}", "split=valid", "data.num_workers=0",
+             "n_boot=10", f"output_dir={tmp_path}/{out}", f"paths.cache_dir={tmp_path}/cache"], "evaluate"))
+
+    assert score("without_train_images").metrics["n_images"] == n_valid
+    (root / "train.csv").unlink()
+    result = score("valid_csv_alone")
+    assert result.metrics["n_images"] == n_valid
+    assert result.metrics["auroc_mean"] == pytest.approx(external.metrics["auroc_mean"])

@@ -1,4 +1,5 @@
 """inspect: counts from the label tables alone, equal to an independent recount of each fixture."""
+
 from __future__ import annotations
 
 import ast
@@ -36,9 +37,12 @@ def test_chexpert_counts_equal_a_recount_of_its_rows(tmp_path, capsys):
     assert src["left_out"] == {"view LATERAL": len(rows) - len(frontal)}
     for label, observation in (("Effusion", "Pleural Effusion"), ("Cardiomegaly", "Cardiomegaly"), ("Edema", "Edema")):
         codes = [r[7].get(observation, "") for r in rows]
-        assert src["labels"][label] == {"positive": codes.count("1.0"), "uncertain": codes.count("-1.0"),
-                                        "negative": len(codes) - codes.count("1.0") - codes.count("-1.0"),
-                                        "unavailable": False}, label
+        assert src["labels"][label] == {
+            "positive": codes.count("1.0"),
+            "uncertain": codes.count("-1.0"),
+            "negative": len(codes) - codes.count("1.0") - codes.count("-1.0"),
+            "unavailable": False,
+        }, label
     assert src["labels"]["Mass"]["unavailable"] is True
     assert src["boxes"] == {}
     assert "Effusion" in capsys.readouterr().out
@@ -50,7 +54,9 @@ def test_padchest_two_parent_finding_counts_for_both_labels(tmp_path):
     frame = pd.read_csv(root / PADCHEST_CSV, dtype=str, keep_default_na=False)
     frame.loc[frame["ImageID"] == "p8_a.png", "Labels"] = "['hydropneumothorax', 'infiltrates']"
     frame.to_csv(root / PADCHEST_CSV, index=False)
-    record = _inspect(tmp_path, ["data=padchest", f"data.root={root}", "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    record = _inspect(
+        tmp_path, ["data=padchest", f"data.root={root}", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    )
     src = record["sources"]["padchest"]
     labelled = frame[frame["Labels"] != ""]
     lists = [set(ast.literal_eval(v)) for v in labelled["Labels"]]
@@ -58,15 +64,18 @@ def test_padchest_two_parent_finding_counts_for_both_labels(tmp_path):
     assert src["frontal"] == int(labelled["Projection"].isin(["PA", "AP", "AP_horizontal"]).sum())
     effusion = {"pleural effusion", "loculated pleural effusion", "loculated fissural effusion", "hydropneumothorax"}
     assert src["labels"]["Effusion"]["positive"] == sum(bool(found & effusion) for found in lists)
-    assert src["labels"]["Pneumothorax"]["positive"] == sum(bool(found & {"pneumothorax", "hydropneumothorax"})
-                                                            for found in lists)
+    assert src["labels"]["Pneumothorax"]["positive"] == sum(
+        bool(found & {"pneumothorax", "hydropneumothorax"}) for found in lists
+    )
     assert src["labels"]["Effusion"]["negative"] == len(lists) - src["labels"]["Effusion"]["positive"]
     assert all(c["uncertain"] == 0 for c in src["labels"].values())
 
 
 def test_pooled_inspect_names_each_source_and_masks_what_it_lacks(tmp_path, tiny_demo):
     chexpert = mx.write_chexpert(tmp_path / "CheXpert-v1.0-small")
-    sources = f"{{nih: {{source: nih, root: {tiny_demo}}}, chexpert: {{source: chexpert, root: {chexpert}, weight: 0.5}}}}"
+    sources = (
+        f"{{nih: {{source: nih, root: {tiny_demo}}}, chexpert: {{source: chexpert, root: {chexpert}, weight: 0.5}}}}"
+    )
     record = _inspect(tmp_path, ["data=pooled", f"data.sources={sources}", "labels=union"])
     assert set(record["sources"]) == {"nih", "chexpert"}
     assert "Lung Opacity" in record["labels"] and "Mass" in record["labels"]
@@ -86,3 +95,21 @@ def test_pooled_without_sources_is_a_named_error(tmp_path, bad):
 
     with pytest.raises(ConfigError, match="data.sources"):
         inspect(compose_config(["data=pooled", bad, f"output={tmp_path}/i.json"], "inspect"))
+
+
+def test_inspect_command_writes_its_file_and_names_bad_options(tmp_path):
+    import subprocess
+    import sys
+
+    root = mx.write_chexpert(tmp_path / "CheXpert-v1.0-small")
+    out = tmp_path / "look.json"
+    done = subprocess.run([sys.executable, "-m", "cxr_lightning.inspect", "data=chexpert", f"data.root={root}",
+                           "labels=chexpert14", f"output={out}", f"hydra.run.dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["label_space"] == "chexpert14" and "Lung Opacity" in record["sources"]["chexpert"]["labels"]
+    assert "Lung Opacity" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "cxr_lightning.inspect", "data=csv", f"data.root={root}",
+                          f"hydra.run.dir={tmp_path}/bad"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error: ConfigError: data=csv needs data.table" in bad.stderr

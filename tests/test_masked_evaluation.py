@@ -1,4 +1,5 @@
 """Calibration, thresholds and the underdiagnosis audit on labels with NaN (uncertain or not given)."""
+
 from __future__ import annotations
 
 import warnings

@@ -1,5 +1,6 @@
 """Masked losses and metrics: a NaN target (uncertain under data.uncertain=ignore, or a label the
 source lacks) adds nothing to the loss, its gradient, the class weights or the metrics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,9 @@ from cxr_lightning.metrics import LabelMetrics
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(0, 2, size=(6, 3))
-TARGETS = np.array([[1, 0, np.nan], [0, np.nan, np.nan], [1, 1, np.nan], [np.nan, 0, np.nan],
-                    [0, 1, np.nan], [1, np.nan, np.nan]])  # label 2 fully masked
+TARGETS = np.array(
+    [[1, 0, np.nan], [0, np.nan, np.nan], [1, 1, np.nan], [np.nan, 0, np.nan], [0, 1, np.nan], [1, np.nan, np.nan]]
+)  # label 2 fully masked
 
 
 def _log_sigmoid(x):

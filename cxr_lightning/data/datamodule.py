@@ -6,6 +6,7 @@ lives in those modules and the options in one :class:`~cxr_lightning.data.spec.D
 ``prepare_data`` (one process per node) generates the demo and builds the image caches (one per
 source); ``setup`` (every process) only reads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,9 @@ class CXRDataModule(pl.LightningDataModule):
         self.train_boxes = bool(spec.train_boxes)
         aug = dict(spec.augment or {})
         # Read by the model's preprocessing while its trainer trains (CXRClassifier.on_after_batch_transfer).
-        self.augment: BatchAugment | None = BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) \
-            if aug.pop("enabled", True) else None
+        self.augment: BatchAugment | None = (
+            BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) if aug.pop("enabled", True) else None
+        )
         self.tables: SplitTables | None = None
         self.image_cache: ImageCache | SourceCaches | None = None
 
@@ -103,10 +105,14 @@ class CXRDataModule(pl.LightningDataModule):
         self.setup()
         images = self.tables.images()
         out = {}
-        for name, part in self.tables.per_source.items():
+        for name in self.tables.per_source:
             rows = images[images[SOURCE] == name]
-            out[name] = (rows["path"].tolist(), rows["Image Index"].tolist(), cache_root(self.cache_dir, self.roots[name]),
-                         self._source_digest(name))
+            out[name] = (
+                rows["path"].tolist(),
+                rows["Image Index"].tolist(),
+                cache_root(self.cache_dir, self.roots[name]),
+                self._source_digest(name),
+            )
         return out
 
     def _source_digest(self, name: str) -> str:
@@ -122,7 +128,11 @@ class CXRDataModule(pl.LightningDataModule):
         decoding processes (default ``num_workers``, at least one; 0: in this process)."""
         caches = {
             name: ImageCache.get_or_build(
-                paths=paths, names=names, size=self.image_size, cache_root=root, fingerprint_extra=extra,
+                paths=paths,
+                names=names,
+                size=self.image_size,
+                cache_root=root,
+                fingerprint_extra=extra,
                 workers=max(1, self.num_workers) if workers is None else workers,
             )
             for name, (paths, names, root, extra) in self._cache_inputs().items()
@@ -135,12 +145,17 @@ class CXRDataModule(pl.LightningDataModule):
         for s in self.spec.sources:
             root = self.roots[s.name]
             if not root.is_dir():
-                hint = ("Lightning's Trainer calls prepare_data() first, which generates it" if s.source == "demo"
-                        else f"Point it at the folder of the {s.source} download (see README, 'Using the real dataset')")
+                hint = (
+                    "Lightning's Trainer calls prepare_data() first, which generates it"
+                    if s.source == "demo"
+                    else f"Point it at the folder of the {s.source} download (see README, 'Using the real dataset')"
+                )
                 raise DataError(f"data.root={root} does not exist. {hint}.")
         tables = build_tables(self.spec, workers=self.num_workers)
         if tables.label_names != self.label_names or tables.meta_names != self.meta_names:
-            raise DataError(f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names}).")
+            raise DataError(
+                f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names})."
+            )
         self.tables = tables
 
     def _opened_cache(self) -> ImageCache | SourceCaches | None:
@@ -202,7 +217,9 @@ class CXRDataModule(pl.LightningDataModule):
 
         train = self.split_table("train")
         shares = {s.name: s.weight for s in self.spec.sources}
-        return source_weights(train[SOURCE].to_numpy(), shares, self.sampler, labels, self.label_names, self.no_finding_keep)
+        return source_weights(
+            train[SOURCE].to_numpy(), shares, self.sampler, labels, self.label_names, self.no_finding_keep
+        )
 
     @property
     def sampler_record(self) -> dict[str, Any]:
@@ -238,8 +255,11 @@ class CXRDataModule(pl.LightningDataModule):
 
     def save_split(self, out_dir: str | os.PathLike) -> Path:
         """Write the validation patients to ``val_patients.txt`` so that a run can be reproduced."""
-        val = np.sort(self.split_table("val")["Patient ID"].astype(str).unique()) if self.spec.pooled \
+        val = (
+            np.sort(self.split_table("val")["Patient ID"].astype(str).unique())
+            if self.spec.pooled
             else np.sort(self.split_table("val")["Patient ID"].unique())
+        )
         path = Path(out_dir) / "val_patients.txt"
         write_text(path, "".join(f"{p}\n" for p in val))
         return path
@@ -284,7 +304,9 @@ class CXRDataModule(pl.LightningDataModule):
             from cxr_lightning.data.samplers import WeightedDraw
 
             return WeightedDraw(self._train_weights(), self.sampler_seed, world, rank)
-        return build_sampler(self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank)
+        return build_sampler(
+            self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))
@@ -303,5 +325,8 @@ class CXRDataModule(pl.LightningDataModule):
         if trainer is None or trainer.world_size <= 1:
             return None
         return UnrepeatedDistributedSampler(
-            range(len(self.split_table(split))), num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            range(len(self.split_table(split))),
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
         )

@@ -18,6 +18,7 @@ A label whose concept a source does not give is NaN (masked) for that source's i
 counts as a negative. The checkpoint records the space's name and labels, so evaluate, predict,
 explain and export rebuild the same mapping from it (:func:`from_checkpoint`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,7 +54,12 @@ COMPETITION: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", 
 # of its pathologies" (support devices allowed), NIH's "none of its 14": the same reading of the
 # same image for the findings both label, so one concept.
 CONCEPTS: tuple[str, ...] = ALL_LABELS + (
-    "Enlarged Cardiomediastinum", "Lung Opacity", "Lung Lesion", "Pleural Other", "Fracture", "Support Devices",
+    "Enlarged Cardiomediastinum",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
 )
 _CHEXPERT_SPELLING = {"Pleural Effusion": "Effusion"}  # chexpert14 label -> concept
 UNION = "union"
@@ -167,7 +173,9 @@ def markdown_table(harmonisations: Mapping[str, Harmonisation]) -> str:
     """One row per concept, one column per source: the source findings that count for it."""
     header = "| Concept (nih14 / chexpert14 label) | " + " | ".join(harmonisations) + " |"
     lines = [header, "|" + " --- |" * (len(harmonisations) + 1)]
-    chexpert_label = {c: label for label, c in zip(NAMED_SPACES["chexpert14"].labels, NAMED_SPACES["chexpert14"].concepts)}
+    chexpert_label = {
+        c: label for label, c in zip(NAMED_SPACES["chexpert14"].labels, NAMED_SPACES["chexpert14"].concepts)
+    }
     for concept in CONCEPTS:
         cells = []
         for table in harmonisations.values():
@@ -176,6 +184,9 @@ def markdown_table(harmonisations: Mapping[str, Harmonisation]) -> str:
         names = f"{concept if concept in ALL_LABELS else '-'} / {chexpert_label.get(concept, '-')}"
         lines.append(f"| {names} | " + " | ".join(cells) + " |")
     unmapped = [[f for f, c in table.items() if not c] for table in harmonisations.values()]
-    lines.append("| *(no counterpart)* | " + " | ".join(
-        ", ".join(f'"{f}"' for f in found) or "every other finding" for found in unmapped) + " |")
+    lines.append(
+        "| *(no counterpart)* | "
+        + " | ".join(", ".join(f'"{f}"' for f in found) or "every other finding" for found in unmapped)
+        + " |"
+    )
     return "\n".join(lines) + "\n"

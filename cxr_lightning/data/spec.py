@@ -5,6 +5,7 @@ sources are :class:`SourceSpec` entries, one for ``data=<source>``, several for 
 (``data.sources``: name -> {source, root, uncertain?, weight?, label_table?, and a source's own
 options such as data=csv's table/columns/label_map}).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,11 +115,19 @@ class DataSpec:
 
         ``labels`` is a checkpoint's list of output labels (scoring it on other data); the run's
         label space is ``label_space`` (``labels=`` group)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"sources", "label_names", "label_space", "cache_dir", "demo"}
+        known = {f.name for f in dataclasses.fields(cls)} - {
+            "sources",
+            "label_names",
+            "label_space",
+            "cache_dir",
+            "demo",
+        }
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigError(f"Unknown data option(s) {unknown}; the data options are "
-                              f"{sorted(known | {'source', 'root', 'label_table', 'uncertain', 'sources', 'labels'})}.")
+            raise ConfigError(
+                f"Unknown data option(s) {unknown}; the data options are "
+                f"{sorted(known | {'source', 'root', 'label_table', 'uncertain', 'sources', 'labels'})}."
+            )
         own = {k: v for k, v in (("table", table), ("columns", columns), ("label_map", label_map)) if v is not None}
         if sources:
             if not isinstance(sources, Mapping) or not sources:
@@ -126,9 +135,20 @@ class DataSpec:
             specs = tuple(_source_spec(str(name), entry, label_table, uncertain) for name, entry in sources.items())
         else:
             if source == POOLED:
-                raise ConfigError("data=pooled needs data.sources: a mapping name -> {source, root, uncertain?, weight?}.")
-            specs = (SourceSpec(str(source), str(source), Path(root).expanduser() if root else None, label_table,
-                                uncertain, 1.0, own),)
+                raise ConfigError(
+                    "data=pooled needs data.sources: a mapping name -> {source, root, uncertain?, weight?}."
+                )
+            specs = (
+                SourceSpec(
+                    str(source),
+                    str(source),
+                    Path(root).expanduser() if root else None,
+                    label_table,
+                    uncertain,
+                    1.0,
+                    own,
+                ),
+            )
         if isinstance(labels, str):  # labels=<space> composed into data.labels by an old config
             label_space, labels = labels, None
         spec = cls(
@@ -146,13 +166,19 @@ class DataSpec:
         for s in self.sources:
             sources.get(s.source)  # ConfigError naming the known sources
             if s.uncertain not in UNCERTAIN_POLICIES:
-                raise ConfigError(f"data.uncertain={s.uncertain!r} ({s.name}): expected one of {list(UNCERTAIN_POLICIES)}.")
+                raise ConfigError(
+                    f"data.uncertain={s.uncertain!r} ({s.name}): expected one of {list(UNCERTAIN_POLICIES)}."
+                )
             if s.source != "demo" and not s.root:
                 where = f"data.sources.{s.name}.root" if self.pooled else "data.root"
-                raise ConfigError(f"data={s.source} needs {where}=DIR: " + (sources.get(s.source).hint
-                                  or f"the folder holding the {s.source} download."))
+                raise ConfigError(
+                    f"data={s.source} needs {where}=DIR: "
+                    + (sources.get(s.source).hint or f"the folder holding the {s.source} download.")
+                )
             if not (isinstance(s.weight, (int, float)) and s.weight > 0):
-                raise ConfigError(f"data.sources.{s.name}.weight={s.weight!r}: must be a positive number (its share of draws).")
+                raise ConfigError(
+                    f"data.sources.{s.name}.weight={s.weight!r}: must be a positive number (its share of draws)."
+                )
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names {names} repeat.")

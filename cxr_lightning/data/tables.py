@@ -13,6 +13,7 @@ The model learns its label names and metadata layout from :func:`output_labels` 
 :func:`meta_names`, which read the config (and at most a lab's label table), so a model can be
 built before any image is read and checked against the tables later.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ def label_space(spec: DataSpec, readers: Sequence[Source] | None = None) -> Labe
     scored = {c for concepts in given for c in concepts}
     keep = [i for i, c in enumerate(space.concepts) if c in scored]
     if not keep:
-        raise ConfigError(f"labels={spec.label_space}: no source of the run gives any of its labels {list(space.labels)}.")
+        raise ConfigError(
+            f"labels={spec.label_space}: no source of the run gives any of its labels {list(space.labels)}."
+        )
     return LabelSpace(space.name, tuple(space.labels[i] for i in keep), tuple(space.concepts[i] for i in keep))
 
 
@@ -210,7 +213,9 @@ def source_table(spec: DataSpec, s: SourceSpec, reader: Source, space: LabelSpac
     if spec.prior_labels:
         # Once, on the full table: a previous visit counts even when its image is not in the run.
         encoded = full[[LABEL_PREFIX + n for n in space.labels]].to_numpy(dtype=float)
-        full = cohort.add_prior_visits(full, list(space.labels), encoded=encoded, images_per_visit=not reader.nih_layout)
+        full = cohort.add_prior_visits(
+            full, list(space.labels), encoded=encoded, images_per_visit=not reader.nih_layout
+        )
     frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
     frontal["split"] = assign_splits(frontal, reader, spec)
     table = find_images(frontal, reader, spec, workers)
@@ -224,8 +229,12 @@ def frontal_views(full: pd.DataFrame, name: str, left_out: dict[str, int]) -> tu
     if lateral.any():
         views = full.loc[lateral, nih.VIEW].fillna("unknown").astype(str).value_counts()
         left_out.update({f"view {v}": int(n) for v, n in views.items()})
-        log.info("Frontal views only: left out %d image(s) of %s (%s)", int(lateral.sum()), name,
-                 ", ".join(f"{v}: {n}" for v, n in views.items()))
+        log.info(
+            "Frontal views only: left out %d image(s) of %s (%s)",
+            int(lateral.sum()),
+            name,
+            ", ".join(f"{v}: {n}" for v, n in views.items()),
+        )
     frontal = full.loc[~lateral].copy()
     frontal.attrs.update(full.attrs)
     return frontal, left_out
@@ -253,14 +262,19 @@ def find_images(table: pd.DataFrame, reader: Source, spec: DataSpec, workers: in
     with ``data.verify_images``, only the readable ones."""
     needed = table["split"].isin(needed_splits(spec))
     if not needed.all():
-        log.info("Only the %s split(s) are needed: %d row(s) of other splits are not looked for",
-                 "/".join(needed_splits(spec)), int((~needed).sum()))
+        log.info(
+            "Only the %s split(s) are needed: %d row(s) of other splits are not looked for",
+            "/".join(needed_splits(spec)),
+            int((~needed).sum()),
+        )
         attrs = dict(table.attrs)
         table = table.loc[needed]
         table.attrs.update(attrs)
     if table.empty:
-        raise DataError(f"{reader.root}: no row in the {'/'.join(needed_splits(spec))} split(s); check data.root "
-                        "and the split files.")
+        raise DataError(
+            f"{reader.root}: no row in the {'/'.join(needed_splits(spec))} split(s); check data.root "
+            "and the split files."
+        )
     found = reader.attach_paths(table, spec.on_missing).reset_index(drop=True)
     if spec.verify_images:
         found = _drop_unreadable(found, spec.on_missing, workers)
@@ -298,7 +312,9 @@ def add_demographics(table: pd.DataFrame, spec: DataSpec, parts: Sequence[Source
     blocks = []
     for p in parts:
         rows = table[SOURCE] == p.spec.name
-        demographics, _ = cohort.encode_demographics(table[rows], age_fill=age_fill, missing_as_unknown=not p.spec.nih_layout)
+        demographics, _ = cohort.encode_demographics(
+            table[rows], age_fill=age_fill, missing_as_unknown=not p.spec.nih_layout
+        )
         blocks.append(demographics)
     demographics = pd.concat(blocks).loc[table.index]
     table = table.copy()

@@ -16,6 +16,7 @@ alike (the codes as published: ``uncertain`` counts the labeller's -1 whatever `
 makes of it); ``frontal`` is how many a run would keep and ``splits`` how it splits them.
 ``boxes`` counts a box source's boxes per label (empty for a source without boxes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,12 @@ def inspect_source(spec: DataSpec, s: SourceSpec, reader: Any, space: Any) -> di
             labels[label] = {"positive": 0, "negative": 0, "uncertain": 0, "unavailable": True}
             continue
         codes = concepts[concept].to_numpy(dtype=float)
-        labels[label] = {"positive": int((codes == 1).sum()), "negative": int((codes == 0).sum()),
-                         "uncertain": int((codes == -1).sum()), "unavailable": False}
+        labels[label] = {
+            "positive": int((codes == 1).sum()),
+            "negative": int((codes == 0).sum()),
+            "uncertain": int((codes == -1).sum()),
+            "unavailable": False,
+        }
     frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
     frontal["split"] = assign_splits(frontal, reader, spec)
     if spec.verify_images:
@@ -111,7 +116,9 @@ def render(record: dict[str, Any]) -> str:
     lines = [f"Label space {record['label_space']}: {len(record['labels'])} labels"]
     for name, src in record["sources"].items():
         lines.append("")
-        lines.append(f"{name} ({src['source']}): {src['rows']} images, {src['frontal']} frontal, {src['patients']} patients")
+        lines.append(
+            f"{name} ({src['source']}): {src['rows']} images, {src['frontal']} frontal, {src['patients']} patients"
+        )
         lines.append("  split   " + "  ".join(f"{s:>7}" for s in SPLITS))
         lines.append("  images  " + "  ".join(f"{src['splits'][s]:>7}" for s in SPLITS))
         lines.append(f"  {'label':<28} {'positive':>9} {'negative':>9} {'uncertain':>9}")

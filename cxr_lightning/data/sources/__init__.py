@@ -17,6 +17,7 @@ How to add a source (one module, one yaml, one fixture):
 Nothing else names the sources: the ``data=`` choices in messages, the harmonisation table in the
 README, ``inspect`` and pooled runs all read this registry.
 """
+
 from __future__ import annotations
 
 from cxr_lightning.data.sources import chexpert, csv, mimic_cxr, nih, nih_google, padchest  # noqa: F401  (registers them)

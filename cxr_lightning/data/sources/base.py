@@ -6,6 +6,7 @@ A source is one class: its reader (the publisher's files -> the standard table o
 optionally, its boxes. ``@register`` puts it under its ``name`` (``data.source=<name>``), as timm
 registers its models; nothing else needs to know it exists.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -48,8 +49,10 @@ class Source:
     def __init__(self, root: str | Path, label_table: str = "auto", **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ConfigError(f"data={self.name} takes no option(s) {unknown}"
-                              + (f"; its own options are {list(self.options)}." if self.options else "."))
+            raise ConfigError(
+                f"data={self.name} takes no option(s) {unknown}"
+                + (f"; its own options are {list(self.options)}." if self.options else ".")
+            )
         self.root = Path(root).expanduser()
         self.label_table = label_table
 
@@ -78,7 +81,9 @@ def register(cls: type[Source]) -> type[Source]:
     if not cls.name or not isinstance(cls.name, str):
         raise TypeError(f"{cls.__name__}: a source needs a name (the data.source value).")
     if cls.name in _REGISTRY and _REGISTRY[cls.name].__qualname__ != cls.__qualname__:
-        raise TypeError(f"source {cls.name!r} is registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__}).")
+        raise TypeError(
+            f"source {cls.name!r} is registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__})."
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

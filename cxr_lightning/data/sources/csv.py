@@ -21,6 +21,7 @@ label space (``{"pleural fluid": "Effusion"}``, or a CheXpert spelling such as "
 Effusion"); an unmapped name counts for the concept it spells, or, under ``labels=union``, is a
 label of its own.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,14 @@ class CSVTable(Source):
     hint = "data.columns.image holds paths relative to data.root; check both."
     options = ("table", "columns", "label_map")
 
-    def __init__(self, root: str | Path, label_table: str = "auto", table: str | None = None,
-                 columns: Mapping[str, Any] | None = None, label_map: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        label_table: str = "auto",
+        table: str | None = None,
+        columns: Mapping[str, Any] | None = None,
+        label_map: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(root, label_table)
         if not table:
             raise ConfigError("data=csv needs data.table=FILE: the CSV or Parquet table of the images below data.root.")
@@ -68,13 +75,21 @@ class CSVTable(Source):
             raise ConfigError(f"data.columns: unknown key(s) {unknown}; the keys are {list(COLUMN_KEYS)}.")
         for key in ("image", "patient"):
             if key not in self.columns:
-                raise ConfigError(f"data=csv needs data.columns.{key}=COLUMN (the {key} column of {self.table_path.name}).")
+                raise ConfigError(
+                    f"data=csv needs data.columns.{key}=COLUMN (the {key} column of {self.table_path.name})."
+                )
         if ("labels" in self.columns) == ("label_columns" in self.columns):
-            raise ConfigError("data=csv needs exactly one of data.columns.labels=COLUMN (one column of 'A|B' strings) "
-                              "or data.columns.label_columns=[COLUMN, ...] (one 1/0/-1/blank column per label).")
+            raise ConfigError(
+                "data=csv needs exactly one of data.columns.labels=COLUMN (one column of 'A|B' strings) "
+                "or data.columns.label_columns=[COLUMN, ...] (one 1/0/-1/blank column per label)."
+            )
         if "label_columns" in self.columns:
             listed = self.columns["label_columns"]
-            if isinstance(listed, str) or not isinstance(listed, Sequence) or not all(isinstance(c, str) for c in listed):
+            if (
+                isinstance(listed, str)
+                or not isinstance(listed, Sequence)
+                or not all(isinstance(c, str) for c in listed)
+            ):
                 raise ConfigError(f"data.columns.label_columns={listed!r}: expected a list of column names.")
             self.columns["label_columns"] = list(listed)
         self.label_map = {str(k): str(v) for k, v in dict(label_map or {}).items()}
@@ -99,14 +114,18 @@ class CSVTable(Source):
             try:
                 raw = pd.read_parquet(path)
             except ImportError:
-                raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or save the table as CSV.") from None
+                raise DataError(
+                    f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or save the table as CSV."
+                ) from None
             except Exception as exc:  # pyarrow's errors have no common base class worth naming here
                 raise DataError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}).") from None
             raw = raw.astype(object).where(raw.notna(), None).astype("string").astype(object)
             raw.columns = [str(c).strip() for c in raw.columns]
             missing = [c for c in needed if c not in raw.columns]
             if missing:
-                raise DataError(f"{path}: missing column(s) {missing} named in data.columns; present: {list(raw.columns)}.")
+                raise DataError(
+                    f"{path}: missing column(s) {missing} named in data.columns; present: {list(raw.columns)}."
+                )
             if raw.empty:
                 raise DataError(f"{path}: has no rows.")
             return raw
@@ -117,32 +136,62 @@ class CSVTable(Source):
         path, cols = self.table_path, self.columns
         raw = self._read_table()
         image = raw[cols["image"]].astype("string").str.strip()
-        common.reject(raw, image.isna() | (image == ""), path, f"an empty {cols['image']!r}", cols["patient"],
-                      "Every row names its image.")
+        common.reject(
+            raw,
+            image.isna() | (image == ""),
+            path,
+            f"an empty {cols['image']!r}",
+            cols["patient"],
+            "Every row names its image.",
+        )
         unsafe = image.map(_unsafe_path)
-        common.reject(raw, unsafe, path, f"an {cols['image']!r} that is absolute or leaves data.root", cols["image"],
-                      "Give each image's path relative to data.root.")
+        common.reject(
+            raw,
+            unsafe,
+            path,
+            f"an {cols['image']!r} that is absolute or leaves data.root",
+            cols["image"],
+            "Give each image's path relative to data.root.",
+        )
         raw[cols["image"]] = image
         common.unique_names(raw, cols["image"], path)
         patient = raw[cols["patient"]].astype("string").str.strip()
-        common.reject(raw, patient.isna() | (patient == ""), path, f"an empty {cols['patient']!r}", cols["image"],
-                      "Every image needs its patient: splits are by patient.")
+        common.reject(
+            raw,
+            patient.isna() | (patient == ""),
+            path,
+            f"an empty {cols['patient']!r}",
+            cols["image"],
+            "Every image needs its patient: splits are by patient.",
+        )
 
         findings = self._findings(raw, path)
         visit = self._visits(raw, patient, path)
         age = self._numbers(raw, "age", path)
-        sex = common.sex_codes(raw[cols["sex"]].astype("string").str.upper(), _SEXES) if "sex" in cols \
+        sex = (
+            common.sex_codes(raw[cols["sex"]].astype("string").str.upper(), _SEXES)
+            if "sex" in cols
             else pd.Series(np.nan, index=raw.index, dtype=object)
-        view = raw[cols["view"]].astype("string").str.strip().str.upper() if "view" in cols \
+        )
+        view = (
+            raw[cols["view"]].astype("string").str.strip().str.upper()
+            if "view" in cols
             else pd.Series(pd.NA, index=raw.index, dtype="string")
+        )
         view = view.where(~view.isin(_LATERAL), "LATERAL")
         frontal = view.isna() | view.isin(_FRONTAL)
         split = None
         if "split" in cols:
             given = raw[cols["split"]].astype("string").str.strip().str.lower()
             split = given.map(_SPLITS)
-            common.reject(raw, given.notna() & (given != "") & split.isna(), path, f"a {cols['split']!r} other than "
-                          f"{sorted(set(_SPLITS))} or blank", cols["image"], "Fix those cells.")
+            common.reject(
+                raw,
+                given.notna() & (given != "") & split.isna(),
+                path,
+                f"a {cols['split']!r} other than {sorted(set(_SPLITS))} or blank",
+                cols["image"],
+                "Fix those cells.",
+            )
             split = split.astype(object)
         table = common.standard_table(
             raw,
@@ -165,8 +214,14 @@ class CSVTable(Source):
         if "label_columns" in cols:
             return common.label_codes(raw, cols["label_columns"], path, cols["image"])
         text = raw[cols["labels"]].astype("string").str.strip()
-        common.reject(raw, text.isna() | (text == ""), path, f"an empty {cols['labels']!r}", cols["image"],
-                      "List each image's findings as 'A|B' (or the table's own word for none, such as 'No Finding').")
+        common.reject(
+            raw,
+            text.isna() | (text == ""),
+            path,
+            f"an empty {cols['labels']!r}",
+            cols["image"],
+            "List each image's findings as 'A|B' (or the table's own word for none, such as 'No Finding').",
+        )
         names = _label_names(text, path)
         self._harmonise(names)
         codes, uniques = pd.factorize(text)
@@ -184,10 +239,20 @@ class CSVTable(Source):
         if number.notna().sum() >= text.notna().sum():
             key = number
         else:
-            key = pd.to_datetime(text, errors="coerce").astype("int64").astype(float).where(
-                pd.to_datetime(text, errors="coerce").notna())
-        common.reject(raw, key.isna(), path, f"a {col!r} that is neither a number nor a date", self.columns["image"],
-                      "Give every image its visit (a date such as 2021-03-04, or a visit number).")
+            key = (
+                pd.to_datetime(text, errors="coerce")
+                .astype("int64")
+                .astype(float)
+                .where(pd.to_datetime(text, errors="coerce").notna())
+            )
+        common.reject(
+            raw,
+            key.isna(),
+            path,
+            f"a {col!r} that is neither a number nor a date",
+            self.columns["image"],
+            "Give every image its visit (a date such as 2021-03-04, or a visit number).",
+        )
         return common.visit_order(patient, key)
 
     def _numbers(self, raw: pd.DataFrame, key: str, path: Path) -> pd.Series:
@@ -196,8 +261,14 @@ class CSVTable(Source):
         col = self.columns[key]
         text = raw[col].astype("string").str.strip()
         values = pd.to_numeric(text, errors="coerce")
-        common.reject(raw, values.isna() & text.notna() & (text != ""), path, f"a {col!r} that is not a number",
-                      self.columns["image"], "Fix those cells or leave them blank (missing).")
+        common.reject(
+            raw,
+            values.isna() & text.notna() & (text != ""),
+            path,
+            f"a {col!r} that is not a number",
+            self.columns["image"],
+            "Fix those cells or leave them blank (missing).",
+        )
         return values.astype(float)
 
     def attach_paths(self, table: pd.DataFrame, on_missing: str) -> pd.DataFrame:
@@ -220,4 +291,3 @@ def _unsafe_path(value: Any) -> bool:
         return False
     drive = ":" in pure.parts[0]  # C:/... on Windows
     return pure.is_absolute() or os.path.isabs(text) or drive or ".." in pure.parts
-

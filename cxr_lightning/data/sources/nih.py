@@ -4,6 +4,7 @@ The file formats (label tables, split lists, box table, image folders) are read 
 :mod:`cxr_lightning.data.nih`; here they become a source: every NIH label is its own concept,
 all images are frontal, and NIH's official lists split the patients.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ class NIH(Source):
     title = "NIH ChestX-ray14"
     harmonisation = HARMONISATION
     nih_layout = True
-    hint = (f"the folder holding the NIH download ({nih.LABEL_TABLE}, {nih.TRAIN_VAL_LIST}, {nih.TEST_LIST}, "
-            f"{nih.BBOX_TABLE}, images_001/ ... images_012/)")
+    hint = (
+        f"the folder holding the NIH download ({nih.LABEL_TABLE}, {nih.TRAIN_VAL_LIST}, {nih.TEST_LIST}, "
+        f"{nih.BBOX_TABLE}, images_001/ ... images_012/)"
+    )
 
     def read(self) -> common.SourceData:
         return read_nih(self.root, self.label_table)
