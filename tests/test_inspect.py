@@ -97,7 +97,7 @@ def test_pooled_without_sources_is_a_named_error(tmp_path, bad):
         inspect(compose_config(["data=pooled", bad, f"output={tmp_path}/i.json"], "inspect"))
 
 
-def test_inspect_command_writes_its_file_and_names_bad_options(tmp_path):
+def test_inspect_command_writes_its_file_and_names_bad_options(tmp_path, capsys):
     import subprocess
     import sys
 
@@ -110,6 +110,9 @@ def test_inspect_command_writes_its_file_and_names_bad_options(tmp_path):
     record = json.loads(out.read_text())
     assert record["label_space"] == "chexpert14" and "Lung Opacity" in record["sources"]["chexpert"]["labels"]
     assert "Lung Opacity" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "cxr_lightning.inspect", "data=csv", f"data.root={root}",
-                          f"hydra.run.dir={tmp_path}/bad"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "error: ConfigError: data=csv needs data.table" in bad.stderr
+    from cxr_lightning.cli import run_task
+
+    with pytest.raises(SystemExit) as exit_status:
+        run_task(inspect, compose_config(["data=csv", f"data.root={root}", f"output={tmp_path}/bad.json"], "inspect"))
+    assert exit_status.value.code == 2
+    assert "error: ConfigError: data=csv needs data.table" in capsys.readouterr().err
