@@ -6,6 +6,7 @@ takes plain values and callables, and never imports Hydra.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -13,13 +14,14 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cxr_lightning.data import sources
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.spec import DataSpec
 from cxr_lightning.data.tables import meta_names, output_labels
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
+from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.param_groups import GROUP_KEYS
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE
@@ -64,8 +66,12 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     stats = {}
     if dm is not None and dm.tables is not None:
         stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill), "sampler": dm.sampler_record}
+    backbone = resolve_backbone(_plain(cfg.backbone))
+    backbone["cam_layer"] = cam_layer_of(backbone)
+    config = _plain(cfg)
+    config["backbone"]["cam_layer"] = backbone["cam_layer"]
     model = CXRClassifier(
-        backbone=_plain(cfg.backbone),
+        backbone=backbone,
         head=_plain(cfg.head),
         loss=_plain(cfg.loss),
         optimizer=_plain(cfg.optimizer),
@@ -74,11 +80,9 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         label_space=str(cfg.data.get("label_space") or "nih14"),
         meta_names=expected_meta_names(cfg.data),
         image_size=int(cfg.data.image_size),
-        mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
-        std=float(cfg.backbone.get("std", DEFAULT_STD)),
-        input_range=[float(v) for v in cfg.backbone.get("input_range", UNIT_RANGE)],
+        **preprocessing(backbone),
         channels_last=use_channels_last(cfg),
-        config=_plain(cfg),
+        config=config,
         optimizer_factory=optimizer_factory(cfg),
         scheduler_factory=scheduler_factory(cfg),
         **stats,
@@ -87,6 +91,33 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
         model.backbone.compile()
     return model
+
+
+def with_cam_layer(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``backbone.cam_layer`` set to the layer its ``cam_stride`` picks, so the run's
+    config.yaml and checkpoint name the layer itself."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.backbone.cam_layer = cam_layer_of(cfg.backbone)
+    return cfg
+
+
+def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
+    """The plain backbone config with what a folder format's weights folder says filled in
+    (:func:`cxr_lightning.models.folders.resolve`)."""
+    from cxr_lightning.models.folders import resolve
+
+    return resolve(backbone)
+
+
+def preprocessing(backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """``mean``, ``std`` and ``input_range`` of a resolved backbone config (the framework's defaults where unset)."""
+    mean, std = backbone.get("mean"), backbone.get("std")
+    return {
+        "mean": float(DEFAULT_MEAN if mean is None else mean),
+        "std": float(DEFAULT_STD if std is None else std),
+        "input_range": [float(v) for v in (backbone.get("input_range") or UNIT_RANGE)],
+    }
 
 
 def expected_label_names(data: DictConfig) -> list[str]:
