@@ -98,7 +98,7 @@ def inspect_source(spec: DataSpec, s: SourceSpec, reader: Any, space: Any) -> di
     }
 
 
-BOX_LABEL = "Finding Label"  # NIH's box-table column, which every source's read_boxes() returns
+BOX_LABEL = nih.BOX_FINDING  # the box-table column every source's read_boxes() returns
 
 
 def box_counts(boxes: pd.DataFrame | None, space: Any) -> dict[str, int]:

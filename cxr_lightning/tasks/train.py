@@ -118,7 +118,7 @@ def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> 
     table = dm.split_table("test")
     probs = inference.predict_probabilities(model, dm.loader("test", shuffle=False), inference.default_device())
     scored = {name: dm.tables.scored_labels(name) for name in dm.tables.per_source}
-    return per_source_auroc(table[dm.label_cols].to_numpy(dtype=float), probs, table["Patient ID"].to_numpy(),
+    return per_source_auroc(table[dm.label_cols].to_numpy(dtype=float), probs, table[nih.PATIENT].to_numpy(),
                             table[SOURCE].to_numpy(), scored, dm.label_names, n_boot=int(cfg.get("n_boot", 200)),
                             seed=int(cfg.seed))
 
