@@ -99,7 +99,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "method": method,
-        "cam_layer": model.hparams.backbone["cam_layer"],
+        "cam_layer": model.cam_layer_name,
         "split": split,
         "n_images": len(shown),
         "n_cams": len(result.pairs),
