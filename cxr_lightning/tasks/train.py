@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=[*build_callbacks(cfg), throughput],
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
-        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)))],
+        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
     )
     if trainer.is_global_zero:
         files.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
