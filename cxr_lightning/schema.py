@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,18 @@ def hyperparameters(hp: Any, where: str) -> dict[str, Any]:
         data = mapping(data, check, "config.data")
         if data.get("augment") is not None:
             _kwargs(mapping(data["augment"], check, "config.data.augment"), check, "config.data.augment")
+        if data.get("demo") is not None:
+            # A demo is generated from these on the machine that opens the checkpoint.
+            demo = mapping(data["demo"], check, "config.data.demo")
+            _kwargs(demo, check, "config.data.demo")
+            for key, most in DEMO_LIMITS.items():
+                if key in demo:
+                    integer(demo[key], check, f"config.data.demo.{key}", 0, most)
     return hp
+
+
+# The largest demo a checkpoint's config may ask a command to generate (the shipped one: 500 patients of 256 px).
+DEMO_LIMITS = {"patients": 20_000, "image_size": 1024, "images_per_folder": 1_000_000}
 
 
 def _kwargs(node: Mapping[str, Any], check: Checker, key: str) -> None:
@@ -330,5 +341,3 @@ def safe_file_stem(name: str) -> str:
     return "_" + stem if stem.startswith(".") else stem
 
 
-def safe_names(values: Sequence[str]) -> list[str]:
-    return [safe_file_stem(v) for v in values]

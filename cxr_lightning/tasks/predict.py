@@ -41,8 +41,9 @@ from cxr_lightning.calibration import Calibration
 from cxr_lightning.checkpoints import load_calibration, load_model, load_thresholds, resolve_checkpoint
 from cxr_lightning.data import cohort, images
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.files import atomic_path
+from cxr_lightning.files import write_csv
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.schema import safe_file_stem
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
             cam_files += _save_cams(model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir)
 
     predictions = _prediction_table(rows, labels, thresholds, kept, calibration, bool(cfg.raw_probabilities))
-    with atomic_path(output) as tmp:
-        predictions.to_csv(tmp, index=False)
+    write_csv(predictions, output, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
     return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items())))
 
@@ -296,8 +296,9 @@ def _save_cams(
     written = []
     for pair, title in enumerate(result.titles(labels)):
         image_idx, cls = result.pairs[pair]
-        stem = str(Path(keys[image_idx]).with_suffix("")).replace(os.sep, "__")
-        path = cam_dir / f"{stem}_{labels[cls].replace(' ', '_')}.png"
+        # One file name inside cam_dir, whatever the input's relative path or the label holds.
+        stem = "__".join(safe_file_stem(part) for part in Path(keys[image_idx]).with_suffix("").parts)
+        path = cam_dir / f"{stem}_{safe_file_stem(labels[cls])}.png"
         written.append(
             save_overlay(pixels[image_idx], result.heatmaps[pair], path, title, bool(result.zero_gradient[pair]))
         )

@@ -27,6 +27,13 @@ class Sentinel:
         self.target = folder / "created_by_attack"
         self.before = self.snapshot()
 
+    def add(self, name: str, content: bytes) -> Path:
+        """Put a file in the sentinel folder (then snapshotted with the rest)."""
+        path = self.folder / name
+        path.write_bytes(content)
+        self.before = self.snapshot()
+        return path
+
     def snapshot(self) -> dict[str, str]:
         return {
             str(p.relative_to(self.folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
