@@ -156,7 +156,7 @@ SPLIT_DEFINING = frozenset(
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
 EXTERNAL_KEYS = frozenset(
     {"source", "root", "label_table", "uncertain", "val_fraction", "test_fraction", "split_seed", "on_missing",
-     "verify_images", "batch_size", "num_workers", "cache", "cache_dir"}
+     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "max_pixels"}
 )
 
 
@@ -208,7 +208,9 @@ def datamodule_for(
     (``data.cache_dir=``, else ``cache_dir``, the command's ``paths.cache_dir``), never the folder
     the checkpoint's config names: that file may come from someone else."""
     trained = dict(model.hparams.config["data"]) if model.hparams.get("config") else {}
+    # Where to write and how much to decode are this command's, never the file's to say.
     trained.pop("cache_dir", None)
+    trained.pop("max_pixels", None)
     if external_source(model, data) is not None:
         given = _given(data)
         cfg = {k: v for k, v in given.items() if k in EXTERNAL_KEYS and v is not None}

@@ -88,6 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
         "seed": cfg.seed,
         "image_size": dm.image_size,
+        # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
+        "images_skipped": len(dm.skipped_images),
+        "images_skipped_files": sorted(dm.skipped_images)[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
