@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-heads test sweep tensorboard bench clean
+.PHONY: install demo demo-heads test lint sweep tensorboard bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo-heads: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff, configured in pyproject.toml: pycodestyle, pyflakes, import order, bugbear.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 sweep: $(STAMP)
 	$(PY) -m cxr_lightning.train -m experiment=backbone_comparison_demo $(ARGS)

@@ -15,7 +15,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import LAST_CHECKPOINT
+from cxr_lightning.run_dir import CHECKPOINTS, LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -149,4 +149,4 @@ class CheckpointOnSigterm(pl.Callback):
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return Path(callback.dirpath)
-        return Path(trainer.default_root_dir) / "checkpoints"
+        return Path(trainer.default_root_dir) / CHECKPOINTS

@@ -34,20 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from cxr_lightning import schema
 from cxr_lightning.calibration import Calibration
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.files import atomic_path, file_digest, write_json
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.run_dir import RunDir, calibration_path, thresholds_path
 
 log = logging.getLogger(__name__)
-LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 # The decision threshold of a label without one chosen on the validation split.
 DEFAULT_THRESHOLD = 0.5
-THRESHOLDS_SUFFIX = ".thresholds.json"
-CALIBRATION_SUFFIX = ".calibration.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,22 +212,23 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
         return Path(ckpt_path)
     if not run_dir:
         raise ConfigError("Pass ckpt_path=PATH (a .ckpt file) or run_dir=DIR (a training run directory).")
-    checkpoints = Path(run_dir) / "checkpoints"
-    metrics_path = Path(run_dir) / "metrics.json"
-    if metrics_path.is_file():
-        check = schema.Checker(f"Run metrics {metrics_path}")
-        metrics = schema.mapping(schema.read_json(metrics_path, check), check, "")
+    run = RunDir(run_dir)
+    if run.metrics.is_file():
+        check = schema.Checker(f"Run metrics {run.metrics}")
+        metrics = schema.mapping(schema.read_json(run.metrics, check), check, "")
         recorded = metrics.get("best_checkpoint")
-        best = schema.file_name_in(checkpoints, recorded, check, "best_checkpoint")
+        best = schema.file_name_in(run.checkpoints, recorded, check, "best_checkpoint")
         if best is not None:
             return best
         if recorded:
             log.warning("%s names best_checkpoint %s, which is not a file of %s; using the run's %s.",
-                        metrics_path, str(recorded)[:200], checkpoints, LAST_CHECKPOINT)
-    last = checkpoints / LAST_CHECKPOINT
-    if last.is_file() and schema.is_inside(last, run_dir):
-        return last
-    raise CheckpointError(f"{run_dir} holds no finished run (no metrics.json best checkpoint, no checkpoints/{LAST_CHECKPOINT}).")
+                        run.metrics, str(recorded)[:200], run.checkpoints, run.last_checkpoint.name)
+    if run.last_checkpoint.is_file() and schema.is_inside(run.last_checkpoint, run.root):
+        return run.last_checkpoint
+    raise CheckpointError(
+        f"{run_dir} holds no finished run (no {run.metrics.name} best checkpoint, no "
+        f"{run.last_checkpoint.relative_to(run.root)})."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +343,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=not self.trust)
         checkpoint = read_checkpoint(path, map_location=map_location or "cpu", trust=self.trust)
         if self.run_dir is not None:
-            rebuild_callback_states(checkpoint, self.run_dir / "checkpoints", path)
+            rebuild_callback_states(checkpoint, RunDir(self.run_dir).checkpoints, path)
         return checkpoint
 
 
@@ -376,7 +374,7 @@ def rebuild_callback_states(checkpoint: dict[str, Any], checkpoints_dir: Path, s
         if not isinstance(key, str) or not isinstance(state, dict):
             log.info("Resuming from %s: dropping the callback state %r (not a mapping).", source, str(key)[:80])
             del states[key]
-        elif key.startswith(ModelCheckpoint.__name__):
+        elif key.startswith("ModelCheckpoint"):  # its state key: the class name, then its settings
             rebuilt, why = _rebuilt_checkpoint_state(state, checkpoints_dir, source)
             if rebuilt is None:
                 log.info("Resuming from %s: dropping the ModelCheckpoint state (%s); its best and last checkpoints "
@@ -445,12 +443,6 @@ def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # Thresholds beside the checkpoint (written by evaluate, read by predict)
-def thresholds_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.thresholds.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + THRESHOLDS_SUFFIX)
-
-
 def save_thresholds(
     ckpt_path: str | os.PathLike,
     label_names: Sequence[str],
@@ -525,12 +517,6 @@ def _in_order(by_label: Mapping[str, float], label_names: Sequence[str], source:
 
 # --------------------------------------------------------------------------------------------------
 # Calibration beside the checkpoint (fitted by evaluate; applied by predict, explain and export)
-def calibration_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.calibration.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + CALIBRATION_SUFFIX)
-
-
 def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> Path:
     """Write the fitted calibration with the checkpoint's fingerprint."""
     ckpt = Path(ckpt_path)

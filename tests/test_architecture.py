@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,13 +17,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "cxr_lightning"
-
-# Floor 3: the commands. Floor 2: the tasks. Everything else is the library (floor 1).
-COMMANDS = {"cxr_lightning.cli", "cxr_lightning.cli.sweep"} | {
-    f"cxr_lightning.{c}" for c in ("train", "evaluate", "predict", "export", "compare", "bench", "summary")
-} | {"cxr_lightning.explain.__main__", "cxr_lightning.data.demo.__main__"}
-TASK_PREFIXES = ("cxr_lightning.tasks", "cxr_lightning.evaluation.job", "cxr_lightning.explain.job")
+CLI = "cxr_lightning.cli"
+TASKS = "cxr_lightning.tasks"
 HYDRA_FREE = ("cxr_lightning.data", "cxr_lightning.models")
+# A string naming a module (``"cxr_lightning.tasks.train:train"``, a ``_target_``): an import too.
+MODULE_STRING = re.compile(r"^(cxr_lightning(?:\.\w+)+)(?::\w+)?$")
 
 
 def module_name(path: Path) -> str:
@@ -35,43 +34,84 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p) for p in PACKAGE.rglob("*.py")}
 
 
-def _is_main_guard(node: ast.stmt) -> bool:
-    # `if __name__ == "__main__":` runs only under `python -m`: an entry point, not an import.
+def _resolve(name: str) -> str | None:
+    """The package module ``name`` refers to (``a.b.func`` -> ``a.b``), or None outside the package."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(path: Path, name: str | None = None) -> set[str]:
+    """Every module ``path`` (module ``name``) imports, wherever the import stands: module level,
+    inside functions, under ``if __name__ == "__main__":``, or as a string handed to importlib or Hydra."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    name = name or module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            # `from pkg import module` imports that module; `from module import name`, the module.
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & MODULES
+            found.update(submodules or {base})
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = MODULE_STRING.match(node.value)
+            if match and _resolve(match.group(1)):
+                found.add(_resolve(match.group(1)))
+    return found
+
+
+def is_entry_shim(path: Path) -> bool:
+    """A ``python -m`` shim: a docstring, ``from cxr_lightning.cli import <x>_main`` and a main guard
+    calling it; nothing else."""
+    body = ast.parse(path.read_text()).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if len(body) != 2:
+        return False
+    imported, guard = body
     return (
-        isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-        and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+        isinstance(imported, ast.ImportFrom) and imported.module == CLI and len(imported.names) == 1
+        and imported.names[0].name.endswith("_main")
+        and isinstance(guard, ast.If) and isinstance(guard.test, ast.Compare)
+        and isinstance(guard.test.left, ast.Name) and guard.test.left.id == "__name__"
+        and imported.names[0].name in {n.id for n in ast.walk(guard) if isinstance(n, ast.Name)}
     )
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every module ``path`` imports, function-local imports included (they hide circles too)."""
-    tree = ast.parse(path.read_text())
-    found: set[str] = set()
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+def floor(name: str) -> int:
+    """3: the commands (cli/ and the ``python -m`` shims); 2: the tasks; 1: the library."""
+    if name == CLI or name.startswith(CLI + "."):
+        return 3
+    if name == TASKS or name.startswith(TASKS + "."):
+        return 2
+    return 3 if name in SHIMS else 1
 
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.stmt) and _is_main_guard(child):
-                continue
-            if isinstance(child, ast.Import):
-                found.update(alias.name for alias in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
-                # `from pkg import module` imports that module; `from module import name`, the module.
-                submodules = {f"{base}.{alias.name}" for alias in child.names} & MODULES
-                found.update(submodules or {base})
-            visit(child)
 
-    visit(tree)
-    return found
+PATHS = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+SHIMS = {name for name, path in PATHS.items() if is_entry_shim(path)}
 
 
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in modules.items()}
+    return {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in PATHS.items()}
+
+
+def test_the_import_reader_sees_every_kind_of_import(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "import cxr_lightning.losses\n"
+        "def f():\n    from cxr_lightning.tasks import train\n"
+        "if __name__ == '__main__':\n    from cxr_lightning.cli import train_main\n"
+        "TARGET = 'cxr_lightning.metrics.build_metrics'\n"
+    )
+    found = imports_of(source, "cxr_lightning.data.probe")
+    assert {"cxr_lightning.losses", "cxr_lightning.tasks.train", "cxr_lightning.cli", "cxr_lightning.metrics"} <= found
 
 
 def test_no_import_cycles(graph):
@@ -107,13 +147,42 @@ def test_no_import_cycles(graph):
     assert not cycles, f"import circles: {cycles}"
 
 
-def test_the_library_never_imports_the_layers_above_it(graph):
-    library = [m for m in graph if m not in COMMANDS and not m.startswith(TASK_PREFIXES)]
-    assert "cxr_lightning.data.datamodule" in library and "cxr_lightning.checkpoints" in library
-    upward = {m: sorted(d for d in graph[m] if d in COMMANDS or d.startswith(TASK_PREFIXES)) for m in library}
+def test_no_module_imports_a_floor_above_its_own(graph):
+    assert floor("cxr_lightning.data.datamodule") == 1 and floor("cxr_lightning.tasks.evaluate") == 2
+    assert floor("cxr_lightning.train") == 3 and floor("cxr_lightning.checkpoints") == 1
+    upward = {m: sorted(d for d in deps if floor(d) > floor(m)) for m, deps in graph.items()}
     assert not {m: d for m, d in upward.items() if d}
-    tasks = [m for m in graph if m.startswith(TASK_PREFIXES)]
-    assert not {m: sorted(graph[m] & COMMANDS) for m in tasks if graph[m] & COMMANDS}
+
+
+def test_task_code_lives_in_tasks():
+    """Below tasks/ nothing reads a composed config: DictConfig and Hydra's instantiate are the
+    tasks' (and build.py's) alone."""
+    offenders = {}
+    for name, path in PATHS.items():
+        if floor(name) != 1:
+            continue
+        text = path.read_text()
+        bad = [w for w in ("hydra.utils.instantiate", "from hydra", "import hydra", "DictConfig") if w in text]
+        if bad:
+            offenders[name] = bad
+    assert not offenders
+
+
+def test_every_command_is_a_script_and_a_python_m_module():
+    """``cxr-<command>`` in [project.scripts] and ``python -m cxr_lightning.<command>`` reach the same main."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"cxr-train", "cxr-evaluate", "cxr-explain", "cxr-predict", "cxr-export"} <= set(scripts)
+    shim_mains = {}
+    for name in SHIMS:
+        imported = next(n for n in ast.parse(PATHS[name].read_text()).body if isinstance(n, ast.ImportFrom))
+        shim_mains[name.removesuffix(".__main__")] = imported.names[0].name
+    for script, target in scripts.items():
+        module, function = target.split(":")
+        assert module == CLI, script
+        command = script.removeprefix("cxr-")
+        assert shim_mains.get(f"cxr_lightning.{command}") == function, (script, shim_mains)
+    assert set(shim_mains) == {f"cxr_lightning.{s.removeprefix('cxr-')}" for s in scripts}
 
 
 def test_data_and_models_import_no_hydra():
@@ -225,11 +294,11 @@ def test_installed_package_composes_trains_and_predicts_from_another_directory(i
     elsewhere.mkdir()
     where = _run_installed(installed, elsewhere, "-c", "import cxr_lightning; print(cxr_lightning.__file__)")
     assert where.stdout.strip().startswith(str(installed)), where.stderr
-    for command in ("train", "evaluate", "explain", "predict", "export", "bench", "data.cache"):
+    for command in ("train", "evaluate", "explain", "predict", "export", "bench", "cache"):
         extra = ["input=x.png"] if command == "predict" else []
         done = _run_installed(installed, elsewhere, "-m", f"cxr_lightning.{command}", "--cfg", "job", *extra)
         assert done.returncode == 0 and "paths:" in done.stdout, (command, done.stderr[-2000:])
-    for command in ("compare", "summary", "data.demo"):
+    for command in ("compare", "summary", "demo"):
         done = _run_installed(installed, elsewhere, "-m", f"cxr_lightning.{command}", "--help")
         assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-2000:])
 

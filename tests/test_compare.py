@@ -17,8 +17,8 @@ from conftest import tiny_overrides
 from omegaconf import OmegaConf
 
 from cxr_lightning import cli
-from cxr_lightning.tasks import compare
 from cxr_lightning.errors import DataError
+from cxr_lightning.tasks import compare
 
 REPO = Path(__file__).resolve().parents[1]
 FINDINGS = ("Atelectasis", "Hernia")
@@ -164,11 +164,11 @@ def test_bad_input_is_named(tmp_path, fake_sweep):
 def test_cli_writes_into_out(fake_sweep, tmp_path_factory, capsys):
     sweep, _ = fake_sweep
     out = tmp_path_factory.mktemp("report")
-    files = cli.compare_main([str(sweep), "--by", "backbone", "--out", str(out)])
+    files = cli.compare_command([str(sweep), "--by", "backbone", "--out", str(out)])
     assert files.csv.parent == out and all(p.is_file() for p in (files.csv, files.markdown, files.figure))
     assert not (sweep / "comparison.csv").exists()
     with pytest.raises(SystemExit) as exit_status:
-        cli.compare_main([str(out / "missing")])
+        cli.compare_command([str(out / "missing")])
     assert exit_status.value.code == 2 and "is not a directory" in capsys.readouterr().err
 
 

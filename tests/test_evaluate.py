@@ -23,9 +23,9 @@ from cxr_lightning.checkpoints import (
     thresholds_path,
 )
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.evaluation.job import evaluate, predict_split
 from cxr_lightning.evaluation.statistics import expected_calibration_error
 from cxr_lightning.tasks.build import datamodule_for
+from cxr_lightning.tasks.evaluate import evaluate, predict_split
 
 pytestmark = pytest.mark.slow
 

@@ -14,14 +14,14 @@ from conftest import compose_config, tiny_overrides
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cxr_lightning.checkpoints import load_model
 from cxr_lightning.data.nih import read_bbox_table
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain import NO_GRADIENT, CamWarning, UnknownMetadataWarning
-from cxr_lightning.explain import job as explain_job
-from cxr_lightning.explain.job import explain
-from cxr_lightning.evaluation.job import predict_split
+from cxr_lightning.tasks import explain as explain_job
 from cxr_lightning.tasks.build import datamodule_for
-from cxr_lightning.checkpoints import load_model
+from cxr_lightning.tasks.evaluate import predict_split
+from cxr_lightning.tasks.explain import explain
 from cxr_lightning.tasks.train import train
 
 pytestmark = pytest.mark.slow

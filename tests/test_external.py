@@ -17,7 +17,7 @@ from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
 from cxr_lightning.data import harmonise
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.evaluation.job import evaluate
+from cxr_lightning.tasks.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 N_BOOT = 30
@@ -110,10 +110,10 @@ def test_external_needs_the_source_thresholds_or_refit(both, fitted, tmp_path):
 
 
 def test_cross_dataset_table_one_row_per_dataset_and_label(both, tmp_path):
-    from cxr_lightning.cli import compare_main
+    from cxr_lightning.cli import compare_command
 
     nih, external, _ = both
-    written = compare_main(["--datasets", str(nih.output_dir), str(external.output_dir), "--out", str(tmp_path)])
+    written = compare_command(["--datasets", str(nih.output_dir), str(external.output_dir), "--out", str(tmp_path)])
     table = pd.read_csv(written.csv)
     assert set(table["dataset"]) == {"nih", "chexpert"}
     for evaluation, dataset in ((nih, "nih"), (external, "chexpert")):

@@ -139,11 +139,11 @@ def test_vit_trains_and_is_explained_end_to_end(tiny_demo, tmp_path):
     """The issue's reproduction: a ViT fitted on the demo, then the CAM grid, explain (overlays and
     localisation) and predict cam=true, with a gradient at the CAM layer everywhere."""
     import pandas as pd
+    from conftest import compose_config, tiny_overrides
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from conftest import compose_config, tiny_overrides
-    from cxr_lightning.explain.job import explain
+    from cxr_lightning.tasks.explain import explain
     from cxr_lightning.tasks.predict import predict
     from cxr_lightning.tasks.train import train
 
@@ -188,6 +188,7 @@ def test_weights_sources_that_need_a_file_say_so():
 
 def test_vit_finetune_experiment_states_its_recipe_and_validates(tmp_path):
     from conftest import compose_config
+
     from cxr_lightning.tasks.validate import validate_config
 
     cfg = compose_config(["experiment=vit_finetune", f"paths.output_dir={tmp_path}"])

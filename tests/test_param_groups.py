@@ -1,6 +1,7 @@
 """Parameter groups: layer-wise learning-rate decay, no decay on norms and biases, the warm-up schedule."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -97,3 +98,41 @@ def test_drop_path_rate_reaches_timm():
     backbone = create_backbone("vit_small_patch16_224", img_size=32, drop_path_rate=0.1)
     rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in backbone.model.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)  # timm's linear stochastic-depth rule
+
+
+def test_no_decay_names_the_group_without_weight_decay():
+    """The group named no_decay holds the biases and norm weights at weight decay 0, the one named
+    decay the weight matrices at the configured decay."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    groups = param_groups(None, model, {"lr": LR, "weight_decay": WD, "no_decay_norm_bias": True})
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"head.decay", "head.no_decay"}
+    shapes = lambda g: sorted(tuple(p.shape) for p in g["params"])  # noqa: E731
+    assert by_name["head.decay"]["weight_decay"] == WD
+    assert shapes(by_name["head.decay"]) == [(2, 4), (4, 1, 3, 3)]
+    assert by_name["head.no_decay"]["weight_decay"] == 0.0
+    assert shapes(by_name["head.no_decay"]) == [(2,), (4,), (4,), (4,)]  # linear bias, conv bias, bn weight+bias
+    # weight_decay=0: one group, named for what it is (timm drops the empty decay group).
+    (only,) = param_groups(None, model, {"lr": LR, "weight_decay": 0.0, "no_decay_norm_bias": True})
+    assert only["name"] == "head.no_decay" and len(only["params"]) == len(list(model.parameters()))
+
+
+def test_layer_decay_on_a_cnn_decays_per_stage_and_logs_the_mapping(caplog):
+    resnet = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    with caplog.at_level(logging.INFO, logger="cxr_lightning.models.param_groups"):
+        groups = param_groups(resnet, head := nn.Linear(512, 3), {"lr": LR, "weight_decay": WD, "layer_decay": DECAY})
+    got = lr_of(groups, resnet, head)
+    # Five stages: the stem (conv1, bn1) and layer1-4; layer4 trains at the head's rate.
+    assert got["backbone:conv1.weight"][0] == pytest.approx(LR * DECAY**4)
+    for stage in range(1, 5):
+        assert got[f"backbone:layer{stage}.0.conv1.weight"] == (pytest.approx(LR * DECAY ** (4 - stage)), WD)
+        assert got[f"backbone:layer{stage}.0.bn1.weight"][1] == 0.0
+    assert len({lr for lr, _ in got.values()}) == 5 and got["head:weight"][0] == pytest.approx(LR)
+    (message,) = [r.getMessage() for r in caplog.records if "layer_decay" in r.getMessage()]
+    assert "5 stages" in message and "bn1+conv1 x0.316" in message and "layer4.0+layer4.1 x1" in message
+
+
+def test_layer_decay_is_refused_for_a_backbone_without_a_layer_order():
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ConfigError, match="defines no layer order.*layer_decay=null"):
+        param_groups(plain, nn.Linear(4, 3), {"lr": LR, "weight_decay": WD, "layer_decay": DECAY})

@@ -12,14 +12,12 @@ import pytest
 from conftest import compose_config, fit_tiny, write_dicom
 from PIL import Image
 
-from cxr_lightning import inference
-from cxr_lightning.data.cohort import new_patient_metadata
-from cxr_lightning.tasks.build import datamodule_for
-from cxr_lightning.evaluation.job import predict_split
-from cxr_lightning.errors import DataError
 from cxr_lightning.calibration import Calibration
-from cxr_lightning.checkpoints import calibration_path, save_calibration, save_thresholds
-from cxr_lightning.checkpoints import load_model
+from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration, save_thresholds
+from cxr_lightning.data.cohort import new_patient_metadata
+from cxr_lightning.errors import DataError
+from cxr_lightning.tasks.build import datamodule_for
+from cxr_lightning.tasks.evaluate import predict_split
 from cxr_lightning.tasks.predict import predict
 
 pytestmark = pytest.mark.slow

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cxr_lightning import run_dir
 from cxr_lightning.evaluation import html
 
 FINDINGS = ["Effusion", "Mass", "Nodule"]
@@ -66,7 +67,7 @@ def _write_run(run: Path, calibrated: bool = False, underdiagnosis: bool = False
     for f in FINDINGS:
         predictions[f"label:{f}"] = [truth.get((i, f), 0) for i in images]
         predictions[f"prob:{f}"] = 0.5
-    predictions.to_csv(ev / html.PREDICTIONS, index=False)
+    predictions.to_csv(ev / run_dir.PREDICTIONS, index=False)
     metrics = {
         "checkpoint": str(run / "checkpoints" / "best.ckpt"), "split": "test", "n_images": 3, "n_patients": 3,
         "alpha": 0.05, "auroc_mean": 0.8, "auroc_mean_lower": 0.71, "auroc_mean_upper": 0.88,
@@ -78,11 +79,11 @@ def _write_run(run: Path, calibrated: bool = False, underdiagnosis: bool = False
         metrics.update(ece_mean_uncalibrated=0.19, calibration_method="platt",
                        calibration="platt scaling per label, fitted on 40 validation images")
     (ev / "metrics.json").write_text(json.dumps(metrics))
-    for name in ("roc.png", "pr.png", html.RELIABILITY):
+    for name in ("roc.png", "pr.png", run_dir.FIGURES["reliability"]):
         _png(ev / name, (400, 300), (90, 140, 200))
     if underdiagnosis:
         pd.DataFrame({"attribute": ["sex"], "group": ["F"], "underdiagnosis_rate": [0.31]}).to_csv(
-            ev / html.UNDERDIAGNOSIS, index=False)
+            ev / run_dir.UNDERDIAGNOSIS, index=False)
     rows = []
     for k, ((image, finding, p, _), colour) in enumerate(zip(CAMS, OVERLAY_COLOURS)):
         overlay = f"overlays/{k:03d}_{Path(image).stem}_{finding}.png"
@@ -126,12 +127,12 @@ def _cards(text: str) -> list[dict[str, str | None]]:
 def test_outcome_of_each_overlay_from_truth_and_threshold(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run")
     cams = pd.read_csv(run / "explain" / "cams.csv")
-    table = html.gallery_table(cams, pd.read_csv(run / "evaluation" / html.PREDICTIONS), THRESHOLDS)
+    table = html.gallery_table(cams, pd.read_csv(run / "evaluation" / run_dir.PREDICTIONS), THRESHOLDS)
     assert list(table["error"]) == EXPECTED
     assert list(table["rank"]) == [html.ERROR_ORDER.index(e) for e in EXPECTED]
     # an image the evaluated split does not hold has no label to compare with
     other = cams.assign(image="elsewhere.png")
-    assert set(html.gallery_table(other, pd.read_csv(run / "evaluation" / html.PREDICTIONS), THRESHOLDS)["error"]) == {
+    assert set(html.gallery_table(other, pd.read_csv(run / "evaluation" / run_dir.PREDICTIONS), THRESHOLDS)["error"]) == {
         html.UNKNOWN}
 
 
@@ -265,9 +266,9 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     from conftest import compose_config, fit_tiny
 
     from cxr_lightning.checkpoints import load_model
-    from cxr_lightning.evaluation.job import evaluate, predict_split
-    from cxr_lightning.explain.job import explain
     from cxr_lightning.tasks.build import datamodule_for
+    from cxr_lightning.tasks.evaluate import evaluate, predict_split
+    from cxr_lightning.tasks.explain import explain
     from cxr_lightning.tasks.summary import print_summary
 
     run, ckpt = fit_tiny(tiny_demo, tmp_path / "run")
@@ -283,7 +284,7 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     raw, table = predict_split(model, datamodule_for(model, {"num_workers": 0}), "test")
     calibration, _ = load_calibration(ckpt, model.hparams.label_names)
     probs = calibration.apply(raw)
-    predictions = pd.read_csv(run / "evaluation" / html.PREDICTIONS)
+    predictions = pd.read_csv(run / "evaluation" / run_dir.PREDICTIONS)
     assert list(predictions["Image Index"]) == list(table["Image Index"])
     names = list(model.hparams.label_names)
     assert np.allclose(predictions[[f"prob:{n}" for n in names]].to_numpy(), probs, atol=1e-6)

@@ -15,7 +15,13 @@ import torch
 from conftest import compose_config, fit_tiny, tiny_overrides
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from cxr_lightning.checkpoints import CHECKPOINT_GLOBALS, AtomicCheckpointIO, checkpoint_hparams, load_model, read_checkpoint
+from cxr_lightning.checkpoints import (
+    CHECKPOINT_GLOBALS,
+    AtomicCheckpointIO,
+    checkpoint_hparams,
+    load_model,
+    read_checkpoint,
+)
 from cxr_lightning.errors import CheckpointError
 
 pytestmark = pytest.mark.slow
@@ -63,8 +69,8 @@ def test_the_payload_runs_when_unpickled_without_restrictions(evil):
 
 
 def test_every_command_refuses_a_code_running_checkpoint_and_never_runs_it(evil, tiny_demo, tmp_path):
-    from cxr_lightning.evaluation.job import evaluate
-    from cxr_lightning.explain.job import explain
+    from cxr_lightning.tasks.evaluate import evaluate
+    from cxr_lightning.tasks.explain import explain
     from cxr_lightning.tasks.export import export
     from cxr_lightning.tasks.predict import predict
     from cxr_lightning.tasks.train import train

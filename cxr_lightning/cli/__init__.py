@@ -1,11 +1,11 @@
 """The command layer: one thin ``main`` per command behind one task wrapper.
 
-``python -m cxr_lightning.<command>`` runs the ``<command>_main`` below. Each composes its config
+``python -m cxr_lightning.<command>`` and the ``cxr-<command>`` scripts (``[project.scripts]`` in
+pyproject.toml) run the ``<command>_main`` below. Each composes its config
 from the configs shipped inside the package (:data:`CONFIG_PATH`, so a regular ``pip install``
 works from any directory; users add their own through ``--config-dir`` or ``hydra.searchpath``),
-sets up the run (warning filters), calls a task function of :mod:`cxr_lightning.tasks` (or of
-:mod:`cxr_lightning.evaluation` / :mod:`cxr_lightning.explain`), and turns what can go wrong into
-an exit status:
+sets up the run (warning filters), calls a task function of :mod:`cxr_lightning.tasks`, and turns
+what can go wrong into an exit status:
 
 - a framework error (:class:`~cxr_lightning.errors.CXRError`): one readable line on stderr, no
   traceback, exit status 2; under a Hydra multirun the job fails with that one line, and the
@@ -111,7 +111,7 @@ def _exit_on_failed_files(run: Any) -> None:
 
 
 def _explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> str:
-    from cxr_lightning.explain.job import job_output_dir
+    from cxr_lightning.tasks.explain import job_output_dir
 
     return str(job_output_dir(explicit, run_dir, fallback))
 
@@ -119,13 +119,13 @@ def _explain_dir(explicit: str | None, run_dir: str | None, fallback: str) -> st
 # The Hydra commands.
 train_main = hydra_command("train", "cxr_lightning.tasks.train:train", _selection_value)
 evaluate_main = hydra_command(
-    "evaluate", "cxr_lightning.evaluation.job:evaluate", lambda result: float(result.metrics["auroc_mean"])
+    "evaluate", "cxr_lightning.tasks.evaluate:evaluate", lambda result: float(result.metrics["auroc_mean"])
 )
 predict_main = hydra_command("predict", "cxr_lightning.tasks.predict:predict", _exit_on_failed_files)
 export_main = hydra_command("export", "cxr_lightning.tasks.export:export", _print_export)
 bench_main = hydra_command("bench", "cxr_lightning.tasks.bench:run_bench")
 cache_main = hydra_command("cache", "cxr_lightning.tasks.cache:build_cache", _print_cache)
-_explain_main = hydra_command("explain", "cxr_lightning.explain.job:explain")
+_explain_main = hydra_command("explain", "cxr_lightning.tasks.explain:explain")
 
 
 def explain_main() -> None:
@@ -136,7 +136,13 @@ def explain_main() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # The commands that take a directory, not a config
-def compare_main(argv: Sequence[str] | None = None):
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    compare_command(argv)
+    return 0
+
+
+def compare_command(argv: Sequence[str] | None = None) -> Any:
+    """``compare``'s work, returning the files it wrote (a console script's return is its exit status)."""
     from cxr_lightning.tasks.compare import DEFAULT_BY, write_comparison
 
     parser = argparse.ArgumentParser(
@@ -182,7 +188,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     from cxr_lightning.data.demo import DEMO_DEFAULTS, generate
 
     parser = argparse.ArgumentParser(
-        prog="python -m cxr_lightning.data.demo",
+        prog="python -m cxr_lightning.demo",
         description="Write a synthetic miniature ChestX-ray14 in the exact NIH layout "
         "(a demo for exercising the pipeline, not evidence about real X-rays).",
     )

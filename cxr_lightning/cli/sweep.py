@@ -27,10 +27,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cxr_lightning.files import write_text
-from cxr_lightning.tasks.compare import DEFAULT_BY, ERROR, write_comparison
 from cxr_lightning.cli import JobError
 from cxr_lightning.errors import ConfigError, CXRError
+from cxr_lightning.files import write_text
+from cxr_lightning.run_dir import ERROR
+from cxr_lightning.tasks.compare import DEFAULT_BY, write_comparison
 
 log = logging.getLogger(__name__)
 

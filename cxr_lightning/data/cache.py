@@ -16,7 +16,7 @@ The caches of one dataset live under ``cache_root(paths.cache_dir, data.root)``,
 module and the command line both use. Build one ahead of training (otherwise the data module's
 ``prepare_data`` builds it on first use) with the same data options as the run::
 
-    python -m cxr_lightning.data.cache data=nih data.root=DIR data.image_size=320 [workers=16]
+    python -m cxr_lightning.cache data=nih data.root=DIR data.image_size=320 [workers=16]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.json", "meta.json"
 BUILD_HINT = (
-    "`python -m cxr_lightning.data.cache` and the run's data options "
+    "`python -m cxr_lightning.cache` and the run's data options "
     "(e.g. data=nih data.root=DIR data.image_size=N)"
 )
 _CHUNK = 64  # images per worker task: large enough to amortise IPC, small enough for a live progress bar
@@ -332,9 +332,3 @@ def cache_root(cache_dir: str | os.PathLike, data_root: str | os.PathLike) -> Pa
     readable = "".join(c if c.isalnum() else "_" for c in absolute.strip("/"))[-60:]
     digest = hashlib.sha256(absolute.encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / "images" / f"{readable}-{digest}"
-
-
-if __name__ == "__main__":  # python -m cxr_lightning.data.cache: the command lives in the CLI layer
-    from cxr_lightning.cli import cache_main
-
-    cache_main()

@@ -1,2 +1,3 @@
 """Evaluation of a trained checkpoint: :mod:`.statistics` (bootstrap, thresholds, calibration,
-subgroups), :mod:`.report` (tables and figures) and :mod:`.job` (``python -m cxr_lightning.evaluate``)."""
+subgroups), :mod:`.report` (tables and figures) and :mod:`.html` (the browser pages). The evaluate
+command is the task :mod:`cxr_lightning.tasks.evaluate`."""

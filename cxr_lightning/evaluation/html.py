@@ -23,15 +23,11 @@ import numpy as np
 import pandas as pd
 
 from cxr_lightning.files import write_text
+from cxr_lightning.run_dir import EvaluationDir, ExplainDir, RunDir
 
-REPORT_NAME = "report.html"
-# Files of a run directory the report reads (each optional except the evaluation's metrics).
-EVALUATION_DIR, EXPLAIN_DIR, RUN_CONFIG = "evaluation", "explain", "config.yaml"
-PREDICTIONS = "predictions.csv"  # evaluate: one row per image of the split, truth and probability
-UNDERDIAGNOSIS = "underdiagnosis.csv"
-# The reliability figure: with a post-hoc calibration it draws the raw (grey) and the calibrated
-# (blue) curves together.
-RELIABILITY = "reliability.png"
+# The files of a run directory the report reads (each optional except the evaluation's metrics)
+# are named by run_dir.py. With a post-hoc calibration the reliability figure draws the raw (grey)
+# and the calibrated (blue) curves together.
 
 # Error classes of a CAM overlay, in the gallery's default order: misses first.
 FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRUE_NEGATIVE, UNKNOWN = (
@@ -230,11 +226,10 @@ def run_report(run_dir: str | Path) -> Path | None:
 
     Called at the end of evaluate and of explain, so the page shows whichever parts exist.
     """
-    run_dir = Path(run_dir)
-    evaluation = run_dir / EVALUATION_DIR
-    if not (evaluation / "metrics.json").is_file():
+    run = RunDir(run_dir)
+    if not run.evaluation.metrics.is_file():
         return None
-    return render_report(evaluation, run_dir / EXPLAIN_DIR, run_dir / RUN_CONFIG, run_dir / REPORT_NAME)
+    return render_report(run.evaluation.root, run.explain.root, run.config, run.report_html)
 
 
 def render_report(
@@ -246,10 +241,10 @@ def render_report(
     """Write the report page of one evaluation (and its explain outputs, when given) to ``out``
     (default ``evaluation_dir/report.html``); returns its path."""
     ev = Path(evaluation_dir)
-    metrics = _read_json(ev / "metrics.json")
-    per_class = pd.read_csv(ev / "per_class.csv", index_col=0)
+    metrics = _read_json(EvaluationDir(ev).metrics)
+    per_class = pd.read_csv(EvaluationDir(ev).per_class, index_col=0)
     explain = Path(explain_dir) if explain_dir is not None and Path(explain_dir).is_dir() else None
-    ex_metrics = _read_json(explain / "metrics.json") if explain else {}
+    ex_metrics = _read_json(ExplainDir(explain).metrics) if explain else {}
     config = metrics.get("config") or {}
     demo = config.get("data_source") == "demo"
 
@@ -270,7 +265,7 @@ def render_report(
                 f"{esc(metrics.get('split', '?'))} split: {esc(metrics.get('n_images', '?'))} images of "
                 f"{esc(metrics.get('n_patients', '?'))} patients · checkpoint {esc(metrics.get('checkpoint', '?'))}")
     text = page("Evaluation report", subtitle, sections, _GALLERY_SCRIPT)
-    target = Path(out) if out is not None else ev / REPORT_NAME
+    target = Path(out) if out is not None else EvaluationDir(ev).report_html
     write_text(target, text)
     return target
 
@@ -305,8 +300,8 @@ def _headline(metrics: Mapping[str, Any], ex_metrics: Mapping[str, Any], demo: b
 
 
 def _curves(ev: Path) -> str:
-    return ('<div class="pair">' + figure(ev / "roc.png", "ROC curve per label")
-            + figure(ev / "pr.png", "Precision-recall curve per label (prevalence dashed)") + "</div>")
+    return ('<div class="pair">' + figure(EvaluationDir(ev).figure("roc"), "ROC curve per label")
+            + figure(EvaluationDir(ev).figure("pr"), "Precision-recall curve per label (prevalence dashed)") + "</div>")
 
 
 def _per_label(per_class: pd.DataFrame, metrics: Mapping[str, Any]) -> str:
@@ -329,31 +324,31 @@ def _calibration(ev: Path, metrics: Mapping[str, Any]) -> str:
     if metrics.get("calibration_method", "none") != "none":
         return (f"<p>{esc(metrics.get('calibration', metrics['calibration_method']))}. Mean ECE before calibration "
                 f"{esc(interval(metrics.get('ece_mean_uncalibrated')))}, after {esc(interval(metrics.get('ece_mean')))}.</p>"
-                + figure(ev / RELIABILITY, "Reliability before (grey, raw) and after (blue) calibration"))
+                + figure(EvaluationDir(ev).figure("reliability"), "Reliability before (grey, raw) and after (blue) calibration"))
     return ("<p>The model's own probabilities (this evaluation applied no post-hoc calibration); "
             f"mean ECE {esc(interval(metrics.get('ece_mean')))} over "
             f"{esc(metrics.get('calibration_bins', '?'))} equal-width bins.</p>"
-            + figure(ev / RELIABILITY, "Reliability, uncalibrated"))
+            + figure(EvaluationDir(ev).figure("reliability"), "Reliability, uncalibrated"))
 
 
 def _subgroups(ev: Path) -> str:
     parts = []
-    subgroups = _read_csv(ev / "subgroups.csv")
+    subgroups = _read_csv(EvaluationDir(ev).subgroups)
     if subgroups is not None:
         shown = subgroups.assign(**{"mean AUROC (CI)": [interval(*v) for v in subgroups[["auroc_mean", "lower", "upper"]].to_numpy()]})
         parts.append("<h3>Mean AUROC per subgroup</h3>" + table(shown.drop(columns=["auroc_mean", "lower", "upper"])))
-    under = _read_csv(ev / UNDERDIAGNOSIS)
+    under = _read_csv(EvaluationDir(ev).underdiagnosis)
     if under is not None:
         parts.append("<h3>Underdiagnosis</h3>" + table(under))
     return "".join(parts) or '<p class="muted">No subgroup tables were written.</p>'
 
 
 def _gallery(explain: Path, ev: Path, per_class: pd.DataFrame) -> str:
-    cams = _read_csv(explain / "cams.csv")
+    cams = _read_csv(ExplainDir(explain).cams)
     if cams is None or cams.empty:
         return '<p class="muted">No CAM overlays (explain wrote no cams.csv).</p>'
     thresholds = per_class["threshold"].drop(index="mean", errors="ignore").to_dict() if "threshold" in per_class else {}
-    rows = gallery_table(cams, _read_csv(ev / PREDICTIONS), thresholds)
+    rows = gallery_table(cams, _read_csv(EvaluationDir(ev).predictions), thresholds)
     controls = (
         '<div class="controls"><label>Sort <select id="sort">'
         '<option value="errors">errors first (false negatives first)</option>'
@@ -391,7 +386,7 @@ def _options(values: Iterable[str], every: str) -> str:
 
 
 def _localisation(explain: Path, ex_metrics: Mapping[str, Any]) -> str:
-    scores = _read_csv(explain / "localization.csv", index_col=0)
+    scores = _read_csv(ExplainDir(explain).localization, index_col=0)
     if scores is None:
         return '<p class="muted">No localisation scores (the split has no boxes, or localization=false).</p>'
     return ("<p>Pointing game, IoU and IoBB accuracy of the CAMs against the ground-truth boxes of every "

@@ -22,10 +22,10 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
-from cxr_lightning.files import atomic_path
 from cxr_lightning.evaluation.statistics import reliability_curve
+from cxr_lightning.files import atomic_path
+from cxr_lightning.run_dir import FIGURES
 
-FIGURES = {"roc": "roc.png", "pr": "pr.png", "reliability": "reliability.png"}
 _PANEL_INCHES = 2.4
 
 

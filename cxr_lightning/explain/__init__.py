@@ -3,9 +3,9 @@
 The library: :mod:`.cams` (CAMs through ``pytorch_grad_cam``, zero-gradient detector),
 :mod:`.localization` (pointing game, IoU/IoBB vs a random baseline), :mod:`.overlays` (PNG and
 TensorBoard grids), :mod:`.inputs` (which images, with which metadata), :mod:`.sets` (CAMs of a
-whole image set). Built on it: :mod:`.job` (``python -m cxr_lightning.explain ckpt_path=PATH |
-run_dir=DIR [split=test n=16 | images=[...]]``, conf/explain.yaml) and :mod:`.callback` (a CAM
-grid in TensorBoard at the end of training); import those from their modules.
+whole image set), :mod:`.callback` (a CAM grid in TensorBoard at the end of training; import it
+from its module). The explain command is the task :mod:`cxr_lightning.tasks.explain`;
+``__main__`` is only its ``python -m cxr_lightning.explain`` shim.
 """
 from cxr_lightning.explain.cams import (
     CAM_METHODS,

@@ -1,13 +1,19 @@
-"""Image backbones: a timm network without its classifier, reading one-channel radiographs.
+"""Image backbones: a network without its classifier, reading one-channel radiographs.
+
+:func:`backbone_from_config` is the one factory: ``backbone.format`` ``timm`` (default) builds a
+timm model with :func:`create_backbone`; ``transformers`` and ``open_clip`` build a foundation
+model's image encoder from its local folder (:mod:`cxr_lightning.models.folders`).
 
 ``create_backbone`` builds any timm model headless (``num_classes=0``) with global pooling, so its
 output is one feature vector per image. Weights come from nowhere (random init), from timm's hub
-(``pretrained=True``) or from local files in the layouts of :mod:`cxr_lightning.models.weights` (``weights=PATH``); in every
-case a three-channel ImageNet first convolution is folded to one channel by timm's ``adapt_input_conv``.
+(``pretrained=True``) or from local files in the layouts of :mod:`cxr_lightning.models.weights`
+(``weights=PATH``); in every case a three-channel ImageNet first convolution is folded to one
+channel by timm's ``adapt_input_conv``.
 """
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +23,8 @@ from timm.models.vgg import ConvMlp
 from torch import nn
 
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.models import folders
 from cxr_lightning.models.weights import WeightsReport, load_backbone_weights, preview
-
 
 # The six architectures compared in the seed study (conf/backbone/<name>.yaml); any timm name works.
 BACKBONE_NAMES: tuple[str, ...] = (
@@ -41,10 +47,12 @@ _OFFLINE_HINT = (
 
 
 class Backbone(nn.Module):
-    """A headless timm network: ``forward(x) -> (B, num_features)`` pooled image features.
+    """A headless network: ``forward(x) -> (B, num_features)`` pooled image features.
 
-    ``model`` is the timm network itself; layer paths (``get_layer``, ``cam_layer`` in the config)
-    are relative to it, e.g. ``"layer4"`` for a ResNet.
+    ``model`` is the timm network itself, or a folder format's encoder
+    (:class:`~cxr_lightning.models.folders.FolderEncoder`); layer paths (``get_layer``,
+    ``cam_layer`` in the config) are relative to it, e.g. ``"layer4"`` for a ResNet or
+    ``"net.encoder.layer.11.norm1"`` for RAD-DINO.
     """
 
     def __init__(self, model: nn.Module, timm_name: str) -> None:
@@ -68,6 +76,28 @@ class Backbone(nn.Module):
             return self.model.get_submodule(path)
         except AttributeError:
             raise ConfigError(_unknown_layer_message(self.model, path, self.timm_name)) from None
+
+
+def backbone_from_config(backbone: Mapping[str, Any], image_size: int) -> Backbone:
+    """The backbone of a plain ``backbone`` config for ``image_size`` inputs: a timm model, or a
+    folder format's encoder (the config resolved by :func:`cxr_lightning.models.folders.resolve`;
+    with ``weights`` null, e.g. rebuilt from a checkpoint, it starts from random weights)."""
+    fmt = backbone.get("format", "timm") or "timm"
+    if fmt == "timm":
+        return create_backbone(
+            backbone["name"],
+            pretrained=bool(backbone.get("pretrained", False)),
+            weights=backbone.get("weights"),
+            global_pool=backbone.get("global_pool", "avg"),
+            drop_path_rate=float(backbone.get("drop_path_rate", 0.0)),
+            img_size=image_size,
+            weights_source=backbone.get("weights_source", "auto"),
+            weights_strict=bool(backbone.get("weights_strict", True)),
+            model_kwargs=backbone.get("model_kwargs"),
+        )
+    resolved = folders.resolve(backbone)
+    folders.check_input_size(resolved, image_size)
+    return Backbone(folders.build_encoder(resolved), timm_name=str(resolved.get("name")))
 
 
 def check_name_and_pool(name: str, global_pool: str) -> None:
@@ -95,6 +125,7 @@ def create_backbone(
     img_size: int | None = None,
     weights_source: str = "auto",
     weights_strict: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> Backbone:
     """Build timm model ``name`` without classifier, reading ``in_chans`` channels.
 
@@ -105,6 +136,8 @@ def create_backbone(
     (ViT, Swin: timm's ``fixed_input_size``); timm then sizes their position embeddings and
     windows for it and resamples pretrained position embeddings on load. ``weights_source`` and
     ``weights_strict``: the file's layout and key checking, see :mod:`cxr_lightning.models.weights`.
+    ``model_kwargs``: further keyword arguments of ``timm.create_model`` (e.g. ``depth``,
+    ``reg_tokens``), plain values only.
     """
     check_name_and_pool(name, global_pool)
 
@@ -113,6 +146,11 @@ def create_backbone(
         kwargs["drop_path_rate"] = float(drop_path_rate)
     if img_size is not None and takes_input_size(name):
         kwargs["img_size"] = int(img_size)
+    for key, value in dict(model_kwargs or {}).items():
+        if key in kwargs or not isinstance(value, (int, float, str, bool, type(None))):
+            raise ConfigError(f"backbone.model_kwargs.{key}={value!r}: pass plain values, and not {sorted(kwargs)} "
+                              "(set by their own backbone keys).")
+        kwargs[key] = value
     if pretrained and weights is None:
         model = _create_pretrained(name, kwargs)
     else:

@@ -23,11 +23,11 @@ from torchmetrics import MeanMetric
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
-from cxr_lightning.models.backbones import create_backbone
+from cxr_lightning.models.backbones import backbone_from_config
+from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models import finetune
 from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
 from cxr_lightning.models.divergence import check_finite_loss
-from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.param_groups import param_groups
@@ -62,8 +62,12 @@ class CXRClassifier(pl.LightningModule):
         scheduler_factory: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
+        # A folder format's architecture and normalisation, read from its weights folder, travel in
+        # the hyperparameters: the checkpoint rebuilds the model without the folder.
+        backbone = resolve_backbone(backbone)
         # The factories are code, built from the optimizer/scheduler configs (kept as plain data).
         self.save_hyperparameters(ignore=["optimizer_factory", "scheduler_factory"])
+        self.hparams.backbone = backbone
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.preprocess = Preprocess(mean, std, input_range)
         self.label_names = list(label_names)
@@ -74,16 +78,7 @@ class CXRClassifier(pl.LightningModule):
         self.backbone: nn.Module | None = None
         in_features = 0
         if head_uses_image(head_name):
-            self.backbone = create_backbone(
-                backbone["name"],
-                pretrained=bool(backbone.get("pretrained", False)),
-                weights=backbone.get("weights"),
-                global_pool=backbone.get("global_pool", "avg"),
-                drop_path_rate=float(backbone.get("drop_path_rate", 0.0)),
-                img_size=image_size,
-                weights_source=backbone.get("weights_source", "auto"),
-                weights_strict=bool(backbone.get("weights_strict", True)),
-            )
+            self.backbone = backbone_from_config(backbone, image_size)
             in_features = self.backbone.num_features
         # Head first, then the backbone (see models/finetune.py): a function of the epoch only.
         self.finetune = finetune.FinetuneSchedule.from_config(backbone)

@@ -44,7 +44,8 @@ def channels_last_to_map(maps: torch.Tensor) -> torch.Tensor:
 
 
 def cam_reshape_transform(kind: str | None, model: nn.Module, input_hw: Sequence[int]) -> ReshapeTransform | None:
-    """The ``reshape_transform`` for pytorch_grad_cam of a timm ``model`` fed ``input_hw`` images.
+    """The ``reshape_transform`` for pytorch_grad_cam of ``model`` (timm, or a folder format's
+    encoder) fed ``input_hw`` images.
 
     ViT: the number of prefix tokens comes from the model (``num_prefix_tokens``) and the token
     grid from the input size and patch size, so any input size the model accepts maps correctly.
@@ -54,13 +55,16 @@ def cam_reshape_transform(kind: str | None, model: nn.Module, input_hw: Sequence
     if kind == "swin":
         return channels_last_to_map
     if kind == "vit":
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        # A timm ViT keeps its patch size on patch_embed; a folder format's encoder on itself.
+        patch = getattr(model, "patch_size", None) or getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if patch is None:
             raise ConfigError(
-                f"cam_reshape=vit needs a timm vision transformer (a patch_embed with patch_size); "
+                f"cam_reshape=vit needs a vision transformer (a patch_embed with patch_size); "
                 f"{type(model).__name__} has none. Set backbone.cam_reshape=null or swin."
             )
         grid = (int(input_hw[0]) // int(patch[0]), int(input_hw[1]) // int(patch[1]))
         prefix = int(getattr(model, "num_prefix_tokens", 0))
+        if not getattr(model, "tokens_batch_first", True):  # (tokens, B, C): open_clip's older towers
+            return lambda tokens: vit_tokens_to_map(tokens.transpose(0, 1), grid, prefix)
         return lambda tokens: vit_tokens_to_map(tokens, grid, prefix)
     raise ConfigError(f"backbone.cam_reshape={kind!r} is unknown; use one of {list(CAM_RESHAPES)} or null.")

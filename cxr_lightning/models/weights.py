@@ -107,6 +107,11 @@ def read_weights(path: Path, timm_name: str | None = None) -> tuple[StateDict, P
             f"backbone weights file {path}: expected one of {list(WEIGHT_SUFFIXES)}, or a folder holding "
             f"config.json and one of {list(FOLDER_FILES)}."
         )
+    return read_state_dict(path), path
+
+
+def read_state_dict(path: Path) -> StateDict:
+    """The tensors of one weights file, unpickling nothing."""
     try:
         # timm's loader: torch.load(weights_only=True) or safetensors; unwraps "state_dict"/"model"
         # entries (EMA weights first) and strips DDP/compile prefixes.
@@ -119,7 +124,7 @@ def read_weights(path: Path, timm_name: str | None = None) -> tuple[StateDict, P
         ) from err
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"backbone weights file {path} does not hold a state dict of tensors.")
-    return dict(state_dict), path
+    return dict(state_dict)
 
 
 def _folder_weights(folder: Path, timm_name: str | None) -> Path:
@@ -139,8 +144,8 @@ def _folder_weights(folder: Path, timm_name: str | None) -> Path:
     if "architecture" not in config and "model_type" in config:
         raise CheckpointError(
             f"{folder} is a Hugging Face transformers folder (model_type={config['model_type']!r}); its tensors "
-            "are named for transformers, not timm. Use the timm copy of the model (hub id timm/<name>, "
-            "saved with timm's save_for_hf or a hub cache of it)."
+            "are named for transformers, not timm. Load it with backbone.format=transformers (e.g. backbone=rad_dino), "
+            "or use the timm copy of the model (hub id timm/<name>, saved with timm's save_for_hf or a hub cache of it)."
         )
     architecture = config.get("architecture")
     if timm_name is not None and architecture is not None and architecture.split(".")[0] != timm_name:
@@ -277,6 +282,22 @@ def _load(model: nn.Module, state_dict: StateDict, report: WeightsReport, expect
     if report.unexpected:
         log.warning("ignored %d tensors of %s that %s has no place for: %s",
                     len(report.unexpected), report.path, arch(model), preview(report.unexpected))
+
+
+def load_folder_weights(encoder: nn.Module, path: Path, strict: bool = True) -> WeightsReport:
+    """Load an open_clip weights file's image tower into ``encoder.net``
+    (:class:`~cxr_lightning.models.folders.OpenCLIPEncoder`), with the checks of a timm load: a
+    tensor the tower lacks is refused, and one with no place too unless ``strict=False``."""
+    state = read_state_dict(path)
+    prefix = "visual."  # the image tower; the text tower and the logit scale are left out on purpose
+    if not any(k.startswith(prefix) for k in state):
+        raise CheckpointError(f"{path} has no visual.* tensors: it is not an open_clip model's state dict.")
+    state_dict = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dropped = sorted(k for k in state if not k.startswith(prefix))
+    report = WeightsReport(path=str(path), source="open_clip", dropped=dropped)
+    _load(encoder.net, state_dict, report, set(), strict)
+    log.info("backbone weights: %s", report.summary())
+    return report
 
 
 def cfg_names(model: nn.Module, key: str) -> tuple[str, ...]:

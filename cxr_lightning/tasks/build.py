@@ -55,8 +55,9 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     stats = {}
     if dm is not None and dm.tables is not None:
         stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill), "sampler": dm.sampler_record}
+    backbone = resolve_backbone(_plain(cfg.backbone))
     model = CXRClassifier(
-        backbone=_plain(cfg.backbone),
+        backbone=backbone,
         head=_plain(cfg.head),
         loss=_plain(cfg.loss),
         optimizer=_plain(cfg.optimizer),
@@ -64,9 +65,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         label_names=labels,
         meta_names=expected_meta_names(cfg.data),
         image_size=int(cfg.data.image_size),
-        mean=float(cfg.backbone.get("mean", DEFAULT_MEAN)),
-        std=float(cfg.backbone.get("std", DEFAULT_STD)),
-        input_range=[float(v) for v in cfg.backbone.get("input_range", UNIT_RANGE)],
+        **preprocessing(backbone),
         channels_last=use_channels_last(cfg),
         config=_plain(cfg),
         optimizer_factory=optimizer_factory(cfg),
@@ -77,6 +76,24 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
         model.backbone.compile()
     return model
+
+
+def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
+    """The plain backbone config with what a folder format's weights folder says filled in
+    (:func:`cxr_lightning.models.folders.resolve`)."""
+    from cxr_lightning.models.folders import resolve
+
+    return resolve(backbone)
+
+
+def preprocessing(backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """``mean``, ``std`` and ``input_range`` of a resolved backbone config (the framework's defaults where unset)."""
+    mean, std = backbone.get("mean"), backbone.get("std")
+    return {
+        "mean": float(DEFAULT_MEAN if mean is None else mean),
+        "std": float(DEFAULT_STD if std is None else std),
+        "input_range": [float(v) for v in (backbone.get("input_range") or UNIT_RANGE)],
+    }
 
 
 def expected_label_names(data: DictConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""The cache task behind ``python -m cxr_lightning.data.cache``: build (or verify) the image cache
+"""The cache task behind ``python -m cxr_lightning.cache``: build (or verify) the image cache
 of a data config, exactly where a training run with the same data options looks for it."""
 from __future__ import annotations
 

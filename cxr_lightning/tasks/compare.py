@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +28,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.files import atomic_path, write_csv, write_text
-from cxr_lightning.selection import LOSS_SCALED
 from cxr_lightning import schema
-from cxr_lightning.errors import CXRError, DataError
+from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation import html
 from cxr_lightning.evaluation.report import md
+from cxr_lightning.files import atomic_path, write_csv, write_text
+from cxr_lightning.run_dir import EVALUATION, EXPLAIN, HYDRA_CONFIG, METRICS, RUN_CONFIG, RunDir
+from cxr_lightning.selection import LOSS_SCALED
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.yaml"  # the resolved config train.py writes before fitting
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # Hydra's copy, there even when a run failed before train.py wrote its own
-METRICS = "metrics.json"
-HISTORY = "history.csv"
-ERROR = "error.txt"  # the exception of a failed job, written by sweep.CompareOnMultirunEnd
 OUTPUT_STEM = "comparison"
 
 DEFAULT_BY: tuple[str, ...] = ("backbone",)
@@ -67,7 +62,7 @@ SUMMARY_METRICS: dict[str, str] = {
     "explain.localization.random_iobb@0.5": "IoBB@0.5, random",
 }
 # The jobs run on a finished run whose metrics.json a comparison reads too, under their prefix.
-RUN_JOBS: dict[str, str] = {"evaluation": "evaluation", "explain": "explain"}
+RUN_JOBS: dict[str, str] = {"evaluation": EVALUATION, "explain": EXPLAIN}
 AUROC_PREFIX = "test.auroc."
 UNSET = "?"  # group value of a run whose config lacks the key or cannot resolve it
 
@@ -87,8 +82,9 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; pass the sweep (multirun) directory to compare.")
-    candidates = {p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != HYDRA_CONFIG.parent.name}
-    candidates |= {p.parent.parent for p in root.rglob(str(HYDRA_CONFIG))}
+    hydra_folder = Path(HYDRA_CONFIG).parent.name
+    candidates = {p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != hydra_folder}
+    candidates |= {p.parent.parent for p in root.rglob(HYDRA_CONFIG)}
     # evaluate/explain write their own .hydra/ inside the run they score: part of it, not runs.
     return sorted(c for c in candidates if not (c.name in RUN_JOBS.values() and c.parent in candidates))
 
@@ -127,17 +123,18 @@ def _check_by(by: Sequence[str] | str) -> list[str]:
 
 
 def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
-    config_path = run_dir / RUN_CONFIG if (run_dir / RUN_CONFIG).is_file() else run_dir / HYDRA_CONFIG
+    run = RunDir(run_dir)
+    config_path = run.config if run.config.is_file() else run.hydra_config
     cfg = read_run_config(config_path)
     row: dict[str, Any] = {
         "run": run_dir.relative_to(root).as_posix() if run_dir != root else ".",
         **{key: _group_value(cfg, key) for key in by},
         "seed": _config_scalar(cfg, "seed"),
         "fold": _config_scalar(cfg, "data.fold"),
-        "history": str(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else None,
+        "history": str(run.history) if run.history.is_file() else None,
         "data_source": _select(cfg, "data.source"),
     }
-    metrics_path = run_dir / METRICS
+    metrics_path = run.metrics
     if not metrics_path.is_file():
         return {**row, "status": "failed", "reason": _failure_reason(run_dir)}
     try:
@@ -146,7 +143,7 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
     except DataError as exc:
         return {**row, "status": "failed", "reason": f"unreadable {METRICS}: {exc}"}
     for prefix, folder in RUN_JOBS.items():
-        job_metrics = run_dir / folder / METRICS
+        job_metrics = run.root / folder / METRICS
         if job_metrics.is_file():
             check = schema.Checker(str(job_metrics), DataError)
             try:
@@ -161,7 +158,7 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
 
 
 def _failure_reason(run_dir: Path) -> str:
-    error = run_dir / ERROR
+    error = RunDir(run_dir).error
     if error.is_file():
         with open(error, encoding="utf-8", errors="replace") as fh:
             lines = fh.read(4096).strip().splitlines()

@@ -23,10 +23,10 @@ import pandas as pd
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation.report import interval, markdown_table
 from cxr_lightning.files import write_csv, write_text
+from cxr_lightning.run_dir import METRICS
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
 OUTPUT_STEM = "datasets"
 COLUMNS = ("backbone", "dataset", "split", "label", "n_pos", "n_images", "auroc", "auroc_lower", "auroc_upper",
            "auprc", "auprc_lower", "auprc_upper", "checkpoint")

@@ -290,6 +290,21 @@ def _write_onnx(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Pa
     import onnx
 
     batch_axis = {0: "batch"}
+    # nn.MultiheadAttention (open_clip's ViT towers) runs a fused kernel in eval mode that has no
+    # ONNX operator; the unfused path computes the same attention from exportable operators.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _to_onnx(model, sample, path, opset, batch_axis)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, metadata)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def _to_onnx(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, opset: int, batch_axis: dict) -> None:
     with warnings.catch_warnings():
         # The torch.export-based exporter (dynamo=True) needs the onnxscript package; the
         # TorchScript-based one is deprecated but exact for these feed-forward graphs.
@@ -305,10 +320,6 @@ def _write_onnx(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Pa
             output_names=[OUTPUT_NAME],
             dynamic_axes={name: batch_axis for name in (*INPUT_NAMES, OUTPUT_NAME)},
         )
-    graph = onnx.load(str(path))
-    onnx.helper.set_model_props(graph, metadata)
-    onnx.checker.check_model(graph)
-    onnx.save(graph, str(path))
 
 
 def _write_torchscript(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, metadata: dict[str, str]) -> None:

@@ -47,6 +47,7 @@ from cxr_lightning.data import cohort, images
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import write_csv
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.run_dir import PREDICTIONS
 from cxr_lightning.schema import safe_file_stem
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def _output_path(cfg: DictConfig) -> Path:
     if cfg.get("output"):
         return Path(cfg.output)
     try:
-        return Path(cfg.paths.output_dir) / "predictions.csv"  # Hydra's run directory
+        return Path(cfg.paths.output_dir) / PREDICTIONS  # Hydra's run directory
     except Exception:  # composed outside a Hydra run: ${hydra:...} cannot resolve
         raise ConfigError("Pass output=FILE.csv for the predictions.") from None
 

@@ -13,14 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import LAST_CHECKPOINT
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.run_dir import CHECKPOINTS, LAST_CHECKPOINT, RESUMED_NOTE, RunDir
 
 log = logging.getLogger(__name__)
 
 # Keys that differ between two invocations of the same experiment.
 RUN_SPECIFIC_KEYS = ("paths", "hydra", "resume", "ckpt_path", "trust_checkpoint")
-RESUMED_NOTE = "resumed_into.txt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def find_interrupted_run(cfg: DictConfig) -> Path | None:
 def config_differences(cfg: DictConfig, run: Path) -> list[str]:
     """``key: saved -> current`` for every setting in which ``cfg`` differs from ``run/config.yaml``,
     ignoring :data:`RUN_SPECIFIC_KEYS`; a run without a readable config.yaml differs in everything."""
-    saved_path = run / "config.yaml"
+    saved_path = RunDir(run).config
     try:
         saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False)
     except Exception as exc:  # missing or unreadable: it cannot be matched
@@ -109,7 +108,7 @@ def config_differences(cfg: DictConfig, run: Path) -> list[str]:
 def latest_checkpoint(run: Path) -> Path | None:
     """The newer of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` files Lightning writes
     when SLURM signals a requeue (``--signal=USR1@90``); None when the run has neither."""
-    candidates = [run / "checkpoints" / LAST_CHECKPOINT, *run.glob("hpc_ckpt_*.ckpt")]
+    candidates = [RunDir(run).last_checkpoint, *RunDir(run).hpc_checkpoints]
     return max((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
 
 
@@ -119,17 +118,18 @@ def _run_of(path: Path) -> tuple[Path, Path]:
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise CheckpointError(
-                f"resume={path}: no checkpoints/{LAST_CHECKPOINT} in that folder. Pass a training run "
+                f"resume={path}: no {CHECKPOINTS}/{LAST_CHECKPOINT} in that folder. Pass a training run "
                 "directory (outputs/<task>/<time>/) or one of its checkpoints/*.ckpt files."
             )
         return path, checkpoint
     if path.is_file():
-        if path.parent.name != "checkpoints":
+        run = RunDir.of_checkpoint(path)
+        if run is None:
             raise CheckpointError(
-                f"resume={path}: the checkpoint is not inside a run directory's checkpoints/ folder. "
+                f"resume={path}: the checkpoint is not inside a run directory's {CHECKPOINTS}/ folder. "
                 f"To start a new run from it, pass ckpt_path={path} instead."
             )
-        return path.parent.parent, path
+        return run.root, path
     raise CheckpointError(f"resume={path} does not exist; pass a run directory, a .ckpt file, or resume=auto.")
 
 
@@ -139,7 +139,7 @@ def _is_interrupted(run: Path) -> bool:
 
 def _has_complete_metrics(run: Path) -> bool:
     try:
-        return isinstance(json.loads((run / "metrics.json").read_text()), dict)
+        return isinstance(json.loads(RunDir(run).metrics.read_text()), dict)
     except (OSError, ValueError):
         return False
 
@@ -166,7 +166,7 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path == "auto":
-        last = out_dir / "checkpoints" / LAST_CHECKPOINT
+        last = RunDir(out_dir).last_checkpoint
         return str(last) if last.exists() else None
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; pass an existing .ckpt file or ckpt_path=auto.")

@@ -13,43 +13,45 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cxr_lightning.evaluation.html import REPORT_NAME
+from cxr_lightning.run_dir import RunDir
 
+# (file of the run, key, label); each file is read once.
 ROWS = (
-    # (file, key, label)
-    ("metrics.json", "test.auroc_mean", "test mean AUROC (Lightning test of the best checkpoint)"),
-    ("metrics.json", "test.f1_macro", "test macro F1 at 0.5"),
-    ("metrics.json", "epochs", "epochs trained"),
-    ("metrics.json", "fit_seconds", "training time (s)"),
-    ("evaluation/metrics.json", "auroc_mean", "test mean AUROC (evaluate)"),
-    ("evaluation/metrics.json", "auroc_mean_lower", "  95% CI lower (patient bootstrap)"),
-    ("evaluation/metrics.json", "auroc_mean_upper", "  95% CI upper"),
-    ("evaluation/metrics.json", "f1_macro", "test macro F1 at val-chosen thresholds"),
-    ("explain/metrics.json", "localization.pointing_game", "pointing game hit rate"),
-    ("explain/metrics.json", "localization.random_pointing_game", "  random heatmaps"),
-    ("explain/metrics.json", "localization.iobb@0.5", "IoBB@0.5 accuracy"),
-    ("explain/metrics.json", "localization.random_iobb@0.5", "  random heatmaps"),
-    ("explain/metrics.json", "cams.zero_gradient", "CAMs with zero gradient"),
+    (lambda run: run.metrics, "test.auroc_mean", "test mean AUROC (Lightning test of the best checkpoint)"),
+    (lambda run: run.metrics, "test.f1_macro", "test macro F1 at 0.5"),
+    (lambda run: run.metrics, "epochs", "epochs trained"),
+    (lambda run: run.metrics, "fit_seconds", "training time (s)"),
+    (lambda run: run.evaluation.metrics, "auroc_mean", "test mean AUROC (evaluate)"),
+    (lambda run: run.evaluation.metrics, "auroc_mean_lower", "  95% CI lower (patient bootstrap)"),
+    (lambda run: run.evaluation.metrics, "auroc_mean_upper", "  95% CI upper"),
+    (lambda run: run.evaluation.metrics, "f1_macro", "test macro F1 at val-chosen thresholds"),
+    (lambda run: run.explain.metrics, "localization.pointing_game", "pointing game hit rate"),
+    (lambda run: run.explain.metrics, "localization.random_pointing_game", "  random heatmaps"),
+    (lambda run: run.explain.metrics, "localization.iobb@0.5", "IoBB@0.5 accuracy"),
+    (lambda run: run.explain.metrics, "localization.random_iobb@0.5", "  random heatmaps"),
+    (lambda run: run.explain.metrics, "cams.zero_gradient", "CAMs with zero gradient"),
 )
 
 
 def collect(run_dir: Path) -> list[tuple[str, Any]]:
-    loaded: dict[str, dict] = {}
+    run = RunDir(run_dir)
+    loaded: dict[Path, dict] = {}
     rows = []
-    for file, key, label in ROWS:
-        if file not in loaded:
-            path = run_dir / file
-            loaded[file] = json.loads(path.read_text()) if path.is_file() else {}
-        if key in loaded[file]:
-            rows.append((label, loaded[file][key]))
+    for file_of, key, label in ROWS:
+        path = file_of(run)
+        if path not in loaded:
+            loaded[path] = json.loads(path.read_text()) if path.is_file() else {}
+        if key in loaded[path]:
+            rows.append((label, loaded[path][key]))
     return rows
 
 
 def print_summary(run_dir: Path) -> int:
     """Print the table; 1 when ``run_dir`` holds no metrics."""
     rows = collect(run_dir)
+    run = RunDir(run_dir)
     if not rows:
-        print(f"{run_dir}: no metrics.json found (is it a training run directory?)")
+        print(f"{run_dir}: no {run.metrics.name} found (is it a training run directory?)")
         return 1
     table = Table(title=f"Run {run_dir}")
     table.add_column("figure")
@@ -58,11 +60,11 @@ def print_summary(run_dir: Path) -> int:
         table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
     console = Console(width=100)
     console.print(table)
-    for what, rel in (("checkpoints", "checkpoints"), ("evaluation report", "evaluation/report.md"),
-                      ("Grad-CAM overlays", "explain/overlays"), ("localisation", "explain/localization.csv")):
-        console.print(f"{what:>18}: {run_dir / rel}")
+    for what, path in (("checkpoints", run.checkpoints), ("evaluation report", run.evaluation.report_md),
+                       ("Grad-CAM overlays", run.explain.overlays), ("localisation", run.explain.localization)):
+        console.print(f"{what:>18}: {path}")
     console.print(f"{'TensorBoard':>18}: make tensorboard  (or tensorboard --logdir {run_dir})")
-    page = run_dir / REPORT_NAME
+    page = run.report_html
     if page.is_file():
         # Printed whole (no wrapping) so it can be pasted into a browser.
         console.print(f"{'report (browser)':>18}: {page.resolve()}", soft_wrap=True)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning import files
 from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.checkpoints import AtomicCheckpointIO
+from cxr_lightning.run_dir import RunDir
 from cxr_lightning.selection import selection_mode
 from cxr_lightning.tasks.build import box_weight, build_callbacks, build_datamodule, build_model
 from cxr_lightning.tasks.resume import resolve_resume
@@ -32,6 +33,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
 
     dm = build_datamodule(cfg)
     model = build_model(cfg)
@@ -43,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
     )
     if trainer.is_global_zero:
-        files.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        files.write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
@@ -63,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
         "best_checkpoint": best,
-        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": str(run.last_checkpoint),
         "selection": {
             "metric": cfg.selection.metric,
             "mode": selection_mode(cfg.selection.metric),
@@ -94,10 +96,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
-        files.write_json(out / "metrics.json", metrics)
+        files.write_json(run.metrics, metrics)
         log.info("Run directory: %s", out)
-        log.info("  metrics:     %s", out / "metrics.json")
-        log.info("  checkpoint:  %s", best or out / "checkpoints")
+        log.info("  metrics:     %s", run.metrics)
+        log.info("  checkpoint:  %s", best or run.checkpoints)
         log.info("  TensorBoard: tensorboard --logdir %s", out)
     return metrics
 

@@ -120,12 +120,27 @@ def check_data_root(data: DictConfig) -> None:
 
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
+    from cxr_lightning.models import folders
     from cxr_lightning.models.backbones import check_name_and_pool
     from cxr_lightning.models.reshape import CAM_RESHAPES
     from cxr_lightning.models.weights import WEIGHT_SOURCES
 
     name = str(backbone.name)
-    check_name_and_pool(name, backbone.get("global_pool", "avg"))
+    fmt = backbone.get("format", "timm") or "timm"
+    if fmt not in folders.FORMATS:
+        raise ConfigError(f"backbone.format={fmt!r} is unknown; use one of {list(folders.FORMATS)}.")
+    if OmegaConf.is_missing(backbone, "weights") or (fmt != "timm" and backbone.get("weights") is None):
+        raise ConfigError(
+            f"backbone={name} needs its weights: pass backbone.weights=PATH. "
+            + str(backbone.get("weights_help")
+                  or "(a state dict file, or a timm / Hugging Face folder; see docs/backbones.md)")
+        )
+    if fmt == "timm":
+        check_name_and_pool(name, backbone.get("global_pool", "avg"))
+    else:
+        # Reads the folder's JSON configs only: a wrong folder fails before any data is read.
+        resolved = folders.resolve(OmegaConf.to_container(backbone, resolve=True))
+        folders.check_input_size(resolved, image_size)
     minimum = int(backbone.get("min_input_size", 32))
     if image_size < minimum:
         raise ConfigError(

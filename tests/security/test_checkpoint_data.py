@@ -67,8 +67,8 @@ def hostile_checkpoints(trained_run, tmp_path_factory):
 
 
 def commands(tmp_path: Path, image: Path):
-    from cxr_lightning.evaluation.job import evaluate
-    from cxr_lightning.explain.job import explain
+    from cxr_lightning.tasks.evaluate import evaluate
+    from cxr_lightning.tasks.explain import explain
     from cxr_lightning.tasks.export import export
     from cxr_lightning.tasks.predict import predict
 

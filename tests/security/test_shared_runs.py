@@ -50,7 +50,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
 
 
 def test_evaluate_a_shared_run_writes_only_its_own_outputs(trained_run, run_copy, sentinel, tmp_path, secret):
-    from cxr_lightning.evaluation.job import evaluate
+    from cxr_lightning.tasks.evaluate import evaluate
 
     # Another project's model, which metrics.json claims as this run's best checkpoint.
     other = sentinel.add("other_project.ckpt", trained_run[1].read_bytes())

@@ -25,7 +25,7 @@ view position shift the odds of some findings, so demographics and prior visits 
 Everything is a pure function of ``seed``: each image's randomness is derived from
 ``(seed, patient, visit)``, so the files are byte-identical whatever the number of workers.
 
-    python -m cxr_lightning.data.demo --out DIR [--patients 500 --image-size 256 --seed 0 --workers N]
+    python -m cxr_lightning.demo --out DIR [--patients 500 --image-size 256 --seed 0 --workers N]
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The evaluate job behind ``python -m cxr_lightning.evaluate ckpt_path=PATH | run_dir=DIR``.
+"""The evaluate task behind ``python -m cxr_lightning.evaluate ckpt_path=PATH | run_dir=DIR``.
 
 Per label and on average: AUROC and AUPRC with patient-bootstrap intervals; sensitivity,
 specificity, precision and F1 at per-label thresholds chosen on the **validation** split (saved
@@ -38,14 +38,12 @@ from cxr_lightning.calibration import METHODS as CALIBRATION_METHODS
 from cxr_lightning.calibration import Calibration, fit_calibration
 from cxr_lightning.checkpoints import (
     DEFAULT_THRESHOLD,
-    calibration_path,
     load_calibration,
     load_model,
     load_thresholds,
     resolve_checkpoint,
     save_calibration,
     save_thresholds,
-    thresholds_path,
 )
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import CheckpointError, ConfigError
@@ -60,6 +58,7 @@ from cxr_lightning.evaluation.statistics import (
     underdiagnosis,
 )
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.run_dir import EvaluationDir, RunDir, calibration_path, thresholds_path
 from cxr_lightning.tasks.build import datamodule_for, external_source
 
 log = logging.getLogger(__name__)
@@ -203,11 +202,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     metrics = {**summary, **_flat_metrics(per_class, subgroups), **_flat_underdiagnosis(audit), "config": config}
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(per_class, out / "per_class.csv", index=True)
-    _write_csv(subgroups, out / "subgroups.csv", index=False)
-    _write_csv(audit, out / "underdiagnosis.csv", index=False)
-    _write_csv(predictions_table(table, y, probs, scored), out / html.PREDICTIONS, index=False)
-    files.write_json(out / "metrics.json", metrics)
+    written = EvaluationDir(out)
+    _write_csv(per_class, written.per_class, index=True)
+    _write_csv(subgroups, written.subgroups, index=False)
+    _write_csv(audit, written.underdiagnosis, index=False)
+    _write_csv(predictions_table(table, y, probs, scored), written.predictions, index=False)
+    files.write_json(written.metrics, metrics)
     per_label = per_class.drop(index="mean")
     figures = {
         "roc": report.roc_figure(y, probs, scored, per_label["auroc"].to_numpy()),
@@ -217,10 +217,10 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         ),
     }
     for name, fig in figures.items():
-        report.save_figure(fig, out / report.FIGURES[name])
-    files.write_text(out / "report.md", report.render_report(summary, config, per_class, subgroups, audit))
+        report.save_figure(fig, written.figure(name))
+    files.write_text(written.report_md, report.render_report(summary, config, per_class, subgroups, audit))
     files.write_text(
-        out / "model_card.md",
+        written.model_card,
         report.render_model_card(summary, config, data_table(dm, scored), per_class, subgroups, audit),
     )
     page = _render_page(cfg, out)
@@ -228,7 +228,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "Mean AUROC %s on %d images; report: %s (in a browser: %s)",
         report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
         len(table),
-        out / "report.md",
+        written.report_md,
         page,
     )
     return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file, audit)
@@ -256,7 +256,7 @@ def predictions_table(table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, lab
 def _render_page(cfg: DictConfig, out: Path) -> Path:
     """The run's report.html when ``out`` is its evaluation directory, else one beside report.md."""
     run_dir = cfg.get("run_dir")
-    if run_dir and out.resolve() == (Path(run_dir) / html.EVALUATION_DIR).resolve():
+    if run_dir and out.resolve() == RunDir(run_dir).evaluation.root.resolve():
         return html.run_report(run_dir)
     return html.render_report(out)
 
@@ -329,7 +329,7 @@ def _check_settings(cfg: DictConfig) -> None:
 
 def _output_dir(cfg: DictConfig) -> Path:
     if cfg.get("output_dir") or cfg.get("run_dir"):
-        return Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.run_dir) / "evaluation"
+        return Path(cfg.output_dir) if cfg.get("output_dir") else RunDir(cfg.run_dir).evaluation.root
     try:
         return Path(cfg.paths.output_dir)  # Hydra's run directory
     except Exception:  # composed outside a Hydra run: ${hydra:...} cannot resolve

@@ -1,4 +1,4 @@
-"""The explain job behind ``python -m cxr_lightning.explain``: :func:`explain` takes the composed config.
+"""The explain task behind ``python -m cxr_lightning.explain``: :func:`explain` takes the composed config.
 
 From a checkpoint (or a training run directory) alone it writes, into the output directory:
 
@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
@@ -57,6 +56,7 @@ from cxr_lightning.explain.overlays import save_overlay
 from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 from cxr_lightning.inference import default_device
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.run_dir import ExplainDir, RunDir
 from cxr_lightning.schema import safe_file_stem
 from cxr_lightning.tasks.build import datamodule_for
 
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
-    """Run the explain job described by ``cfg`` (conf/explain.yaml); returns what ``metrics.json`` holds."""
+    """Run the explain task described by ``cfg`` (conf/explain.yaml); returns what ``metrics.json`` holds."""
     entries, split, method, top_k, batch_size = _checked_options(cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = job_output_dir(cfg.get("output_dir"), cfg.get("run_dir"), _hydra_run_dir())
@@ -94,7 +94,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if calibration is not None:
         result = dataclasses.replace(result, probabilities=calibration.apply(result.probabilities))
     overlays = _write_overlays(out, shown, result, model.label_names, boxes)
-    _log_grid(out / "tensorboard", shown, result, model.label_names, boxes)
+    _log_grid(ExplainDir(out).tensorboard, shown, result, model.label_names, boxes)
 
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt),
@@ -106,15 +106,15 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "probabilities": calibration.describe() if calibration is not None else "raw model outputs (no calibration file)",
         "cams.zero_gradient": result.n_zero_gradient,
         "cams.empty": result.n_empty,
-        "overlays": str(out / "overlays"),
-        "tensorboard": str(out / "tensorboard"),
+        "overlays": str(ExplainDir(out).overlays),
+        "tensorboard": str(ExplainDir(out).tensorboard),
     }
     if cfg.localization:
         metrics |= _localization(model, dm, split, shown, boxes, out, method, batch_size, int(cfg.seed))
-    files.write_json(out / "metrics.json", metrics)
+    files.write_json(ExplainDir(out).metrics, metrics)
     _log_summary(out, metrics, overlays)
     run_dir = cfg.get("run_dir")
-    if run_dir and out.resolve() == (Path(run_dir) / html.EXPLAIN_DIR).resolve():
+    if run_dir and out.resolve() == RunDir(run_dir).explain.root.resolve():
         page = html.run_report(run_dir)
         if page is not None:
             log.info("  report:       %s", page)
@@ -131,7 +131,7 @@ def job_output_dir(explicit: str | None, run_dir: str | None, hydra_run_dir: str
     if explicit:
         return Path(explicit)
     if run_dir:
-        return Path(run_dir) / "explain"
+        return RunDir(run_dir).explain.root
     raise ConfigError("Pass output_dir=DIR or run_dir=DIR for the explain outputs.")
 
 
@@ -203,7 +203,7 @@ def _file_stem(name: str) -> str:
 def _write_overlays(
     out: Path, images: ImageSet, result: CamResult, label_names: Sequence[str], boxes: pd.DataFrame | None
 ) -> pd.DataFrame:
-    folder = out / "overlays"
+    folder = ExplainDir(out).overlays
     folder.mkdir(parents=True, exist_ok=True)
     # Overlays of an earlier job into the same folder would be mistaken for this one's.
     for stale in folder.glob("*.png"):
@@ -227,7 +227,7 @@ def _write_overlays(
             }
         )
     table = pd.DataFrame(rows)
-    files.write_csv(table, out / "cams.csv", index=False)
+    files.write_csv(table, ExplainDir(out).cams, index=False)
     return table
 
 
@@ -284,7 +284,7 @@ def _localization(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
         tuple(images.images.shape[-2:]), original_size=ORIGINAL_SIZE, seed=seed,
     )
-    files.write_csv(scores, out / "localization.csv", index=True)
+    files.write_csv(scores, ExplainDir(out).localization, index=True)
     pooled = scores.loc[ALL_FINDINGS_ROW]
     summary = {f"localization.{k}": float(v) for k, v in pooled.drop(["n_images", "n_boxes"]).items()}
     # The pooled row counts (image, finding) pairs in its n_images column.
@@ -301,12 +301,12 @@ def _localization(
 
 def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> None:
     log.info("Explain outputs: %s", out)
-    log.info("  overlays:     %d PNG(s) in %s", len(overlays), out / "overlays")
-    log.info("  TensorBoard:  tensorboard --logdir %s", out / "tensorboard")
+    log.info("  overlays:     %d PNG(s) in %s", len(overlays), ExplainDir(out).overlays)
+    log.info("  TensorBoard:  tensorboard --logdir %s", ExplainDir(out).tensorboard)
     if metrics.get("localization.n_boxes"):
         log.info(
             "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
-            out / "localization.csv",
+            ExplainDir(out).localization,
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
             metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
