@@ -83,7 +83,9 @@ def read_checkpoint(
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path) or _refused_global(exc)
         if not unsafe:  # weights_only failed on something that is not a readable pickle: garbage bytes
-            raise CheckpointError(f"Cannot read checkpoint {path}: {_first_line(exc)}; it is not a torch checkpoint.") from None
+            raise CheckpointError(
+                f"Cannot read checkpoint {path}: {_first_line(exc)}; it is not a torch checkpoint."
+            ) from None
         # weights_only refused a global: unpickling would call code the file names.
         raise CheckpointError(
             f"Refusing to open checkpoint {path}: unpickling it needs {unsafe} beyond the tensors and plain data "
@@ -144,7 +146,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         try:
             load_weights(model, str(path), strict=True, device=str(map_location))
         except Exception as exc:  # missing/unexpected keys, shapes, a damaged tensor block
-            raise CheckpointError(f"Bundle {path}: its weights do not fit the model it describes ({_first_line(exc)}).") from None
+            raise CheckpointError(
+                f"Bundle {path}: its weights do not fit the model it describes ({_first_line(exc)})."
+            ) from None
         return model.eval()
     ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
     model = _rebuild(_hparams_of(ckpt, path), path)
@@ -163,7 +167,8 @@ def load_state(model: torch.nn.Module, state: Any, path: str | os.PathLike) -> N
     if missing or unexpected:
         raise CheckpointError(
             f"{where}: its weights do not fit the model its hyperparameters describe (missing {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''})."
+            f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{' ...' if len(unexpected) > 3 else ''})."
         )
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape:
@@ -198,7 +203,9 @@ def _rebuild(hparams: dict[str, Any], path: str | os.PathLike) -> CXRClassifier:
     except ConfigError as exc:  # an unknown backbone or head, a value out of range
         raise CheckpointError(f"Checkpoint {path}: its hyperparameters do not build a model ({exc})") from None
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # a key the model does not take
-        raise CheckpointError(f"Checkpoint {path}: its hyperparameters do not build a model ({_first_line(exc)}).") from None
+        raise CheckpointError(
+            f"Checkpoint {path}: its hyperparameters do not build a model ({_first_line(exc)})."
+        ) from None
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: str | None) -> Path:
@@ -385,7 +392,8 @@ def rebuild_callback_states(checkpoint: dict[str, Any], checkpoints_dir: Path, s
         else:
             plain = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in state.items()}
             try:
-                schema.plain_data(plain, schema.Checker(f"Checkpoint {source} callback state {key[:80]}"), allow_nan=True)
+                check = schema.Checker(f"Checkpoint {source} callback state {key[:80]}")
+                schema.plain_data(plain, check, allow_nan=True)
             except CheckpointError as exc:
                 log.info("Resuming from %s: dropping a callback state (%s).", source, exc)
                 del states[key]
@@ -541,7 +549,8 @@ def load_calibration(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -
             stacklevel=2,
         )
         return None, None
-    saved = schema.calibration_data(_read_sidecar(path, ckpt, "Calibration"), schema.Checker(f"Calibration file {path}"))
+    check = schema.Checker(f"Calibration file {path}")
+    saved = schema.calibration_data(_read_sidecar(path, ckpt, "Calibration"), check)
     calibration = Calibration.from_dict(saved, f"Calibration file {path}")
     if calibration.label_names != list(label_names):
         raise CheckpointError(

@@ -24,7 +24,7 @@ from cxr_lightning.data.augment import BatchAugment
 from cxr_lightning.data.boxes import ImageBoxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
 from cxr_lightning.data import images
-from cxr_lightning.data.dataset import SKIPPED, CXRDataset, collate_readable
+from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
 from cxr_lightning.data import sources
 from cxr_lightning.data.samplers import build_sampler, check_sampler, sampling_weights, weighted_label_statistics
@@ -285,7 +285,9 @@ class CXRDataModule(pl.LightningDataModule):
         """Note the files a Trainer's batch left out (:func:`~cxr_lightning.data.dataset.collate_readable`)."""
         self.skipped_images.update(map(str, files))
 
-    def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None, skip_unreadable: bool = False) -> DataLoader:
+    def loader(
+        self, split: str, shuffle: bool, sampler: Sampler | None = None, skip_unreadable: bool = False
+    ) -> DataLoader:
         # A sampler (the benchmark's draws with replacement) replaces shuffling. Only a Trainer's
         # loaders skip an image that fails to decode: evaluation needs one prediction per table row.
         return DataLoader(

@@ -213,11 +213,14 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.uint8).copy()
 
 
-def _check_pixel_count(path: Path, width: int, height: int, budget: int, frames: int = 1, bytes_per_pixel: int = 1) -> None:
-    if width * height * frames * bytes_per_pixel > budget:
-        size = f"{width} x {height}{f' x {frames} frames' if frames > 1 else ''} pixels ({width * height * frames / 1e6:.0f} MP)"
+def _check_pixel_count(
+    path: Path, width: int, height: int, budget: int, frames: int = 1, bytes_per_pixel: int = 1
+) -> None:
+    pixels = width * height * frames
+    if pixels * bytes_per_pixel > budget:
+        size = f"{width} x {height}{f' x {frames} frames' if frames > 1 else ''} pixels ({pixels / 1e6:.0f} MP)"
         if bytes_per_pixel > 1:
-            size += f" of {bytes_per_pixel} bytes each, {width * height * frames * bytes_per_pixel / 1e6:.0f} MP decoded"
+            size += f" of {bytes_per_pixel} bytes each, {pixels * bytes_per_pixel / 1e6:.0f} MP decoded"
         raise _too_large(path, size, budget)
 
 
@@ -283,7 +286,9 @@ def _check_compressed_frame(path: Path, ds: Any, budget: int) -> None:
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
     except Exception as exc:  # no items, a broken offset table
-        raise DataError(f"DICOM file {path}: its compressed pixel data is malformed ({type(exc).__name__}: {exc}).") from None
+        raise DataError(
+            f"DICOM file {path}: its compressed pixel data is malformed ({type(exc).__name__}: {exc})."
+        ) from None
     size = _frame_size(frame)
     if size is None:
         return

@@ -91,7 +91,8 @@ def interval(estimate: float, lower: float, upper: float, digits: int = 3) -> st
 
 
 def _settings_table(config: Mapping[str, Any]) -> str:
-    return markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False)
+    settings = pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]})
+    return markdown_table(settings, index=False)
 
 
 def render_report(

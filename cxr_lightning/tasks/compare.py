@@ -147,7 +147,8 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
         if job_metrics.is_file():
             check = schema.Checker(str(job_metrics), DataError)
             try:
-                metrics |= {f"{prefix}.{k}": v for k, v in schema.mapping(schema.read_json(job_metrics, check), check, "").items()}
+                job = schema.mapping(schema.read_json(job_metrics, check), check, "")
+                metrics |= {f"{prefix}.{k}": v for k, v in job.items()}
             except DataError as exc:
                 log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
@@ -180,7 +181,8 @@ def read_run_config(path: Path) -> dict[str, Any]:
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 -- OSError, UnicodeError and every YAML error
-        raise DataError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: {first}") from None
     return schema.mapping(schema.plain_data(tree if tree is not None else {}, check), check, "")
 
 
@@ -364,7 +366,8 @@ def _loss_scale_warning(runs: pd.DataFrame) -> list[str]:
     if not by_loss and "best_val_loss" not in finished:
         return []
     return [
-        f"**Warning:** these runs were trained with different losses ({md(', '.join(sorted(finished['loss_name'].unique())))}). "
+        f"**Warning:** these runs were trained with different losses "
+        f"({md(', '.join(sorted(finished['loss_name'].unique())))}). "
         "Their validation losses are on different scales, so the `best val loss` column does not rank them"
         + (f", and their best checkpoints were chosen by {', '.join(by_loss)}" if by_loss else "")
         + ". Compare them by test AUROC and select with selection.metric=val/auroc_mean.",

@@ -102,7 +102,8 @@ def predict(cfg: DictConfig) -> PredictionRun:
 
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     cam_dir = Path(cfg.cam_dir) if cfg.get("cam_dir") else output.parent / "cams"
-    dataset = ImageFiles(kept.index.tolist(), meta, int(model.hparams.image_size), int(cfg.get("max_pixels") or images.MAX_PIXELS))
+    budget = int(cfg.get("max_pixels") or images.MAX_PIXELS)
+    dataset = ImageFiles(kept.index.tolist(), meta, int(model.hparams.image_size), budget)
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
     rows, cam_files, scaling = [], [], {}
     batches = inference.probability_batches(model, loader, device)

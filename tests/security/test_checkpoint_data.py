@@ -56,7 +56,10 @@ ATTACKS = {
 @pytest.fixture(scope="module")
 def hostile_checkpoints(trained_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
-    made = {name: edited_checkpoint(trained_run[1], folder / f"{i}.ckpt", edit) for i, (name, (edit, _)) in enumerate(ATTACKS.items())}
+    made = {
+        name: edited_checkpoint(trained_run[1], folder / f"{i}.ckpt", edit)
+        for i, (name, (edit, _)) in enumerate(ATTACKS.items())
+    }
     legacy = folder / "legacy.ckpt"
     ckpt = checkpoints.read_checkpoint(trained_run[1])
     import numpy as np
@@ -73,7 +76,9 @@ def commands(tmp_path: Path, image: Path):
     from cxr_lightning.tasks.predict import predict
 
     return {
-        "predict": lambda p: predict(compose_config([f"ckpt_path={p}", f"input={image}", f"output={tmp_path / 'p.csv'}"], "predict")),
+        "predict": lambda p: predict(
+            compose_config([f"ckpt_path={p}", f"input={image}", f"output={tmp_path / 'p.csv'}"], "predict")
+        ),
         "evaluate": lambda p: evaluate(compose_config([f"ckpt_path={p}", f"output_dir={tmp_path / 'e'}"], "evaluate")),
         "explain": lambda p: explain(compose_config([f"ckpt_path={p}", f"output_dir={tmp_path / 'x'}"], "explain")),
         "export": lambda p: export(compose_config([f"ckpt_path={p}", f"output={tmp_path / 'm.onnx'}"], "export")),
@@ -103,7 +108,8 @@ def test_the_cli_gives_one_short_line_for_each(hostile_checkpoints, tiny_demo, t
 
     made, legacy = hostile_checkpoints
     image = next((tiny_demo / "images_001" / "images").glob("*.png"))
-    for path, expected in ((made["hidden=2**40"], "larger than"), (made["stride-0 tensor"], "stride-0"), (legacy, "Refusing")):
+    cases = ((made["hidden=2**40"], "larger than"), (made["stride-0 tensor"], "stride-0"), (legacy, "Refusing"))
+    for path, expected in cases:
         cfg = compose_config([f"ckpt_path={path}", f"input={image}", f"output={tmp_path / 'p.csv'}"], "predict")
         with pytest.raises(SystemExit) as info:
             run_task(predict, cfg)
@@ -114,9 +120,12 @@ def test_the_cli_gives_one_short_line_for_each(hostile_checkpoints, tiny_demo, t
 
 SIDECARS = {
     "deep nesting": lambda genuine: "[" * 100_000 + "]" * 100_000,
-    "1e400 size": lambda genuine: genuine.replace(f'"checkpoint_size": {json.loads(genuine)["checkpoint_size"]}', '"checkpoint_size": 1e400'),
+    "1e400 size": lambda genuine: genuine.replace(
+        f'"checkpoint_size": {json.loads(genuine)["checkpoint_size"]}', '"checkpoint_size": 1e400'
+    ),
     "1e400 threshold": lambda genuine: json.dumps({**json.loads(genuine), "thresholds": {
-        k: 1e400 if i == 0 else v for i, (k, v) in enumerate(json.loads(genuine)["thresholds"].items())}}).replace("Infinity", "1e400"),
+        k: 1e400 if i == 0 else v for i, (k, v) in enumerate(json.loads(genuine)["thresholds"].items())
+    }}).replace("Infinity", "1e400"),
     "threshold as text": lambda genuine: json.dumps({**json.loads(genuine), "thresholds": {
         k: "0.5" for k in json.loads(genuine)["thresholds"]}}),
 }
@@ -125,8 +134,9 @@ SIDECARS = {
 @pytest.fixture(scope="module")
 def evaluated(trained_run, tmp_path_factory):
     """A copy of the trained checkpoint with the thresholds and calibration files evaluate writes."""
-    from cxr_lightning.calibration import fit_calibration
     import numpy as np
+
+    from cxr_lightning.calibration import fit_calibration
 
     folder = tmp_path_factory.mktemp("evaluated")
     ckpt = folder / trained_run[1].name
@@ -148,7 +158,8 @@ def test_a_hostile_sidecar_is_one_error(attack, kind, evaluated, tmp_path):
     ckpt = tmp_path / source.name
     shutil.copy(source, ckpt)
     path = {"thresholds": checkpoints.thresholds_path, "calibration": checkpoints.calibration_path}[kind](ckpt)
-    genuine = {"thresholds": checkpoints.thresholds_path, "calibration": checkpoints.calibration_path}[kind](source).read_text()
+    sidecar = {"thresholds": checkpoints.thresholds_path, "calibration": checkpoints.calibration_path}[kind]
+    genuine = sidecar(source).read_text()
     path.write_text(SIDECARS[attack](genuine))
     read = {"thresholds": checkpoints.load_thresholds, "calibration": checkpoints.load_calibration}[kind]
     with pytest.raises(CheckpointError) as info:

@@ -34,7 +34,8 @@ def test_a_bundle_with_a_path_as_label_is_refused_and_writes_nothing(trained_run
     metadata["label_names"] = metadata["hyper_parameters"]["label_names"] = [escape, *model.hparams.label_names[1:]]
     save_model(model, str(bundle), metadata={checkpoints.BUNDLE_KEY: json.dumps(metadata)})
     image = next((tiny_demo / "images_001" / "images").glob("*.png"))
-    cfg = compose_config([f"ckpt_path={bundle}", f"input={image}", f"output={tmp_path / 'out' / 'p.csv'}", "cam=true"], "predict")
+    overrides = [f"ckpt_path={bundle}", f"input={image}", f"output={tmp_path / 'out' / 'p.csv'}", "cam=true"]
+    cfg = compose_config(overrides, "predict")
     with pytest.raises(CheckpointError, match=r"label_names\[0\].*not an allowed name"):
         predict(cfg)
     sentinel.assert_untouched()
@@ -42,7 +43,9 @@ def test_a_bundle_with_a_path_as_label_is_refused_and_writes_nothing(trained_run
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
-    frame = pd.DataFrame({"file": ["=HYPERLINK(\"http://x\")", "+1", "-2+3", "@SUM(A1)", "ok.png"], "=p": [0.1, -0.5, 0.2, 0.3, 0.4]})
+    frame = pd.DataFrame({
+        "file": ["=HYPERLINK(\"http://x\")", "+1", "-2+3", "@SUM(A1)", "ok.png"], "=p": [0.1, -0.5, 0.2, 0.3, 0.4],
+    })
     read = pd.read_csv(write_csv(frame, tmp_path / "p.csv"))
     assert read["file"].tolist() == ["'=HYPERLINK(\"http://x\")", "'+1", "'-2+3", "'@SUM(A1)", "ok.png"]
     assert list(read.columns) == ["file", "'=p"]
@@ -110,7 +113,8 @@ def test_a_demo_named_by_a_checkpoint_is_generated_in_the_commands_cache(trained
 
     def edit(ckpt):
         data = ckpt["hyper_parameters"]["config"]["data"]
-        data.update(source="demo", root=None, cache_dir=str(sentinel.folder), demo={"patients": 12, "image_size": 64, "seed": 1})
+        demo = {"patients": 12, "image_size": 64, "seed": 1}
+        data.update(source="demo", root=None, cache_dir=str(sentinel.folder), demo=demo)
     ckpt = edited_checkpoint(trained_run[1], tmp_path / "demo.ckpt", edit)
     dm = datamodule_for(checkpoints.load_model(ckpt), None, cache_dir=str(tmp_path / "own"))
     assert str(dm.root).startswith(str(tmp_path / "own"))
