@@ -13,6 +13,8 @@ A training run directory (``outputs/<task>/<time>/``)::
     explain/                    explain run_dir=RUN (an :class:`ExplainDir`)
     report.html                 the browser page over evaluation/ and explain/
     error.txt                   the exception of a failed sweep job
+    label_efficiency.csv/.png, probe_per_label.csv, probe_predictions.csv
+                                a linear probe's run (python -m cxr_lightning.probe) instead of checkpoints
     resumed_into.txt            left by an invocation that continued another run (resume=auto)
 
 Everything else names these files through this module. The YAML configs spell two of them
@@ -53,6 +55,12 @@ OVERLAYS = "overlays"
 TENSORBOARD = "tensorboard"
 CAMS = "cams.csv"
 LOCALIZATION = "localization.csv"
+# In a linear-probe run directory (python -m cxr_lightning.probe), beside config.yaml, metrics.json
+# and report.html
+LABEL_EFFICIENCY = "label_efficiency.csv"  # one row per training fraction
+LABEL_EFFICIENCY_FIGURE = "label_efficiency.png"
+PROBE_PER_LABEL = "probe_per_label.csv"  # one row per (fraction, label)
+PROBE_PREDICTIONS = "probe_predictions.csv"  # test probabilities of the largest fraction's probe
 # Beside a checkpoint
 THRESHOLDS_SUFFIX = ".thresholds.json"
 CALIBRATION_SUFFIX = ".calibration.json"
@@ -199,6 +207,22 @@ class RunDir:
     @property
     def error(self) -> Path:
         return self.root / ERROR
+
+    @property
+    def label_efficiency(self) -> Path:
+        return self.root / LABEL_EFFICIENCY
+
+    @property
+    def label_efficiency_figure(self) -> Path:
+        return self.root / LABEL_EFFICIENCY_FIGURE
+
+    @property
+    def probe_per_label(self) -> Path:
+        return self.root / PROBE_PER_LABEL
+
+    @property
+    def probe_predictions(self) -> Path:
+        return self.root / PROBE_PREDICTIONS
 
     @classmethod
     def of_checkpoint(cls, ckpt: str | os.PathLike) -> RunDir | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import compose_config, tiny_overrides
@@ -21,6 +20,7 @@ from cxr_lightning.models.box_guidance import (
     box_targets,
     capture_output,
     gradcam_maps,
+    warmup_factor,
 )
 from cxr_lightning.models.module import CXRClassifier
 
@@ -33,20 +33,55 @@ def quadrant_mask(size: int = 8) -> torch.Tensor:
     return mask
 
 
-def test_attention_loss_is_zero_inside_and_grows_outside():
+def box_cost(z: np.ndarray, cover: np.ndarray) -> float:
+    """The term recomputed by hand: -log of the softmax mass inside, with one null cell of logit 0."""
+    e = np.exp(z.astype(np.float64))
+    return float(-np.log((cover * e).sum() / (1.0 + e.sum())))
+
+
+def constructed_maps() -> dict[str, torch.Tensor]:
+    """Pre-ReLU 4 x 4 maps against the top-left 2 x 2 box (a quarter of the image)."""
+    low = -10.0
+    empty = torch.full((4, 4), low)  # Grad-CAM (its ReLU) is blank
+    constant = torch.full((4, 4), 3.0)
+    half = torch.full((4, 4), low)
+    half[0, 0], half[3, 3] = 5.0, 5.0  # half of the mass inside, half outside
+    inside = torch.full((4, 4), low)
+    inside[:2, :2] = 5.0
+    return {"empty": empty, "constant": constant, "half inside": half, "inside": inside}
+
+
+def test_box_term_orders_constructed_maps_and_has_no_degenerate_minimum():
     mask = quadrant_mask()
-    cam = torch.zeros(1, 4, 4)
-    cam[0, :2, :2] = torch.tensor([[3.0, 1.0], [0.5, 2.0]])
-    assert attention_loss(cam, mask).item() == 0.0
-    previous = 0.0
-    for outside in (0.1, 1.0, 5.0, 50.0):
-        spread = cam.clone()
-        spread[0, 3, 3] = outside
-        loss = attention_loss(spread, mask).item()
-        assert loss == pytest.approx(outside / (6.5 + outside))  # the share of mass outside the box
-        assert loss > previous
-        previous = loss
-    assert attention_loss(torch.ones(1, 4, 4), mask).item() == pytest.approx(0.75)
+    cover = np.zeros((4, 4))
+    cover[:2, :2] = 1.0
+    costs = {}
+    for name, z in constructed_maps().items():
+        costs[name] = attention_loss(z[None], mask).item()
+        assert costs[name] == pytest.approx(box_cost(z.numpy(), cover), rel=1e-5, abs=1e-6), name
+    assert costs["empty"] > costs["constant"] > costs["half inside"] > costs["inside"]
+    assert costs["half inside"] == pytest.approx(np.log(2), abs=0.01)  # the null cell holds e^-5 of it
+    assert costs["inside"] < 0.01
+    # A constant map costs at least -log(the box's share of the image), whatever its height, and a map
+    # switched further off costs more: the empty map is the worst, not the best, answer.
+    for height in (-20.0, -5.0, 0.0, 5.0, 50.0):
+        assert attention_loss(torch.full((1, 4, 4), height), mask).item() >= np.log(4) - 1e-6
+    assert attention_loss(torch.full((1, 4, 4), -20.0), mask) > attention_loss(torch.full((1, 4, 4), -5.0), mask)
+    # The mean over pairs; a pair whose box left the image (no cell covered) is not scored.
+    both = torch.stack([constructed_maps()["half inside"], constructed_maps()["inside"]])
+    mean = (costs["half inside"] + costs["inside"]) / 2
+    assert attention_loss(both, mask.repeat(2, 1, 1)).item() == pytest.approx(mean)
+    off = torch.cat([mask, torch.zeros(1, 8, 8)])
+    assert attention_loss(both, off).item() == pytest.approx(costs["half inside"])
+    assert np.isfinite(attention_loss(torch.full((1, 4, 4), 500.0), mask).item())  # large logits: log space
+
+
+def test_box_term_pulls_a_blank_map_back_up_inside_the_box():
+    z = torch.full((1, 4, 4), -5.0, requires_grad=True)  # Grad-CAM of this map is blank
+    attention_loss(z, quadrant_mask()).backward()
+    grad = z.grad[0]
+    assert (grad[:2, :2] < 0).all()  # descent raises the inside cells
+    assert (grad[:2, 2:] >= 0).all() and (grad[2:] >= 0).all()  # and never the outside ones
 
 
 def test_box_targets_draw_the_union_of_a_pairs_boxes():
@@ -59,6 +94,33 @@ def test_box_targets_draw_the_union_of_a_pairs_boxes():
     expected[:4, :2] = 1
     assert torch.equal(masks[0], expected)
     assert masks[1].sum() == 16 and masks[1, 4:, 4:].all()
+
+
+def test_box_fusion_of_three_readers():
+    """Image 0, finding 0: three readers; image 0, finding 1: one reader; image 1, finding 0: two
+    readers whose boxes do not meet."""
+    boxes = torch.tensor([
+        [[0, 0, 4, 4], [2, 2, 6, 6], [3, 0, 8, 3], [4, 4, 8, 8]],
+        [[0, 0, 2, 2], [6, 6, 8, 8], [0, 0, 0, 0], [0, 0, 0, 0]],
+    ], dtype=torch.float32)
+    labels = torch.tensor([[0, 0, 0, 1], [0, 0, -1, -1]])
+    readers = torch.tensor([[0, 1, 2, -1], [0, 1, -1, -1]])
+    a, b, c = (torch.zeros(8, 8) for _ in range(3))
+    a[:4, :4], b[2:6, 2:6], c[:3, 3:8] = 1, 1, 1  # the three readers' boxes of image 0, finding 0
+    pairs, union = box_targets(boxes, labels, (8, 8), box_readers=readers)
+    assert pairs.tolist() == [[0, 0], [0, 1], [1, 0]]
+    assert torch.equal(union[0], ((a + b + c) >= 1).float())
+    pairs, majority = box_targets(boxes, labels, (8, 8), box_readers=readers, fusion="majority")
+    assert pairs.tolist() == [[0, 0], [0, 1]]  # image 1's readers agree nowhere: no target
+    assert torch.equal(majority[0], ((a + b + c) >= 2).float())
+    # By hand: a and b share rows 2-3 x cols 2-3, a and c col 3 of rows 0-2, b and c row 2 x cols 3-5.
+    by_hand = torch.zeros(8, 8)
+    for r, col in [(2, 2), (2, 3), (3, 2), (3, 3), (0, 3), (1, 3), (2, 4), (2, 5)]:
+        by_hand[r, col] = 1
+    assert torch.equal(majority[0], by_hand)
+    assert torch.equal(majority[1], union[1])  # one reader: its own box
+    with pytest.raises(ValueError, match="fusion"):
+        box_targets(boxes, labels, (8, 8), fusion="vote")
 
 
 def test_box_masks_move_with_the_augmented_image():
@@ -119,12 +181,22 @@ def box_batch(n: int = 8, size: int = 128):
     return boxes, torch.zeros(n, 1, dtype=torch.long)
 
 
-def test_box_loss_pushes_a_tiny_models_cam_into_the_box():
+def inside_share_and_mass(model, image, meta, pairs, masks) -> tuple[float, float]:
+    """Grad-CAM's (what explain scores) share of mass inside the box, and its total mass."""
+    with capture_output(model.cam_layer) as outputs:
+        logits = model(image, meta)
+    cams = gradcam_maps(outputs[-1], logits, pairs).detach()
+    cover = torch.nn.functional.adaptive_avg_pool2d(masks[:, None], cams.shape[-2:])[:, 0]
+    return float((cams * cover).sum() / cams.sum()), float(cams.sum())
+
+
+def test_box_loss_moves_a_tiny_models_cam_into_the_box_without_emptying_it():
     torch.manual_seed(0)
     model = tiny_model().train()
-    image = torch.randn(4, 1, 64, 64)
+    image = torch.randn(4, 1, 128, 128)
     meta = torch.zeros(4, 2)
-    pairs, masks = box_targets(*box_batch(4, 64), (64, 64))  # one of the 2 x 2 cells of the map
+    pairs, masks = box_targets(*box_batch(4, 128), (128, 128))  # 4 of the 4 x 4 cells of the map
+    share0, mass0 = inside_share_and_mass(model, image, meta, pairs, masks)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def step() -> float:
@@ -136,9 +208,11 @@ def test_box_loss_pushes_a_tiny_models_cam_into_the_box():
         optimizer.step()
         return loss.item()
 
-    losses = [step() for _ in range(10)]
-    assert losses[0] > 0.5  # an untrained map spreads over the image: most of it outside the box
-    assert losses[-1] < 0.25 * losses[0]
+    losses = [step() for _ in range(8)]
+    share, mass = inside_share_and_mass(model, image, meta, pairs, masks)
+    assert losses[-1] < 0.5 * losses[0]
+    assert share0 < 0.5 and share > 0.8  # the mass moved into the box
+    assert mass > 0.5 * mass0  # and the map was not switched off
 
 
 def test_box_loss_trains_the_backbone_of_a_real_timm_architecture():
@@ -150,7 +224,7 @@ def test_box_loss_trains_the_backbone_of_a_real_timm_architecture():
         logits = model(image, torch.zeros(2, 2))
     loss = box_attention_loss(outputs[-1], logits, pairs, masks)
     loss.backward()
-    assert 0 < loss.item() < 1
+    assert loss.item() > 0
     first_conv = next(p for p in model.backbone.parameters())
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
@@ -162,8 +236,10 @@ def test_every_studied_backbone_has_a_trainable_box_loss(name):
 
     from conftest import CONF_DIR
 
+    from cxr_lightning.models.backbones import cam_layer_of
+
     cfg = OmegaConf.load(f"{CONF_DIR}/backbone/{name}.yaml")
-    model = tiny_model(name, cfg.cam_layer, head="fusion").train()
+    model = tiny_model(name, cam_layer_of(cfg), head="fusion").train()
     size = 2 * max(int(cfg.min_input_size), 64)
     pairs, masks = box_targets(*box_batch(1, size), (size, size))
     with capture_output(model.cam_layer) as outputs:
@@ -171,6 +247,19 @@ def test_every_studied_backbone_has_a_trainable_box_loss(name):
     loss = box_attention_loss(outputs[-1], logits, pairs, masks)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_box_weight_warms_up_linearly_over_the_configured_epochs():
+    assert [warmup_factor(step, 10, 2.0) for step in (0, 5, 10, 15, 20, 35)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_factor(0, 10, 0.0) == 1.0  # no warm-up: full weight from the first step
+    with pytest.raises(ConfigError, match="box_warmup_epochs"):
+        CXRClassifier(backbone={"name": "test_resnet", "cam_layer": "layer4"}, head={"name": "baseline"},
+                      loss={"name": "bce", "box_weight": 1.0, "box_warmup_epochs": -1}, optimizer={},
+                      label_names=LABELS, meta_names=[], image_size=64)
+    with pytest.raises(ConfigError, match="box_fusion"):
+        CXRClassifier(backbone={"name": "test_resnet", "cam_layer": "layer4"}, head={"name": "baseline"},
+                      loss={"name": "bce", "box_weight": 1.0, "box_fusion": "vote"}, optimizer={},
+                      label_names=LABELS, meta_names=[], image_size=64)
 
 
 def test_box_weight_needs_an_image_head():

@@ -126,8 +126,10 @@ def test_losses_are_finite_with_gradients_at_extreme_logits(name):
 def test_every_loss_config_builds(yaml_path):
     cfg = OmegaConf.to_container(OmegaConf.load(yaml_path))
     assert cfg["name"] == yaml_path.stem
-    # Box guidance is off by default; its weight is the model's (CXRClassifier), not the criterion's.
-    assert cfg.pop("box_weight") == 0.0
+    # Every loss takes the box term's keys from one file; they are the model's (CXRClassifier), not
+    # the criterion's, and box guidance is off by default.
+    assert cfg.pop("defaults") == [{"box@_here_": "guidance"}, "_self_"]
+    assert OmegaConf.load(CONF_LOSS / "box" / "guidance.yaml").box_weight == 0.0
     x, y = _data(seed=5)
     assert np.isfinite(_loss(cfg.pop("name"), x, y, **cfg))
 

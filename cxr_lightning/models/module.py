@@ -23,10 +23,10 @@ from torchmetrics import MeanMetric
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
-from cxr_lightning.models.backbones import backbone_from_config
+from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
 from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models import finetune
-from cxr_lightning.models.box_guidance import box_attention_loss, box_targets, capture_output
+from cxr_lightning.models.box_guidance import FUSIONS, box_attention_loss, box_targets, capture_output, warmup_factor
 from cxr_lightning.models.divergence import check_finite_loss
 from cxr_lightning.models.heads import create_head, head_uses_image
 from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
@@ -35,6 +35,8 @@ from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANG
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
+# The loss config's keys of the box term (read here), not of the classification loss.
+BOX_KEYS = ("box_weight", "box_warmup_epochs", "box_fusion")
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -95,6 +97,16 @@ class CXRClassifier(pl.LightningModule):
         if self.box_weight < 0 or (self.box_weight > 0 and self.backbone is None):
             raise ConfigError(f"loss.box_weight={self.box_weight}: must be >= 0, and > 0 needs a head that sees the "
                               f"image (not head={head_name}).")
+        self.box_warmup_epochs = float(loss.get("box_warmup_epochs", 0.0) or 0.0)
+        self.box_fusion = str(loss.get("box_fusion", "union"))
+        if self.box_warmup_epochs < 0:
+            raise ConfigError(
+                f"loss.box_warmup_epochs={self.box_warmup_epochs}: must be >= 0 (0: full weight from the start)."
+            )
+        if self.box_fusion not in FUSIONS:
+            raise ConfigError(f"loss.box_fusion={self.box_fusion!r}: expected one of {list(FUSIONS)}.")
+        # (image, finding) pairs the box term was computed on, this process: metrics.json reports it.
+        self.box_pairs_seen = 0
         self.criterion: nn.Module | None = None
         if pos_frac is not None:
             self._build_criterion(pos_frac)
@@ -117,7 +129,8 @@ class CXRClassifier(pl.LightningModule):
     def _build_criterion(self, pos_frac: Sequence[float]) -> None:
         pos = torch.tensor(list(pos_frac), dtype=torch.float32)
         loss_cfg = dict(self.hparams.loss)
-        loss_cfg.pop("box_weight", None)
+        for key in BOX_KEYS:
+            loss_cfg.pop(key, None)
         self.criterion = create_loss(loss_cfg.pop("name"), pos_weight=1.0 - pos, neg_weight=pos, **loss_cfg)
         self.criterion.to(self.device)
 
@@ -156,7 +169,8 @@ class CXRClassifier(pl.LightningModule):
         batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
         if training and self.box_weight > 0 and "box_labels" in batch:
             batch["box_pairs"], batch["box_masks"] = box_targets(
-                batch.pop("boxes"), batch.pop("box_labels"), tuple(batch["image"].shape[-2:]), augment
+                batch.pop("boxes"), batch.pop("box_labels"), tuple(batch["image"].shape[-2:]), augment,
+                box_readers=batch.pop("box_readers", None), fusion=self.box_fusion,
             )
         return batch
 
@@ -183,7 +197,13 @@ class CXRClassifier(pl.LightningModule):
         reads every attribute of the model."""
         if self.backbone is None:
             return None
-        return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
+        return self.backbone.get_layer(self.cam_layer_name)
+
+    @property
+    def cam_layer_name(self) -> str:
+        """The dotted path of :attr:`cam_layer`: the config's ``cam_layer``, else its ``cam_layers``
+        entry at ``cam_stride``."""
+        return cam_layer_of(self.hparams.backbone)
 
     def cam_reshape(self, input_hw: Sequence[int]) -> ReshapeTransform | None:
         """pytorch_grad_cam's ``reshape_transform`` for ``cam_layer`` on ``input_hw`` inputs:
@@ -204,15 +224,28 @@ class CXRClassifier(pl.LightningModule):
         if "box_pairs" not in batch:
             raise ConfigError("loss.box_weight > 0 needs training batches with boxes: build the data module with "
                               "train_boxes=True (cxr_lightning.tasks.build.build_datamodule does).")
+        weight = self.box_weight * self._box_warmup()
+        if weight == 0.0:  # the warm-up's first step: the classifier alone, no second backward
+            logits = self(batch["image"], batch["meta"])
+            self.log("train/box_weight", 0.0, on_step=True, on_epoch=False, sync_dist=False)
+            return self._scored(batch, "train", logits, self.criterion(logits, batch["labels"]))
         with capture_output(self.cam_layer) as outputs:
             logits = self(batch["image"], batch["meta"])
         if not outputs:
-            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.hparams.backbone['cam_layer']!r} gave no output "
+            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.cam_layer_name!r} gave no output "
                               "to guide (a compiled backbone can hide it); set compile=false.")
         box_loss = box_attention_loss(outputs[-1], logits, batch["box_pairs"], batch["box_masks"])
         self.log("train/box_loss", box_loss.detach(), on_step=True, on_epoch=False, sync_dist=False)
-        loss = self.criterion(logits, batch["labels"]) + self.box_weight * box_loss
+        self.log("train/box_weight", weight, on_step=True, on_epoch=False, sync_dist=False)
+        self.box_pairs_seen += len(batch["box_pairs"])
+        loss = self.criterion(logits, batch["labels"]) + weight * box_loss
         return self._scored(batch, "train", logits, loss)
+
+    def _box_warmup(self) -> float:
+        trainer = self._trainer
+        batches = trainer.num_training_batches if trainer is not None else 1
+        steps = int(batches) if batches != float("inf") else 1
+        return warmup_factor(int(self.global_step), steps, self.box_warmup_epochs)
 
     def _scored(self, batch: dict, stage: str, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         check_finite_loss(self, batch, stage, loss, logits)
