@@ -93,8 +93,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "image_size": dm.image_size,
         # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
-        "images_skipped": len(dm.skipped_images),
-        "images_skipped_files": sorted(dm.skipped_images)[:100],
+        "images_skipped": len(getattr(dm, "skipped_images", ())),
+        "images_skipped_files": sorted(getattr(dm, "skipped_images", ()))[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
