@@ -163,7 +163,8 @@ class ImageFiles(Dataset):
     cannot be decoded gives a blank image and its error message instead of stopping the run, one
     that decodes but looks wrongly scaled (:func:`images.scaling_problem`) a warning."""
 
-    def __init__(self, paths: Sequence[str], meta: np.ndarray, image_size: int) -> None:
+    def __init__(self, paths: Sequence[str], meta: np.ndarray, image_size: int, max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels
         self.paths = list(paths)
         self.meta = torch.from_numpy(np.asarray(meta, dtype=np.float32))
         self.image_size = image_size
@@ -173,7 +174,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         try:
-            pixels, error = images.load_resized(self.paths[index], self.image_size), ""
+            pixels, error = images.load_resized(self.paths[index], self.image_size, self.max_pixels), ""
             warning = images.scaling_problem(pixels) or ""
         except DataError as exc:
             pixels = np.zeros((self.image_size, self.image_size), np.uint8)
