@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class CXRDataset(Dataset):
     """Rows of ``table`` as samples: ``image`` uint8 ``(1, S, S)``, ``meta`` float32 ``(M,)``,
     ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``); with ``boxes`` (box-guided
-    training) also ``boxes`` float32 ``(K, 4)`` and ``box_labels`` int64 ``(K,)`` of that row.
+    training) also ``boxes`` float32 ``(K, 4)``, ``box_labels`` and ``box_readers`` int64 ``(K,)``
+    of that row.
 
     Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
     ``table["path"]`` and resized. An image that fails to decode stops the run with a
@@ -85,6 +86,8 @@ class CXRDataset(Dataset):
         if self.boxes is not None:
             sample["boxes"] = torch.from_numpy(self.boxes.boxes[index])
             sample["box_labels"] = torch.from_numpy(self.boxes.labels[index])
+            if self.boxes.readers is not None:
+                sample["box_readers"] = torch.from_numpy(self.boxes.readers[index])
         return sample
 
     def _pixels(self, index: int) -> np.ndarray:

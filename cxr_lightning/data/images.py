@@ -71,15 +71,28 @@ def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
 def read_dicom_demographics(path: str | os.PathLike) -> dict[str, Any]:
     """Age (float years), sex (``"M"``/``"F"``) and view (``"PA"``, ``"AP"``, ``"LL"``...) from a
     DICOM header; each is ``None`` when the tag is absent or unusable."""
+    header = read_dicom_header(path)
+    return {k: header[k] for k in ("age", "sex", "view")}
+
+
+def read_dicom_header(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_dicom_demographics` plus the image's ``rows`` and ``columns`` (its pixel size,
+    which box coordinates refer to), from the header alone; sizes are ``None`` when absent."""
     path = Path(path)
     _check_nonempty(path)
     ds = _dcmread(path, stop_before_pixels=True)
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        rows = cols = 0
     return {
         "age": parse_dicom_age(str(ds.get("PatientAge", "") or "")),
         "sex": sex if sex in ("M", "F") else None,
         "view": view or None,
+        "rows": rows or None,
+        "columns": cols or None,
     }
 
 
