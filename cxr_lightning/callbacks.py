@@ -54,7 +54,7 @@ class LogSampleImages(pl.Callback):
         self.done = False
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.done or trainer.sanity_checking or batch_idx != 0:
+        if self.done or trainer.sanity_checking or batch_idx != 0 or "image" not in batch:
             return
         self.done = True
         writer = tensorboard_writer(trainer)
@@ -104,7 +104,7 @@ class FitThroughput(pl.Callback):
         now = time.perf_counter()
         self.train_seconds += now - self._last
         self._last = now
-        self.images += len(batch["labels"]) * trainer.world_size
+        self.images += len(batch.get("labels", ())) * trainer.world_size  # none: every image skipped
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_started

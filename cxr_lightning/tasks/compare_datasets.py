@@ -22,7 +22,7 @@ import pandas as pd
 
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation.report import interval, markdown_table
-from cxr_lightning.files import atomic_path, write_text
+from cxr_lightning.files import write_csv, write_text
 from cxr_lightning.run_dir import METRICS
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def write_dataset_table(dirs: Sequence[str | Path], out: str | Path | None = Non
     out_dir = Path(out) if out is not None else Path(dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{OUTPUT_STEM}.csv", out_dir / f"{OUTPUT_STEM}.md"
-    with atomic_path(csv_path) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, csv_path, index=False)
     write_text(md_path, render_markdown(table))
     log.info("Cross-dataset table of %d evaluation row(s): %s", len(table), md_path)
     return DatasetTableFiles(csv_path, md_path)

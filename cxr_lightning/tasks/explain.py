@@ -58,6 +58,7 @@ from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 from cxr_lightning.inference import default_device
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.run_dir import ExplainDir, RunDir
+from cxr_lightning.schema import safe_file_stem
 from cxr_lightning.tasks.build import datamodule_for
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def _hydra_run_dir() -> str | None:
 
 
 def _file_stem(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem)
+    return safe_file_stem(Path(name).stem)
 
 
 def _write_overlays(
@@ -212,7 +213,7 @@ def _write_overlays(
     rows = []
     for p, ((i, c), title) in enumerate(zip(result.pairs, result.titles(label_names))):
         finding = label_names[c]
-        path = folder / f"{i:03d}_{_file_stem(images.names[i])}_{finding.replace(' ', '_')}.png"
+        path = folder / f"{i:03d}_{_file_stem(images.names[i])}_{safe_file_stem(finding)}.png"
         save_overlay(images.images[i], result.heatmaps[p], path, title, bool(result.zero_gradient[p]), boxes=gt[p])
         rows.append(
             {
@@ -227,7 +228,7 @@ def _write_overlays(
             }
         )
     table = pd.DataFrame(rows)
-    files.write_text(ExplainDir(out).cams, table.to_csv(index=False))
+    files.write_csv(table, ExplainDir(out).cams, index=False)
     return table
 
 
@@ -284,7 +285,7 @@ def _localization(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
         tuple(images.images.shape[-2:]), original_size=ORIGINAL_SIZE, seed=seed,
     )
-    files.write_text(ExplainDir(out).localization, scores.to_csv())
+    files.write_csv(scores, ExplainDir(out).localization, index=True)
     pooled = scores.loc[ALL_FINDINGS_ROW]
     summary = {f"localization.{k}": float(v) for k, v in pooled.drop(["n_images", "n_boxes"]).items()}
     # The pooled row counts (image, finding) pairs in its n_images column.

@@ -17,13 +17,17 @@ The probability columns are calibrated by the calibration evaluate fitted on the
 (``<ckpt stem>.calibration.json``), the scale the thresholds were chosen on; ``raw_probabilities=true``
 adds the model's own outputs as ``raw:<label>`` columns.
 
-A file that cannot be read or is refused is named in a summary at the end, the others are still
-predicted and written, and the command exits with status 1.
+A file that cannot be read or is refused (corrupt, truncated, over the pixel budget ``max_pixels``,
+not PNG/JPEG/DICOM, a DICOM whose window cannot be applied, a lateral view) is named on stderr, one
+line per file, the others are still predicted and written, and the command exits with status
+:data:`EXIT_SOME_FAILED` (1). A problem with the checkpoint, its sidecars or the options stops the
+command before any file is read: one ``error:`` line and status 2.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,9 +46,10 @@ from cxr_lightning.checkpoints import load_calibration, load_model, load_thresho
 from cxr_lightning.data import cohort, images, nih
 from cxr_lightning.data.sources.common import FRONTAL_VIEWS
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.files import atomic_path
+from cxr_lightning.files import write_csv
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.run_dir import PREDICTIONS
+from cxr_lightning.schema import safe_file_stem
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ CSV_KEYS = ("file", nih.IMAGE)
 CSV_FIELDS = ("age", "sex", "view")
 # raw_probabilities=true: the model's uncalibrated outputs as raw:<label> columns
 RAW_PREFIX = "raw:"
+# The exit status when some input files could not be predicted (the CSV holds the others).
+EXIT_SOME_FAILED = 1
 
 
 @dataclass
@@ -95,7 +102,8 @@ def predict(cfg: DictConfig) -> PredictionRun:
 
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     cam_dir = Path(cfg.cam_dir) if cfg.get("cam_dir") else output.parent / "cams"
-    dataset = ImageFiles(kept.index.tolist(), meta, int(model.hparams.image_size))
+    budget = int(cfg.get("max_pixels") or images.MAX_PIXELS)
+    dataset = ImageFiles(kept.index.tolist(), meta, int(model.hparams.image_size), budget)
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
     rows, cam_files, scaling = [], [], {}
     batches = inference.probability_batches(model, loader, device)
@@ -116,8 +124,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
             cam_files += _save_cams(model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir)
 
     predictions = _prediction_table(rows, labels, thresholds, kept, calibration, bool(cfg.raw_probabilities))
-    with atomic_path(output) as tmp:
-        predictions.to_csv(tmp, index=False)
+    write_csv(predictions, output, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
     return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items())))
 
@@ -226,7 +233,8 @@ class ImageFiles(Dataset):
     cannot be decoded gives a blank image and its error message instead of stopping the run, one
     that decodes but looks wrongly scaled (:func:`images.scaling_problem`) a warning."""
 
-    def __init__(self, paths: Sequence[str], meta: np.ndarray, image_size: int) -> None:
+    def __init__(self, paths: Sequence[str], meta: np.ndarray, image_size: int, max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels
         self.paths = list(paths)
         self.meta = torch.from_numpy(np.asarray(meta, dtype=np.float32))
         self.image_size = image_size
@@ -236,7 +244,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         try:
-            pixels, error = images.load_resized(self.paths[index], self.image_size), ""
+            pixels, error = images.load_resized(self.paths[index], self.image_size, self.max_pixels), ""
             warning = images.scaling_problem(pixels) or ""
         except DataError as exc:
             pixels = np.zeros((self.image_size, self.image_size), np.uint8)
@@ -297,8 +305,9 @@ def _save_cams(
     written = []
     for pair, title in enumerate(result.titles(labels)):
         image_idx, cls = result.pairs[pair]
-        stem = str(Path(keys[image_idx]).with_suffix("")).replace(os.sep, "__")
-        path = cam_dir / f"{stem}_{labels[cls].replace(' ', '_')}.png"
+        # One file name inside cam_dir, whatever the input's relative path or the label holds.
+        stem = "__".join(safe_file_stem(part) for part in Path(keys[image_idx]).with_suffix("").parts)
+        path = cam_dir / f"{stem}_{safe_file_stem(labels[cls])}.png"
         written.append(
             save_overlay(pixels[image_idx], result.heatmaps[pair], path, title, bool(result.zero_gradient[pair]))
         )
@@ -306,14 +315,15 @@ def _save_cams(
 
 
 def report_failures(run: PredictionRun) -> None:
-    """Log every failed file and exit with status 1 if there was any (the CSV is already written)."""
+    """List every failed file on stderr, one line each, and exit with :data:`EXIT_SOME_FAILED` if there
+    was any (the CSV of the others is already written)."""
     if not run.failures:
         return
-    log.error("%d file(s) could not be predicted:", len(run.failures))
+    print(f"{len(run.failures)} file(s) could not be predicted:", file=sys.stderr)
     for file, reason in run.failures.items():
-        log.error("  %s: %s", file, reason)
-    log.error("The other %d file(s) are in %s.", len(run.predictions), run.output)
-    raise SystemExit(1)
+        print(f"failed: {file}: {' '.join(str(reason).split())}", file=sys.stderr)
+    print(f"The other {len(run.predictions)} file(s) are in {run.output}.", file=sys.stderr)
+    raise SystemExit(EXIT_SOME_FAILED)
 
 
 # --------------------------------------------------------------------------------------------

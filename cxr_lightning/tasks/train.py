@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=callbacks,
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
-        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)))],
+        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
         **bar,
     )
     if trainer.is_global_zero:
@@ -99,6 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
         "seed": cfg.seed,
         "image_size": dm.image_size,
+        # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
+        "images_skipped": len(getattr(dm, "skipped_images", ())),
+        "images_skipped_files": sorted(getattr(dm, "skipped_images", ()))[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
