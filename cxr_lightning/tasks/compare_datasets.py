@@ -10,7 +10,6 @@ unavailable, not left blank.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_lightning import schema
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation.report import interval, markdown_table
 from cxr_lightning.files import write_csv, write_text
@@ -56,10 +56,8 @@ def _is_evaluation(path: Path) -> bool:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    check = schema.Checker(f"cannot read {path}", DataError)  # an evaluation someone shared: plain data only
+    return schema.mapping(schema.read_json(path, check), check, "")
 
 
 def dataset_table(paths: Sequence[Path]) -> pd.DataFrame:

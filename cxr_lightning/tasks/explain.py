@@ -310,13 +310,13 @@ def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> 
     log.info("  TensorBoard:  tensorboard --logdir %s", ExplainDir(out).tensorboard)
     if metrics.get("localization.n_boxes"):
         log.info(
-            "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
+            "  localisation: %s (pointing game %.3f vs random heatmaps %.3f, uniform point %.3f; IoBB@0.5 %.3f vs "
+            "random %.3f; the random baseline is described in metrics.json)",
             ExplainDir(out).localization,
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
             metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
         )
-        log.info("  random baseline: %s", metrics["localization.random_baseline"])
     bad = {k: v for k, v in metrics.items() if k.endswith((".zero_gradient", ".empty")) and v}
     if bad:
         log.warning("  uninformative CAMs: %s (marked on the overlays; see cams.csv)", bad)

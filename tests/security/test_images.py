@@ -41,10 +41,13 @@ def png(path: Path, side: int, depth: int = 8) -> Path:
     return path
 
 
-def jpeg_dicom(path: Path, frame_side: int, header_side: int = 64) -> Path:
-    """A JPEG-baseline DICOM whose header says ``header_side`` square but whose frame is ``frame_side``."""
+def jpeg_dicom(path: Path, frame_side: int, header_side: int = 64, jpeg: Path | None = None) -> Path:
+    """A JPEG-baseline DICOM whose header says ``header_side`` square but whose frame is ``frame_side``
+    (the frame also written to ``jpeg`` when given)."""
     buffer = io.BytesIO()
     Image.new("L", (frame_side, frame_side), 0).save(buffer, format="JPEG", quality=50)
+    if jpeg is not None:
+        jpeg.write_bytes(buffer.getvalue())
     write_dicom(path, np.zeros((header_side, header_side), np.uint16), "MONOCHROME2")
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
@@ -89,13 +92,14 @@ def peak_memory(*paths: Path) -> dict[str, tuple[str, int]]:
 def test_the_pixel_budget_holds_before_any_decode_for_every_format(tmp_path):
     files = [
         png(tmp_path / "bomb16.png", 10_000, depth=16),      # 100 MP of 16 bits: 200 MB decoded, over the budget
-        jpeg_dicom(tmp_path / "frame_bomb.dcm", 11_000),      # header 64 x 64, a 121 MP JPEG frame
+        jpeg_dicom(tmp_path / "frame_bomb.dcm", 11_000, jpeg=tmp_path / "bomb.jpg"),  # header 64 x 64, a 121 MP frame
+        tmp_path / "bomb.jpg",                                # the same 121 MP JPEG as a file
         png(tmp_path / "bomb8.png", 11_000),                  # 121 MP
         png(tmp_path / "big16.png", 5_000, depth=16),         # 25 MP of 16 bits: decodes, in bounded memory
     ]
-    assert all(f.stat().st_size < 2 * MB for f in files[:3])
+    assert all(f.stat().st_size < 2 * MB for f in files[:4])
     seen = peak_memory(*files)
-    for name in ("bomb16.png", "bomb8.png"):
+    for name in ("bomb16.png", "bomb8.png", "bomb.jpg"):
         why, grown = seen[name]
         assert "more than the 100 MP limit" in why, why
         assert grown < 40 * MB, (name, grown / MB)
@@ -144,6 +148,15 @@ def test_verify_decodes_in_full_so_truncated_pixel_data_is_caught(tmp_path):
         with pytest.raises(DataError, match=str(path.name)):
             images.check_readable(path)
     images.check_readable(tmp_path / "full.jpg")
+
+
+def test_the_setup_check_lists_a_dicom_whose_window_cannot_be_applied(tmp_path):
+    from cxr_lightning.data.dataset import find_unreadable
+
+    gray = np.random.default_rng(2).integers(0, 4095, (32, 32))
+    bad = write_dicom(tmp_path / "w0.dcm", gray, "MONOCHROME2", WindowCenter=100, WindowWidth=0)
+    good = write_dicom(tmp_path / "ok.dcm", gray, "MONOCHROME2", WindowCenter=2000, WindowWidth=4000)
+    assert find_unreadable([str(bad), str(good)]) == [str(bad)]
 
 
 def test_an_unusable_window_is_a_named_error_and_predict_goes_on(tmp_path, trained_run, capsys):

@@ -124,3 +124,20 @@ def test_a_demo_named_by_a_checkpoint_is_generated_in_the_commands_cache(trained
     with pytest.raises(CheckpointError, match=r"demo.patients"):
         checkpoints.load_model(too_big)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("command", ["summary", "compare --datasets", "resolve run_dir"])
+def test_a_deeply_nested_or_overflowing_run_file_is_one_error(command, run_copy, tmp_path):
+    from cxr_lightning.errors import CXRError
+    from cxr_lightning.tasks.compare_datasets import write_dataset_table
+    from cxr_lightning.tasks.summary import print_summary
+
+    (run_copy / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    run = {
+        "summary": lambda: print_summary(run_copy),
+        "compare --datasets": lambda: write_dataset_table([run_copy], tmp_path / "out"),
+        "resolve run_dir": lambda: checkpoints.resolve_checkpoint(None, str(run_copy)),
+    }[command]
+    with pytest.raises(CXRError, match=r"nested too deeply") as info:
+        run()
+    assert "\n" not in str(info.value)
