@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from cxr_lightning.data.augment import BatchAugment
 from cxr_lightning.data.boxes import ImageBoxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, SourceCaches, cache_root, compute_fingerprint
-from cxr_lightning.data.dataset import CXRDataset
+from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
 from cxr_lightning.data.samplers import build_sampler, sampling_weights, weighted_label_statistics
 from cxr_lightning.data.spec import DataSpec
@@ -80,6 +80,9 @@ class CXRDataModule(pl.LightningDataModule):
         )
         self.tables: SplitTables | None = None
         self.image_cache: ImageCache | SourceCaches | None = None
+        self.max_pixels = spec.max_pixels
+        # Files a Trainer's loader could not decode (data.on_missing=skip), counted in metrics.json.
+        self.skipped_images: set[str] = set()
 
     @property
     def uncertain(self) -> str:
@@ -266,7 +269,7 @@ class CXRDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------
     # Loaders
-    def dataset(self, split: str) -> CXRDataset:
+    def dataset(self, split: str, skip_unreadable: bool = False) -> CXRDataset:
         return CXRDataset(
             self.split_table(split),
             label_cols=self.label_cols,
@@ -274,12 +277,21 @@ class CXRDataModule(pl.LightningDataModule):
             image_size=self.image_size,
             cache=self._opened_cache(),
             boxes=self.training_boxes() if split == "train" and self.train_boxes else None,
+            max_pixels=self.max_pixels,
+            skip_unreadable=skip_unreadable,
         )
 
-    def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
-        # A sampler (the benchmark's draws with replacement) replaces shuffling.
+    def record_skipped(self, files: list[str]) -> None:
+        """Note the files a Trainer's batch left out (:func:`~cxr_lightning.data.dataset.collate_readable`)."""
+        self.skipped_images.update(map(str, files))
+
+    def loader(
+        self, split: str, shuffle: bool, sampler: Sampler | None = None, skip_unreadable: bool = False
+    ) -> DataLoader:
+        # A sampler (the benchmark's draws with replacement) replaces shuffling. Only a Trainer's
+        # loaders skip an image that fails to decode: evaluation needs one prediction per table row.
         return DataLoader(
-            self.dataset(split),
+            self.dataset(split, skip_unreadable),
             batch_size=self.batch_size,
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
@@ -287,10 +299,15 @@ class CXRDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            **({"collate_fn": collate_readable} if skip_unreadable else {}),
         )
 
+    @property
+    def _skips(self) -> bool:
+        return self.spec.on_missing == "skip"
+
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, sampler=self.train_sampler())
+        return self.loader("train", shuffle=True, sampler=self.train_sampler(), skip_unreadable=self._skips)
 
     def train_sampler(self) -> Sampler | None:
         """``data.sampler``'s training sampler for this rank (None for ``random``: shuffled).
@@ -309,10 +326,10 @@ class CXRDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))
+        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"), skip_unreadable=self._skips)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"))
+        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"), skip_unreadable=self._skips)
 
     def _eval_sampler(self, split: str) -> Sampler | None:
         """Under DDP, each validation/test image goes to exactly one rank.

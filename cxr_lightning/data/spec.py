@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_lightning.data import label_spaces, sources
+from cxr_lightning.data.images import MAX_PIXELS
 from cxr_lightning.data.samplers import check_sampler
 from cxr_lightning.errors import ConfigError
 
@@ -80,6 +81,7 @@ class DataSpec:
     no_finding_keep: float = 0.5
     sampler_seed: int = 0
     train_boxes: bool = False
+    max_pixels: int = MAX_PIXELS  # the decoder's pixel budget per image (data/images.py)
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -194,6 +196,9 @@ class DataSpec:
         if unknown:
             raise ConfigError(f"split={unknown[0]!r}: expected one of {list(SPLITS)}.")
         check_sampler(self.sampler, self.no_finding_keep)
+        mp = self.max_pixels
+        if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
+            raise ConfigError(f"data.max_pixels={mp!r}: the pixel budget is a positive number of pixels.")
 
 
 def _source_spec(name: str, entry: Any, label_table: str, uncertain: str) -> SourceSpec:

@@ -277,7 +277,7 @@ def find_images(table: pd.DataFrame, reader: Source, spec: DataSpec, workers: in
         )
     found = reader.attach_paths(table, spec.on_missing).reset_index(drop=True)
     if spec.verify_images:
-        found = _drop_unreadable(found, spec.on_missing, workers)
+        found = _drop_unreadable(found, spec.on_missing, workers, spec.max_pixels)
     return found
 
 
@@ -353,8 +353,8 @@ def _digest(paths: Sequence[Path]) -> str:
     return digests[0] if len(digests) == 1 else "+".join(digests)
 
 
-def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int) -> pd.DataFrame:
-    bad = find_unreadable(table["path"].tolist(), workers=max(1, workers))
+def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int, max_pixels: int | None = None) -> pd.DataFrame:
+    bad = find_unreadable(table["path"].tolist(), workers=max(1, workers), max_pixels=max_pixels)
     if not bad:
         return table
     if on_missing == "error":

@@ -195,7 +195,7 @@ SPLIT_DEFINING = frozenset(
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
 EXTERNAL_KEYS = frozenset(
     {"source", "root", "label_table", "uncertain", "val_fraction", "test_fraction", "split_seed", "on_missing",
-     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "table", "columns", "label_map"}
+     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "max_pixels", "table", "columns", "label_map"}
 )
 # Every data.* key a config may give: DataSpec's fields and the keys of one source.
 DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataSpec)) | {
@@ -242,7 +242,10 @@ def external_source(model: CXRClassifier, data: Mapping[str, Any] | DictConfig |
 
 
 def datamodule_for(
-    model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None, splits: tuple[str, ...] | None = None
+    model: CXRClassifier,
+    data: Mapping[str, Any] | DictConfig | None = None,
+    cache_dir: str | None = None,
+    splits: tuple[str, ...] | None = None,
 ) -> CXRDataModule:
     """The data module the checkpoint was trained on (its composed config) with the checked
     :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs.
@@ -250,8 +253,15 @@ def datamodule_for(
     With ``data=<source>`` naming another dataset (:func:`external_source`), that source as its
     config says instead, with the checkpoint's labels and label space (those the source lacks are
     unavailable, NaN), metadata layout, image size and age imputation. ``splits``: only those
-    splits' rows and images must be on disk (evaluate; None: all)."""
+    splits' rows and images must be on disk (evaluate; None: all).
+
+    Where generated data (the demo) and image caches are written is this command's choice
+    (``data.cache_dir=``, else ``cache_dir``, the command's ``paths.cache_dir``), never the folder
+    the checkpoint's config names: that file may come from someone else."""
     trained = dict(model.hparams.config["data"]) if model.hparams.get("config") else {}
+    # Where to write and how much to decode are this command's, never the file's to say.
+    trained.pop("cache_dir", None)
+    trained.pop("max_pixels", None)
     fixed = {"labels": list(model.hparams.label_names),
              "label_space": str(model.hparams.get("label_space") or trained.get("label_space") or "nih14")}
     if model.hparams.get("age_fill") is not None:
@@ -266,6 +276,8 @@ def datamodule_for(
         )
     else:
         cfg = {**trained, **data_overrides(data), **fixed}
+    if cache_dir is not None:
+        cfg.setdefault("cache_dir", cache_dir)
     cfg["image_size"] = model.hparams.image_size
     cfg["only_splits"] = tuple(splits) if splits is not None else None
     dm = CXRDataModule(data_spec(cfg))
