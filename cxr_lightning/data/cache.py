@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,7 @@ from rich.progress import Progress
 from cxr_lightning import files
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError
+from cxr_lightning.progress import Progress as LogProgress
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +251,15 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
 
 def _decode_all(npy: Path, paths: list[str], size: int, workers: int) -> list[tuple[str, str]]:
     failures: list[tuple[str, str]] = []
+    # The bar for a terminal, the lines for a log file.
+    lines = LogProgress(f"image cache ({size} px)", len(paths), log)
     with Progress(transient=True) as progress:
         task = progress.add_task(f"Caching {len(paths)} images at {size} px", total=len(paths))
         if workers <= 0:
             for start, stop in _chunks(len(paths)):
                 failures += _decode_chunk(npy, start, paths[start:stop], size)
                 progress.advance(task, stop - start)
+                lines.advance(stop - start)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {
@@ -265,9 +270,11 @@ def _decode_all(npy: Path, paths: list[str], size: int, workers: int) -> list[tu
                     for future in as_completed(futures):
                         failures += future.result()
                         progress.advance(task, futures[future])
+                        lines.advance(futures[future])
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
+    lines.done()
     return failures
 
 
@@ -321,6 +328,40 @@ def _replace_dir(src: Path, target: Path) -> None:
     os.replace(src, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class SourceCaches:
+    """A pooled run's caches, one per source (each beside its own dataset's other sizes): rows are
+    ``(source, Image Index)`` pairs, since two sources may use the same image names."""
+
+    def __init__(self, caches: dict[str, ImageCache]) -> None:
+        sizes = {c.size for c in caches.values()}
+        if len(sizes) != 1:
+            raise DataError(f"Pooled image caches of different sizes {sorted(sizes)}; rebuild them at one data.image_size.")
+        self.caches = dict(caches)
+        self._order = list(self.caches)
+        self.size = sizes.pop()
+        self.directory = ", ".join(str(c.directory) for c in self.caches.values())
+
+    def rows(self, keys: Sequence[tuple[str, str]]) -> np.ndarray:
+        """``(N, 2)``: the cache number and row of each ``(source, name)`` pair."""
+        keys = list(keys)
+        out = np.zeros((len(keys), 2), dtype=np.int64)
+        sources = np.array([k[0] for k in keys], dtype=object)
+        names = np.array([k[1] for k in keys], dtype=object)
+        for i, source in enumerate(self._order):
+            mask = sources == source
+            if mask.any():
+                out[mask, 0] = i
+                out[mask, 1] = self.caches[source].rows(list(names[mask]))
+        unknown = ~np.isin(sources, self._order)
+        if unknown.any():
+            raise DataError(f"No image cache for source(s) {sorted(set(sources[unknown]))}; rebuild the caches.")
+        return out
+
+    def __getitem__(self, row: Any) -> np.ndarray:
+        cache, index = (int(v) for v in row)
+        return self.caches[self._order[cache]][index]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from cxr_lightning.data import images
 from cxr_lightning.data.boxes import ImageBoxes
-from cxr_lightning.data.cache import ImageCache
+from cxr_lightning.data.cache import ImageCache, SourceCaches
 from cxr_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,10 @@ class CXRDataset(Dataset):
     of that row.
 
     Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
-    ``table["path"]`` and resized. An image that fails to decode stops the run with a
-    :class:`DataError` naming it: the data module leaves unreadable images out at setup when asked
-    (``data.on_missing=skip data.verify_images=true``), so one failing now broke since.
+    ``table["path"]`` (under the pixel budget ``max_pixels``) and resized. An image that fails to
+    decode stops the run with a :class:`DataError` naming it, unless ``skip_unreadable``
+    (``data.on_missing=skip``, for the loaders a Trainer runs): then the sample is ``None``, which
+    :func:`collate_readable` leaves out of its batch and lists under ``"skipped"``.
     """
 
     def __init__(
@@ -41,10 +42,15 @@ class CXRDataset(Dataset):
         label_cols: Sequence[str],
         meta_cols: Sequence[str],
         image_size: int,
-        cache: ImageCache | None = None,
+        cache: ImageCache | SourceCaches | None = None,
         boxes: ImageBoxes | None = None,
+        max_pixels: int | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
-        needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
+        self.max_pixels, self.skip_unreadable = max_pixels, bool(skip_unreadable)
+        pooled_cache = isinstance(cache, SourceCaches)
+        needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"]) \
+            + (["source"] if pooled_cache else [])
         absent = [c for c in needed if c not in table.columns]
         if absent:
             raise DataError(f"Split table lacks column(s) {absent}; it has {list(table.columns)}.")
@@ -60,7 +66,8 @@ class CXRDataset(Dataset):
         self.paths: list[str] = table["path"].astype(str).tolist() if "path" in table.columns else []
         self.names: list[str] = table["Image Index"].astype(str).tolist() if "Image Index" in table.columns else []
         self.cache = cache
-        self.cache_rows = cache.rows(self.names) if cache is not None else None
+        keys = list(zip(table["source"].astype(str), self.names)) if pooled_cache else self.names
+        self.cache_rows = cache.rows(keys) if cache is not None else None
         self.image_size = int(image_size)
         if boxes is not None and len(boxes.boxes) != len(table):
             raise DataError(f"Boxes for {len(boxes.boxes)} images given with a split table of {len(table)} rows.")
@@ -69,10 +76,13 @@ class CXRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int] | None:
         try:
             pixels = self._pixels(index)
         except DataError as exc:
+            if self.skip_unreadable:
+                log.warning("Skipping an unreadable image (data.on_missing=skip): %s", exc)
+                return {SKIPPED: self.paths[index] if self.paths else self.names[index]}
             raise DataError(
                 f"{exc} (row {index}). To leave unreadable images out of the run, pass "
                 f"data.on_missing=skip data.verify_images=true."
@@ -92,8 +102,9 @@ class CXRDataset(Dataset):
 
     def _pixels(self, index: int) -> np.ndarray:
         if self.cache is not None:
-            return self.cache[int(self.cache_rows[index])]
-        return images.load_resized(self.paths[index], self.image_size)
+            row = self.cache_rows[index]
+            return self.cache[row if row.ndim else int(row)]
+        return images.load_resized(self.paths[index], self.image_size, self.max_pixels)
 
 
 def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str, allow_missing: bool = False) -> np.ndarray:
@@ -111,13 +122,29 @@ def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str, allow_miss
     return np.ascontiguousarray(block)
 
 
-def find_unreadable(paths: Sequence[str], workers: int = 1) -> list[str]:
-    """The subset of ``paths`` that fail :func:`images.check_readable`, in input order; the reasons
-    are logged. Runs in ``workers`` threads: the check is file I/O and CRCs, which release the GIL."""
+# The key of a sample that could not be decoded (it holds the file), and of a batch's list of them.
+SKIPPED = "skipped"
+
+
+def collate_readable(samples: list[dict]) -> dict:
+    """``default_collate`` of the decoded samples; the files that could not be decoded under
+    ``"skipped"`` (a batch of only those holds nothing else: the model's steps pass it by)."""
+    from torch.utils.data import default_collate
+
+    skipped = [s[SKIPPED] for s in samples if SKIPPED in s]
+    readable = [s for s in samples if SKIPPED not in s]
+    batch = default_collate(readable) if readable else {}
+    batch[SKIPPED] = skipped
+    return batch
+
+
+def find_unreadable(paths: Sequence[str], workers: int = 1, max_pixels: int | None = None) -> list[str]:
+    """The subset of ``paths`` that fail :func:`images.check_readable` (a full decode), in input order;
+    the reasons are logged. Runs in ``workers`` threads: decoding releases the GIL."""
     paths = [str(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(
-            track(pool.map(_unreadable_reason, paths), total=len(paths), description="Checking images", transient=True)
+            track(pool.map(_unreadable_reason, paths, [max_pixels] * len(paths)), total=len(paths), description="Checking images", transient=True)
         )
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     for _, reason in bad[:20]:
@@ -127,9 +154,9 @@ def find_unreadable(paths: Sequence[str], workers: int = 1) -> list[str]:
     return [p for p, _ in bad]
 
 
-def _unreadable_reason(path: str) -> str | None:
+def _unreadable_reason(path: str, max_pixels: int | None = None) -> str | None:
     try:
-        images.check_readable(path)
+        images.check_readable(path, max_pixels)
     except DataError as exc:
         return str(exc)
     return None

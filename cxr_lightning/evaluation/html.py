@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_lightning import schema
 from cxr_lightning.data import nih
+from cxr_lightning.errors import DataError
 from cxr_lightning.files import write_text
 from cxr_lightning.run_dir import EvaluationDir, ExplainDir, RunDir
 
@@ -187,7 +188,11 @@ def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    # A run directory's files may come from someone else: plain data under the schema's bounds.
+    if not path.is_file():
+        return {}
+    check = schema.Checker(str(path), DataError)
+    return schema.mapping(schema.read_json(path, check), check, "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +302,18 @@ def _headline(metrics: Mapping[str, Any], ex_metrics: Mapping[str, Any], demo: b
     undefined = metrics.get("undefined_labels") or []
     extra = (f"<p>Labels without a defined AUROC in this split (left out of the means): "
              f"{esc(', '.join(undefined))}.</p>" if undefined else "")
+    headline = metrics.get("competition") or {}
+    if headline:
+        extra += (f"<p>CheXpert's five competition labels ({esc(', '.join(headline['labels']))}): mean AUROC "
+                  f"{esc(interval(headline['auroc_mean'], headline['lower'], headline['upper']))}.</p>")
+    per_source = metrics.get("per_source") or {}
+    if per_source:
+        frame = pd.DataFrame([
+            {"source": name, "images": s["n_images"], "patients": s["n_patients"],
+             "mean AUROC": interval(s["auroc_mean"], s["lower"], s["upper"]), "labels scored": ", ".join(s["labels"])}
+            for name, s in per_source.items()])
+        extra += ("<h3>Per source</h3><p>Each source's test images alone, over the labels that source scores; two "
+                  "sources' means compare only over the labels both score.</p>" + table(frame))
     return note + cards(items) + extra
 
 

@@ -51,6 +51,7 @@ class CXRClassifier(pl.LightningModule):
         label_names: Sequence[str],
         meta_names: Sequence[str],
         image_size: int,
+        label_space: str = "nih14",
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
         input_range: Sequence[float] = UNIT_RANGE,
@@ -159,6 +160,11 @@ class CXRClassifier(pl.LightningModule):
         if not isinstance(batch, dict):
             return batch
         trainer = self._trainer
+        skipped = batch.pop("skipped", None)  # files this batch could not decode (data.on_missing=skip)
+        if skipped and trainer is not None and hasattr(trainer.datamodule, "record_skipped"):
+            trainer.datamodule.record_skipped(skipped)
+        if "image" not in batch:  # every image of the batch was skipped
+            return batch
         training = trainer is not None and trainer.training
         augment = getattr(trainer.datamodule, "augment", None) if training else None
         batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
@@ -207,7 +213,9 @@ class CXRClassifier(pl.LightningModule):
             raise ConfigError("head=metadata_only has no image branch to explain.")
         return cam_reshape_transform(self.hparams.backbone.get("cam_reshape"), self.backbone.model, input_hw)
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str) -> torch.Tensor | None:
+        if "image" not in batch:  # a batch of only undecodable images (data.on_missing=skip): nothing to learn
+            return None
         if stage == "train" and self.box_weight > 0:
             return self._box_guided_step(batch)
         logits = self(batch["image"], batch["meta"])
@@ -242,7 +250,7 @@ class CXRClassifier(pl.LightningModule):
 
     def _scored(self, batch: dict, stage: str, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         check_finite_loss(self, batch, stage, loss, logits)
-        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
+        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"])
         getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))
         return loss
 

@@ -6,6 +6,7 @@ Example: ``python -m cxr_lightning.train backbone=efficientnet_b3 head=fusion_re
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     model = build_model(cfg)
     throughput = FitThroughput()
+    callbacks = [*build_callbacks(cfg), throughput]
+    # A progress bar redrawn in a file (nohup, SLURM, CI) is noise; EpochLog's lines say it there.
+    bar = {} if sys.stdout.isatty() else {"enable_progress_bar": False}
+    if bar:
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[*build_callbacks(cfg), throughput],
+        callbacks=callbacks,
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
-        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)))],
+        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
+        **bar,
     )
     if trainer.is_global_zero:
         files.write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
@@ -63,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test_after_fit", True):
         results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
         test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+    per_source = pooled_test_figures(model, dm, cfg) if test_metrics and dm.spec.pooled else {}
 
     metrics = {
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
@@ -78,7 +86,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "label_table": dm.label_table_name,
         "label_names": dm.label_names,
+        "label_space": dm.space.name,
         "meta_names": dm.meta_names,
+        # A pooled run's test figures per source, over the labels each one scores.
+        "per_source": per_source,
         "n_images": {s: len(dm.split_table(s)) for s in ("train", "val", "test")},
         "n_patients": {s: int(dm.split_table(s)[nih.PATIENT].nunique()) for s in ("train", "val", "test")},
         "backbone": cfg.backbone.name,
@@ -92,6 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
         "seed": cfg.seed,
         "image_size": dm.image_size,
+        # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
+        "images_skipped": len(getattr(dm, "skipped_images", ())),
+        "images_skipped_files": sorted(getattr(dm, "skipped_images", ()))[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:
@@ -102,6 +116,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("  TensorBoard: tensorboard --logdir %s", out)
     return metrics
 
+
+
+def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Each source's test mean AUROC with patient-bootstrap intervals (``n_boot``, default 200), for
+    the weights ``trainer.test`` restored (the best checkpoint's)."""
+    from cxr_lightning import inference
+    from cxr_lightning.data.tables import SOURCE
+    from cxr_lightning.evaluation.statistics import per_source_auroc
+
+    table = dm.split_table("test")
+    probs = inference.predict_probabilities(model, dm.loader("test", shuffle=False), inference.default_device())
+    scored = {name: dm.tables.scored_labels(name) for name in dm.tables.per_source}
+    return per_source_auroc(table[dm.label_cols].to_numpy(dtype=float), probs, table[nih.PATIENT].to_numpy(),
+                            table[SOURCE].to_numpy(), scored, dm.label_names, n_boot=int(cfg.get("n_boot", 200)),
+                            seed=int(cfg.seed))
 
 
 def _best_val_loss(checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str) -> float | None:
