@@ -62,7 +62,7 @@ def test_vindr_reads_images_as_rows_under_the_readers_vote(tmp_path, layout, vot
     # Every reader's box of a finding the vote calls positive, by concept.
     expected = {(a, "Effusion", "R1", EFFUSION_R1[1:]), (a, "Effusion", "R2", EFFUSION_R2[1:])}
     if vote == "any":
-        expected.add((b, "Nodule/Mass", "R4", NODULE_R1[1:]))
+        expected.add((b, "Nodule or Mass", "R4", NODULE_R1[1:]))
     if layout == "physionet":
         expected.add(("d" * 32, "Fibrosis", "R_consensus", FIBROSIS[1:]))
     got = {(r["Image Index"], r["Finding Label"], r["Reader"], (r.x, r.y, r.x + r.w, r.y + r.h))
@@ -144,7 +144,7 @@ def test_vindr_boxes_scale_by_each_dicoms_size_and_keep_their_readers(tmp_path):
     root = write_vindr(tmp_path / "v", vindr_images())
     table = vindr_cxr.read(root).table.assign(source="vindr")
     boxes = vindr_cxr.read_boxes(root)
-    got = image_boxes(table, boxes, ["Effusion", "Fibrosis", "Nodule/Mass"], image_size=64)
+    got = image_boxes(table, boxes, ["Effusion", "Fibrosis", "Nodule or Mass"], image_size=64)
     assert got.count == 3 and got.by_source == {"vindr": {"Effusion": 2, "Fibrosis": 1}}
     a = list(table["Image Index"]).index("a" * 32)
     rows, cols = 96, 80  # every fixture image: not square

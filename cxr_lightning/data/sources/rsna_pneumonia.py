@@ -24,6 +24,7 @@ import pandas as pd
 
 from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,22 @@ HARMONISATION: dict[str, tuple[str, ...]] = {
     LUNG_OPACITY: ("Pneumonia",),
     NORMAL: ("No Finding",),
 }
+
+
+@register
+class RSNAPneumonia(Source):
+    name = NAME
+    title = "RSNA Pneumonia Detection Challenge"
+    harmonisation = HARMONISATION
+    # mapping: RSNA's mapping file when it is not in data.root (see cxr_lightning.data.leakage).
+    options = ("mapping",)
+    hint = f"Point data.root at the challenge's files ({LABELS}, {CLASS_INFO}, {IMAGES}/<patientId>.dcm)."
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
+
+    def read_boxes(self) -> pd.DataFrame | None:
+        return read_boxes(self.root)
 
 
 def read(root: Path, label_table: str = "auto", headers: bool = True) -> common.SourceData:

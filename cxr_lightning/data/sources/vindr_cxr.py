@@ -31,6 +31,7 @@ import pandas as pd
 
 from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ HARMONISATION: dict[str, tuple[str, ...]] = {
     "Lung cavity": ("Lung cavity",),
     "Lung cyst": ("Lung cyst",),
     "Mediastinal shift": ("Mediastinal shift",),
-    # One class for NIH's two: a positive is not known to be a Nodule or a Mass, so neither NIH label.
-    "Nodule/Mass": ("Nodule/Mass",),
+    # One class for NIH's two: a positive is not known to be a Nodule or a Mass, so neither NIH label;
+    # a concept of its own, spelled without the "/" a label name (it names files) may not hold.
+    "Nodule/Mass": ("Nodule or Mass",),
     "Pleural effusion": ("Effusion",),
     "Pleural thickening": ("Pleural_Thickening",),
     "Pneumothorax": ("Pneumothorax",),
@@ -104,6 +106,26 @@ def layout(root: Path) -> str:
         f"no VinDr-CXR label table in {root}: expected PhysioNet's {PHYSIONET_LABELS['train']} (and "
         f"{PHYSIONET_BOXES['train']}) or Kaggle's {KAGGLE_TABLE}. The folder holds: {listing}. Get it from {URL}."
     )
+
+
+@register
+class VinDrCXR(Source):
+    name = NAME
+    title = "VinDr-CXR"
+    harmonisation = HARMONISATION
+    options = ("reader_vote",)
+    hint = (f"Point data.root at VinDr-CXR as downloaded: PhysioNet's 1.0.0/ folder ({PHYSIONET_LABELS['train']}, "
+            f"{PHYSIONET_BOXES['train']}, train/<image_id>.dicom) or Kaggle's ({KAGGLE_TABLE}, train/).")
+
+    def __init__(self, root: str | Path, label_table: str = "auto", **options: object) -> None:
+        super().__init__(root, label_table, **options)
+        self.reader_vote = check_vote(str(options.get("reader_vote") or "majority"))
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table, self.reader_vote)
+
+    def read_boxes(self) -> pd.DataFrame | None:
+        return read_boxes(self.root, self.reader_vote)
 
 
 # --------------------------------------------------------------------------------------------------
