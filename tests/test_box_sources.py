@@ -182,3 +182,23 @@ def test_demo_box_copies_move_training_boxes_into_vindr_and_rsna(tiny_demo, tmp_
     vindr = vindr_cxr.read_boxes(root / "vindr_cxr")
     assert len(vindr) == 2 * len(local) == counts["vindr_boxes"] > 0
     assert set(vindr["Reader"]) == {"R1", "R2"}
+
+
+@pytest.mark.parametrize("layout", ["physionet", "kaggle"])
+def test_inspect_counts_images_and_boxes_from_the_label_tables_alone(tmp_path, layout):
+    from cxr_lightning.data.spec import DataSpec
+    from cxr_lightning.tasks.inspect import inspect_spec
+
+    ims = vindr_images() if layout == "physionet" else vindr_images()[:3]
+    vindr = write_vindr(tmp_path / "v", ims, layout=layout, dicoms=False)  # Kaggle: train.csv alone
+    rsna = write_rsna(tmp_path / "r", rsna_images(), class_info=False, dicoms=False)  # the labels file alone
+    record = inspect_spec(DataSpec.from_options(sources={"vindr": {"source": "vindr_cxr", "root": str(vindr)},
+                                                         "rsna": {"source": "rsna_pneumonia", "root": str(rsna)}},
+                                                label_space="union"))
+    v, r = record["sources"]["vindr"], record["sources"]["rsna"]
+    # Recount by hand: images (not reads, not box rows), and each label's boxes.
+    assert v["rows"] == len(ims) and r["rows"] == 3
+    expected = {"Effusion": 2} | ({"Fibrosis": 1} if layout == "physionet" else {})
+    assert v["boxes"] == expected  # majority: the one-reader Nodule/Mass box is not kept
+    assert r["boxes"] == {"Pneumonia": 2}
+    assert r["labels"]["No Finding"]["unavailable"]  # no class info: not guessed
