@@ -29,7 +29,7 @@ _CHUNK = 1 << 20
 # Backbone keys with no effect on the features of a frozen network in eval mode.
 _TRAINING_ONLY = frozenset({"freeze", "unfreeze_at_epoch", "finetune_lr_scale", "drop_path_rate", "cam_layer",
                             "cam_layers", "cam_stride", "cam_reshape", "min_input_size", "input_multiple",
-                            "weights_help", "input_size"})
+                            "weights_help", "weights_required", "input_size"})
 
 
 def file_digest(path: str | os.PathLike) -> str:
