@@ -181,8 +181,11 @@ def test_every_command_is_a_script_and_a_python_m_module():
         module, function = target.split(":")
         assert module == CLI, script
         command = script.removeprefix("cxr-")
-        assert shim_mains.get(f"cxr_lightning.{command}") == function, (script, shim_mains)
-    assert set(shim_mains) == {f"cxr_lightning.{s.removeprefix('cxr-')}" for s in scripts}
+        assert shim_mains.get(f"cxr_lightning.{command}") == function, (
+            f"{script} runs {function}, but no cxr_lightning.{command} shim (module or __main__) calls it"
+        )
+    scripted = {f"cxr_lightning.{s.removeprefix('cxr-')}" for s in scripts}
+    assert not set(shim_mains) - scripted, "a `python -m` shim without its cxr-<command> line in [project.scripts]"
 
 
 def test_data_and_models_import_no_hydra():
@@ -323,3 +326,21 @@ def test_a_framework_error_is_one_line_and_exit_status_2(installed, tmp_path):
     done = _run_installed(installed, tmp_path, "-m", "cxr_lightning.evaluate", "ckpt_path=missing.ckpt", "output_dir=out")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: CheckpointError: Checkpoint missing.ckpt does not exist."]
+
+
+def test_the_standard_table_columns_are_spelled_only_in_the_data_layer():
+    """Above data/, the column names of the standard table, the box table and ``No Finding`` are
+    read from their owners (data/nih.py, labels.py), never spelled again."""
+    from cxr_lightning.data import nih
+    from cxr_lightning.labels import NO_FINDING
+
+    names = {*nih.REQUIRED_COLUMNS, nih.BOX_FINDING, NO_FINDING}
+    owners = {PACKAGE / "labels.py"}
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path in owners or path.is_relative_to(PACKAGE / "data"):
+            continue
+        spelled = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)} & names
+        if spelled:
+            offenders[module_name(path)] = sorted(spelled)
+    assert not offenders

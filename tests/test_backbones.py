@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.models.backbones import BACKBONE_NAMES, create_backbone
+from cxr_lightning.models.backbones import BACKBONE_NAMES, cam_layer_of, create_backbone
 from cxr_lightning.models.reshape import cam_reshape_transform
 
 CONF_BACKBONE = Path(__file__).resolve().parents[1] / "conf" / "backbone"
@@ -92,16 +92,25 @@ def test_every_studied_backbone_has_a_config():
     assert set(BACKBONE_NAMES) <= names
 
 
-@pytest.mark.parametrize("yaml_path", _backbone_yamls(timm_only=True), ids=lambda p: p.stem)
-def test_cam_layer_is_the_spatial_map_that_feeds_the_pool(built, yaml_path):
+def _cam_cases() -> list[tuple[Path, int]]:
+    return [(p, int(str(k).removeprefix("stride"))) for p in _backbone_yamls(timm_only=True)
+            for k in OmegaConf.load(p).cam_layers]
+
+
+@pytest.mark.parametrize(("yaml_path", "stride"), _cam_cases(), ids=lambda v: v.stem if isinstance(v, Path) else str(v))
+def test_cam_layers_are_spatial_maps_at_their_stride(built, yaml_path, stride):
     cfg = OmegaConf.load(yaml_path)
-    for key in ("name", "input_size", "min_input_size", "cam_layer", "global_pool", "pretrained", "weights",
-                "freeze", "unfreeze_at_epoch", "finetune_lr_scale"):
+    for key in ("name", "input_size", "min_input_size", "cam_layers", "cam_stride", "cam_layer", "global_pool",
+                "pretrained", "weights", "freeze", "unfreeze_at_epoch", "finetune_lr_scale"):
         assert key in cfg.keys(), f"{yaml_path.name} lacks {key}"  # keys(): a required ??? value counts
     assert cfg.min_input_size <= cfg.input_size
-    size = 107 if cfg.min_input_size > 32 else 64  # inception's valid convolutions need more pixels
+    assert f"stride{cfg.cam_stride}" in cfg.cam_layers and cfg.cam_layer is None
+    assert cam_layer_of(cfg) == cfg.cam_layers[f"stride{cfg.cam_stride}"]
+    # inception's valid convolutions need more pixels, and lose a few at every stage
+    size = 128 if cfg.min_input_size > 32 else 64
     backbone = built(cfg.name, cfg.global_pool, size)
-    layer = backbone.get_layer(cfg.cam_layer)
+    path = cam_layer_of({**OmegaConf.to_container(cfg), "cam_stride": stride})
+    layer = backbone.get_layer(path)
     captured = []
 
     def keep_output(_module, _inputs, out):
@@ -122,10 +131,28 @@ def test_cam_layer_is_the_spatial_map_that_feeds_the_pool(built, yaml_path):
     reshape = cam_reshape_transform(cfg.get("cam_reshape"), backbone.model, (size, size))
     if reshape is not None:  # token outputs (ViT, Swin) as the map Grad-CAM weighs
         out, grad = reshape(out), reshape(grad)
-    assert out.ndim == 4 and out.shape[1] == backbone.num_features
-    assert out.shape[2] >= 2 and out.shape[3] >= 2, f"{cfg.cam_layer} is not spatial at {size}px: {tuple(out.shape)}"
+    assert out.ndim == 4
+    # The stride the yaml names: one map cell per `stride` input pixels (inception's valid
+    # convolutions lose two).
+    lost = 2 if cfg.min_input_size > 32 else 0
+    assert size // stride - lost <= out.shape[2] <= size // stride, (path, tuple(out.shape))
+    assert out.shape[2] == out.shape[3]
+    if stride == max(int(str(k).removeprefix("stride")) for k in cfg.cam_layers) and stride == 32:
+        assert out.shape[1] == backbone.num_features  # the map the global pool reads
     # Grad-CAM weights channels by this gradient: it must reach the layer and not vanish.
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_cam_stride_picks_the_coarsest_map_at_least_that_fine():
+    resnet = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "resnet18.yaml"))
+    assert [cam_layer_of({**resnet, "cam_stride": s}) for s in (16, 24, 32, 64)] == ["layer3", "layer3", "layer4", "layer4"]
+    vit = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "vit_small_patch16_224.yaml"))
+    assert cam_layer_of({**vit, "cam_stride": 32}) == "blocks.11.norm1"  # its one map
+    with pytest.raises(ConfigError, match=r"^backbone.cam_stride=8: backbone 'vit_small_patch16_224' has no CAM layer "
+                       r"that fine \(its strides: \[16\]\); pass backbone.cam_stride=16") as info:
+        cam_layer_of({**vit, "cam_stride": 8})
+    assert "\n" not in str(info.value)
+    assert cam_layer_of({**vit, "cam_stride": 8, "cam_layer": "blocks.5.norm1"}) == "blocks.5.norm1"
 
 
 def test_get_layer_unknown_path_lists_nearby_names():

@@ -236,8 +236,10 @@ def test_every_studied_backbone_has_a_trainable_box_loss(name):
 
     from conftest import CONF_DIR
 
+    from cxr_lightning.models.backbones import cam_layer_of
+
     cfg = OmegaConf.load(f"{CONF_DIR}/backbone/{name}.yaml")
-    model = tiny_model(name, cfg.cam_layer, head="fusion").train()
+    model = tiny_model(name, cam_layer_of(cfg), head="fusion").train()
     size = 2 * max(int(cfg.min_input_size), 64)
     pairs, masks = box_targets(*box_batch(1, size), (size, size))
     with capture_output(model.cam_layer) as outputs:

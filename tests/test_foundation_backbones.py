@@ -138,6 +138,7 @@ def check_yaml_cam_layer(stem: str, cfg: dict, size: int) -> None:
     its cam_reshape, is a spatial map that gets gradient."""
     from omegaconf import OmegaConf
 
+    from cxr_lightning.models.backbones import cam_layer_of
     from cxr_lightning.models.reshape import cam_reshape_transform
 
     yaml = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "backbone" / f"{stem}.yaml")
@@ -148,7 +149,7 @@ def check_yaml_cam_layer(stem: str, cfg: dict, size: int) -> None:
         out.retain_grad()
         captured.append(out)
 
-    handle = backbone.get_layer(yaml.cam_layer).register_forward_hook(keep)
+    handle = backbone.get_layer(cam_layer_of(yaml)).register_forward_hook(keep)
     try:
         (backbone(torch.randn(1, 1, size, size)) * torch.randn(backbone.num_features)).sum().backward()
     finally:

@@ -172,3 +172,66 @@ def test_residual_keeps_gradient_when_the_gate_passes_only_metadata(tiny_backbon
     assert plain_grad is None or plain_grad.abs().sum() == 0
     residual_grad = _cam_layer_gradient(tiny_backbone, residual)
     assert residual_grad is not None and residual_grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A new head: one registered class and one yaml
+@pytest.fixture
+def linear_head():
+    from cxr_lightning.models.heads import register_head
+
+    @register_head
+    class LinearFusionHead(nn.Module):
+        name = "linear_fusion"
+        uses_image = True
+        uses_meta = True
+
+        def __init__(self, in_features: int, meta_dim: int, num_labels: int, scale: float = 1.0):
+            super().__init__()
+            self.linear = nn.Linear(in_features + meta_dim, num_labels)
+            self.scale = scale
+
+        def forward(self, features: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+            return self.scale * self.linear(torch.cat([features, meta], dim=1))
+
+    yield LinearFusionHead
+    HEADS.pop(LinearFusionHead.name)
+
+
+def test_a_registered_head_is_built_by_name_with_its_yaml_options(linear_head):
+    from cxr_lightning.models.heads import register_head
+
+    head = create_head("linear_fusion", in_features=IN_FEATURES, meta_dim=META_DIM, num_labels=NUM_LABELS, scale=2.0)
+    assert isinstance(head, linear_head) and head.scale == 2.0
+    features, meta = _inputs()
+    expected = 2.0 * (torch.cat([features, meta], 1) @ head.linear.weight.T + head.linear.bias)
+    torch.testing.assert_close(head(features, meta), expected)
+    with pytest.raises(ConfigError, match=r"takes no option \['hidden'\]; its options: \['scale'\]"):
+        create_head("linear_fusion", in_features=IN_FEATURES, meta_dim=META_DIM, num_labels=NUM_LABELS, hidden=8)
+
+    class Again(nn.Module):
+        name, uses_image, uses_meta = "linear_fusion", True, True
+
+    with pytest.raises(TypeError, match="registered twice"):
+        register_head(Again)
+    with pytest.raises(TypeError, match="its own class attribute `name`"):
+        register_head(type("Nameless", (nn.Module,), {"uses_image": True, "uses_meta": True}))
+
+
+@pytest.mark.slow
+def test_a_head_added_in_one_class_and_one_yaml_trains(linear_head, tiny_demo, tmp_path):
+    from conftest import compose_config, tiny_overrides
+
+    from cxr_lightning.checkpoints import load_model
+    from cxr_lightning.tasks.train import train
+
+    configs = tmp_path / "configs"
+    (configs / "head").mkdir(parents=True)
+    (configs / "head" / "linear_fusion.yaml").write_text("name: linear_fusion\nscale: 0.5\n")
+    cfg = compose_config(tiny_overrides(tiny_demo, tmp_path / "run") + [
+        f"hydra.searchpath=[file://{configs}]", "head=linear_fusion", "test_after_fit=false",
+    ])
+    metrics = train(cfg)
+    assert metrics["head"] == "linear_fusion"
+    model = load_model(metrics["best_checkpoint"])
+    assert isinstance(model.head, linear_head) and model.head.scale == 0.5

@@ -41,6 +41,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT = "Image Index", "Finding Labels", "Follow-up #", "Patient ID"
 AGE, SEX, VIEW = "Patient Age", "Patient Gender", "View Position"
+# The columns of a box table (read_bbox_table): one box per row, in ORIGINAL_SIZE pixels.
+BOX_FINDING = "Finding Label"
+BBOX_COLUMNS = (IMAGE, BOX_FINDING, "x", "y", "w", "h")
 REQUIRED_COLUMNS = (IMAGE, FINDING_LABELS, FOLLOW_UP, PATIENT, AGE, SEX, VIEW)
 # Acquisition geometry: informational only, so a table without it still loads (as NaN).
 GEOMETRY_COLUMNS = (

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_lightning.data import nih
 from cxr_lightning.files import write_text
 from cxr_lightning.run_dir import EvaluationDir, ExplainDir, RunDir
 
@@ -209,7 +210,7 @@ def gallery_table(cams: pd.DataFrame, predictions: pd.DataFrame | None, threshol
     ``label:<finding>``); an image outside it (another split, a file) gets ``no label``.
     """
     truth = []
-    by_image = predictions.set_index("Image Index") if predictions is not None else None
+    by_image = predictions.set_index(nih.IMAGE) if predictions is not None else None
     for image, finding in zip(cams["image"], cams["finding"]):
         column = f"label:{finding}"
         known = by_image is not None and image in by_image.index and column in by_image.columns

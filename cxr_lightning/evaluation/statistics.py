@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import (
 )
 
 from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.labels import NO_FINDING
 
 __all__ = [
     "age_bands",
@@ -470,8 +471,6 @@ def age_bands(ages: pd.Series, edges: Sequence[int] = (0, 20, 40, 60, 80, 200)) 
     bands = bands.cat.add_categories("unknown").fillna("unknown")
     return bands.rename("age_band")
 
-
-NO_FINDING = "No Finding"
 
 
 def underdiagnosis(

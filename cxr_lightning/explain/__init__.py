@@ -7,6 +7,7 @@ whole image set), :mod:`.callback` (a CAM grid in TensorBoard at the end of trai
 from its module). The explain command is the task :mod:`cxr_lightning.tasks.explain`;
 ``__main__`` is only its ``python -m cxr_lightning.explain`` shim.
 """
+from cxr_lightning.data.nih import BBOX_COLUMNS
 from cxr_lightning.explain.cams import (
     CAM_METHODS,
     EMPTY_HEATMAP,
@@ -20,7 +21,6 @@ from cxr_lightning.explain.cams import (
 from cxr_lightning.explain.inputs import ImageSet, UnknownMetadataWarning
 from cxr_lightning.explain.localization import (
     ALL_FINDINGS_ROW,
-    BBOX_COLUMNS,
     Box,
     bbox_targets,
     heatmap_to_box,

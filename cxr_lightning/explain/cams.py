@@ -51,8 +51,6 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
 }
 NO_GRADIENT = "NO GRADIENT"
 EMPTY_HEATMAP = "EMPTY HEATMAP"
-BBOX_COLUMNS = ("Image Index", "Finding Label", "x", "y", "w", "h")
-ALL_FINDINGS_ROW = "All"
 # A heatmap whose range is below this is treated as blank (the library maps a constant CAM to 0).
 _BLANK_RANGE = 1e-6
 

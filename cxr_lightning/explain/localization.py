@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from cxr_lightning.data.nih import ORIGINAL_SIZE
+from cxr_lightning.data.nih import BBOX_COLUMNS, BOX_FINDING, IMAGE, ORIGINAL_SIZE
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.explain.cams import CamWarning, is_blank
 
-BBOX_COLUMNS = ("Image Index", "Finding Label", "x", "y", "w", "h")
 ALL_FINDINGS_ROW = "All"
 
 Box = tuple[float, float, float, float]
@@ -109,8 +108,8 @@ def bbox_targets(
     when the CAMs are to be scored against the boxes."""
     boxes = _checked_bbox_table(bbox_table)
     class_of = {name: i for i, name in enumerate(label_names)}
-    boxes = boxes[boxes["Image Index"].isin(set(image_names))]
-    unknown = boxes.loc[~boxes["Finding Label"].isin(class_of.keys()), "Finding Label"]
+    boxes = boxes[boxes[IMAGE].isin(set(image_names))]
+    unknown = boxes.loc[~boxes[BOX_FINDING].isin(class_of.keys()), BOX_FINDING]
     if len(unknown):
         warnings.warn(
             f"{len(unknown)} boxes are of findings the model does not predict "
@@ -118,8 +117,8 @@ def bbox_targets(
             CamWarning,
             stacklevel=2,
         )
-    known = boxes[boxes["Finding Label"].isin(class_of.keys())]
-    classes = known.groupby("Image Index")["Finding Label"].agg(
+    known = boxes[boxes[BOX_FINDING].isin(class_of.keys())]
+    classes = known.groupby(IMAGE)[BOX_FINDING].agg(
         lambda s: sorted({class_of[f] for f in s})
     )
     return [list(classes.get(name, [])) for name in image_names]
@@ -170,13 +169,13 @@ def localization_scores(
     boxes = _checked_bbox_table(bbox_table)
     pair_table = pd.DataFrame(
         {
-            "Image Index": np.asarray(image_names, dtype=object)[pairs[:, 0]],
-            "Finding Label": np.asarray(label_names, dtype=object)[pairs[:, 1]],
+            IMAGE: np.asarray(image_names, dtype=object)[pairs[:, 0]],
+            BOX_FINDING: np.asarray(label_names, dtype=object)[pairs[:, 1]],
             "pair": np.arange(len(pairs)),
         }
-    ).drop_duplicates(["Image Index", "Finding Label"])
-    matched = boxes.merge(pair_table, on=["Image Index", "Finding Label"], how="left")
-    in_images = matched["Image Index"].isin(set(image_names))
+    ).drop_duplicates([IMAGE, BOX_FINDING])
+    matched = boxes.merge(pair_table, on=[IMAGE, BOX_FINDING], how="left")
+    in_images = matched[IMAGE].isin(set(image_names))
     unscored = int((in_images & matched["pair"].isna()).sum())
     if unscored:
         warnings.warn(
@@ -193,8 +192,8 @@ def localization_scores(
     per_box, per_pair = [], []
     for pair, group in matched.groupby("pair", sort=True):
         gt = list(group[["x", "y", "w", "h"]].itertuples(index=False, name=None))
-        box_scores = {"finding": group["Finding Label"].to_numpy()}
-        pair_scores = {"finding": group["Finding Label"].iloc[0], "box_share": _box_share(gt, height, width)}
+        box_scores = {"finding": group[BOX_FINDING].to_numpy()}
+        pair_scores = {"finding": group[BOX_FINDING].iloc[0], "box_share": _box_share(gt, height, width)}
         for prefix, heatmap in (("", heatmaps[pair]), ("random_", baseline[pair])):
             predicted = heatmap_to_box(heatmap, binarize_threshold)
             pair_scores[f"{prefix}pointing_game"] = pointing_game_hit(heatmap, gt)
@@ -285,13 +284,13 @@ def pair_boxes(
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     wanted = pd.DataFrame(
         {
-            "Image Index": np.asarray(image_names, dtype=object)[pairs[:, 0]],
-            "Finding Label": np.asarray(label_names, dtype=object)[pairs[:, 1]],
+            IMAGE: np.asarray(image_names, dtype=object)[pairs[:, 0]],
+            BOX_FINDING: np.asarray(label_names, dtype=object)[pairs[:, 1]],
             "pair": np.arange(len(pairs)),
         }
     )
     matched = _scaled_boxes(
-        _checked_bbox_table(bbox_table).merge(wanted, on=["Image Index", "Finding Label"]), width, height, original_size
+        _checked_bbox_table(bbox_table).merge(wanted, on=[IMAGE, BOX_FINDING]), width, height, original_size
     )
     grouped = matched.groupby("pair")[["x", "y", "w", "h"]].apply(
         lambda g: list(g.itertuples(index=False, name=None))

@@ -50,7 +50,7 @@ def image_set_cams(
                 )
             )
     result = CamResult.concat(parts)
-    warn_uninformative(result, images.names, model.label_names, model.hparams.backbone["cam_layer"])
+    warn_uninformative(result, images.names, model.label_names, model.cam_layer_name)
     return result
 
 

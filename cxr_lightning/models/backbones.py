@@ -78,6 +78,31 @@ class Backbone(nn.Module):
             raise ConfigError(_unknown_layer_message(self.model, path, self.timm_name)) from None
 
 
+def cam_layer_of(backbone: Mapping[str, Any]) -> str:
+    """The layer Grad-CAM hooks for a backbone config: ``cam_layer`` when it names one, else the
+    entry of ``cam_layers`` (``{stride16: PATH, stride32: PATH}``) with the largest stride at most
+    ``cam_stride``: an experiment asks for a map at least that fine (``cam_stride: 16``), not for a
+    layer name, so it composes with every backbone (a ViT/14's one map is stride 14)."""
+    explicit = backbone.get("cam_layer")
+    if explicit:
+        return str(explicit)
+    layers = {int(str(k).removeprefix("stride")): str(v) for k, v in dict(backbone.get("cam_layers") or {}).items()}
+    name = backbone.get("name", "?")
+    if not layers:
+        raise ConfigError(f"backbone {name!r} names no CAM layer: set backbone.cam_layer=PATH or give its yaml "
+                          "cam_layers: {stride16: PATH, stride32: PATH} and cam_stride.")
+    stride = backbone.get("cam_stride")
+    if stride is None:
+        stride = max(layers)
+    fine_enough = [s for s in layers if s <= int(stride)]
+    if not fine_enough:
+        raise ConfigError(
+            f"backbone.cam_stride={stride}: backbone {name!r} has no CAM layer that fine (its strides: "
+            f"{sorted(layers)}); pass backbone.cam_stride={min(layers)} or backbone.cam_layer=PATH."
+        )
+    return layers[max(fine_enough)]
+
+
 def backbone_from_config(backbone: Mapping[str, Any], image_size: int) -> Backbone:
     """The backbone of a plain ``backbone`` config for ``image_size`` inputs: a timm model, or a
     folder format's encoder (the config resolved by :func:`cxr_lightning.models.folders.resolve`;

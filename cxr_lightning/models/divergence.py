@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from cxr_lightning.data import nih
 from cxr_lightning.errors import TrainingError
 
 _SHOW = 8  # image names shown in an error message
@@ -73,7 +74,7 @@ def _image_names(trainer: pl.Trainer | None, stage: str, rows: list[int]) -> lis
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     try:
         table = datamodule.split_table(stage)
-        return table["Image Index"].iloc[rows].astype(str).tolist()
+        return table[nih.IMAGE].iloc[rows].astype(str).tolist()
     except Exception:  # no data module (a bare model) or another layout: name the rows
         return [f"{stage} row {r}" for r in rows]
 

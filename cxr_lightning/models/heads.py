@@ -10,15 +10,41 @@ and the metrics apply the sigmoid. The four heads reproduce the seed study's var
 - ``fusion_residual``: ``fusion`` plus ``h_img`` carried around the gate. The seed added it after
   Grad-CAM found no gradient at the last convolution: a gate that learns to pass only metadata cuts
   the image branch off, the residual keeps it connected.
+
+A head is one class registered with :func:`register_head` (as timm registers its models) plus one
+``conf/head/<name>.yaml`` naming it; the yaml's other keys are the class's keyword arguments. The
+class takes ``in_features``, ``meta_dim`` and ``num_labels`` and declares ``name``, ``uses_image``
+and ``uses_meta``.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import inspect
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from cxr_lightning.errors import ConfigError
+
+HeadClass = TypeVar("HeadClass", bound=type)
+# name -> head class, filled by @register_head as the classes are defined.
+HEADS: dict[str, type[nn.Module]] = {}
+# The arguments every head receives from the model, not from its yaml.
+BUILT_ARGS = ("in_features", "meta_dim", "num_labels")
+
+
+def register_head(cls: HeadClass) -> HeadClass:
+    """Class decorator: make ``cls`` reachable as ``head.name=<cls.name>``."""
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} needs its own class attribute `name` to be registered as a head")
+    for flag in ("uses_image", "uses_meta"):
+        if not isinstance(getattr(cls, flag, None), bool):
+            raise TypeError(f"head {name!r}: {cls.__qualname__}.{flag} must be a bool")
+    if name in HEADS and HEADS[name] is not cls:
+        raise TypeError(f"head {name!r} is registered twice ({HEADS[name].__qualname__}, {cls.__qualname__})")
+    HEADS[name] = cls
+    return cls
 
 
 def _mlp(in_features: int, hidden: int, num_labels: int, dropout: float) -> nn.Sequential:
@@ -41,6 +67,7 @@ def _require_meta(name: str, meta_dim: int) -> None:
         )
 
 
+@register_head
 class BaselineHead(nn.Module):
     """MLP on the image features; metadata is ignored."""
 
@@ -56,6 +83,7 @@ class BaselineHead(nn.Module):
         return self.mlp(features)
 
 
+@register_head
 class MetadataOnlyHead(nn.Module):
     """MLP on the metadata; image features are ignored (the backbone gets no gradient)."""
 
@@ -72,6 +100,7 @@ class MetadataOnlyHead(nn.Module):
         return self.mlp(meta)
 
 
+@register_head
 class FusionHead(nn.Module):
     """Gated fusion of an image and a metadata embedding.
 
@@ -114,16 +143,12 @@ class FusionHead(nn.Module):
         return self.classifier(fused)
 
 
+@register_head
 class FusionResidualHead(FusionHead):
     """Gated fusion with the image embedding added back after the gate."""
 
     name: ClassVar[str] = "fusion_residual"
     residual: ClassVar[bool] = True
-
-
-HEADS: dict[str, type[nn.Module]] = {
-    head.name: head for head in (BaselineHead, MetadataOnlyHead, FusionHead, FusionResidualHead)
-}
 
 
 def head_class(name: str) -> type[nn.Module]:
@@ -138,18 +163,17 @@ def head_uses_image(name: str) -> bool:
     return bool(head_class(name).uses_image)
 
 
-def create_head(
-    name: str,
-    in_features: int,
-    meta_dim: int,
-    num_labels: int,
-    hidden: int = 256,
-    dropout: float = 0.5,
-) -> nn.Module:
-    """Build head ``name`` for ``in_features`` image features, ``meta_dim`` metadata values."""
+def create_head(name: str, in_features: int, meta_dim: int, num_labels: int, **options) -> nn.Module:
+    """Build head ``name`` for ``in_features`` image features, ``meta_dim`` metadata values and
+    ``num_labels`` logits; ``options`` are the other keys of its yaml (``hidden``, ``dropout``...)."""
     head = head_class(name)
+    accepted = [p for p in inspect.signature(head.__init__).parameters if p not in ("self", *BUILT_ARGS)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"head {name!r} takes no option {unknown}; its options: {accepted}.")
+    hidden, dropout = options.get("hidden", 1), options.get("dropout", 0.0)
     if num_labels < 1 or hidden < 1:
         raise ConfigError(f"head {name!r}: num_labels ({num_labels}) and hidden ({hidden}) must be positive.")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"head {name!r}: dropout={dropout} must lie in [0, 1).")
-    return head(in_features=in_features, meta_dim=meta_dim, num_labels=num_labels, hidden=hidden, dropout=dropout)
+    return head(in_features=in_features, meta_dim=meta_dim, num_labels=num_labels, **options)

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
-from cxr_lightning.models.backbones import backbone_from_config
+from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
 from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models import finetune
 from cxr_lightning.models.box_guidance import FUSIONS, box_attention_loss, box_targets, capture_output, warmup_factor
@@ -192,7 +192,13 @@ class CXRClassifier(pl.LightningModule):
         reads every attribute of the model."""
         if self.backbone is None:
             return None
-        return self.backbone.get_layer(self.hparams.backbone["cam_layer"])
+        return self.backbone.get_layer(self.cam_layer_name)
+
+    @property
+    def cam_layer_name(self) -> str:
+        """The dotted path of :attr:`cam_layer`: the config's ``cam_layer``, else its ``cam_layers``
+        entry at ``cam_stride``."""
+        return cam_layer_of(self.hparams.backbone)
 
     def cam_reshape(self, input_hw: Sequence[int]) -> ReshapeTransform | None:
         """pytorch_grad_cam's ``reshape_transform`` for ``cam_layer`` on ``input_hw`` inputs:
@@ -219,7 +225,7 @@ class CXRClassifier(pl.LightningModule):
         with capture_output(self.cam_layer) as outputs:
             logits = self(batch["image"], batch["meta"])
         if not outputs:
-            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.hparams.backbone['cam_layer']!r} gave no output "
+            raise ConfigError(f"loss.box_weight > 0: the CAM layer {self.cam_layer_name!r} gave no output "
                               "to guide (a compiled backbone can hide it); set compile=false.")
         box_loss = box_attention_loss(outputs[-1], logits, batch["box_pairs"], batch["box_masks"])
         self.log("train/box_loss", box_loss.detach(), on_step=True, on_epoch=False, sync_dist=False)

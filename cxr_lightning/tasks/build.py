@@ -6,6 +6,7 @@ takes plain values and callables, and never imports Hydra.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.selection import selection_mode
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
+from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.param_groups import GROUP_KEYS
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE
@@ -56,6 +58,9 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     if dm is not None and dm.tables is not None:
         stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill), "sampler": dm.sampler_record}
     backbone = resolve_backbone(_plain(cfg.backbone))
+    backbone["cam_layer"] = cam_layer_of(backbone)
+    config = _plain(cfg)
+    config["backbone"]["cam_layer"] = backbone["cam_layer"]
     model = CXRClassifier(
         backbone=backbone,
         head=_plain(cfg.head),
@@ -67,7 +72,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         image_size=int(cfg.data.image_size),
         **preprocessing(backbone),
         channels_last=use_channels_last(cfg),
-        config=_plain(cfg),
+        config=config,
         optimizer_factory=optimizer_factory(cfg),
         scheduler_factory=scheduler_factory(cfg),
         **stats,
@@ -76,6 +81,15 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         # In place: the state dict keeps its keys, so checkpoints load into uncompiled models.
         model.backbone.compile()
     return model
+
+
+def with_cam_layer(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``backbone.cam_layer`` set to the layer its ``cam_stride`` picks, so the run's
+    config.yaml and checkpoint name the layer itself."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.backbone.cam_layer = cam_layer_of(cfg.backbone)
+    return cfg
 
 
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:

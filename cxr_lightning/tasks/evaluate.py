@@ -45,6 +45,8 @@ from cxr_lightning.checkpoints import (
     save_calibration,
     save_thresholds,
 )
+from cxr_lightning.data import nih
+from cxr_lightning.data.nih import PATIENT
 from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation import html, report
@@ -66,9 +68,8 @@ log = logging.getLogger(__name__)
 THRESHOLD_METHODS = ("f1", "youden")
 # CheXpert calls its validation split "valid"; both names select the val split.
 SPLIT_ALIASES = {"valid": "val"}
-PATIENT = "Patient ID"
 # subgroup attribute -> split-table column (age is banded first)
-SUBGROUP_COLUMNS = {"sex": "Patient Gender", "age": "Patient Age", "view": "View Position"}
+SUBGROUP_COLUMNS = {"sex": nih.SEX, "age": nih.AGE, "view": nih.VIEW}
 
 
 @dataclass
@@ -245,7 +246,7 @@ def predictions_table(table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, lab
     gallery joins its overlays on it)."""
     return pd.concat(
         [
-            table[["Image Index", PATIENT]].reset_index(drop=True),
+            table[[nih.IMAGE, PATIENT]].reset_index(drop=True),
             pd.DataFrame(y, columns=[f"label:{n}" for n in labels]).astype("Int64"),
             pd.DataFrame(probs, columns=[f"prob:{n}" for n in labels]),
         ],

@@ -32,6 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import load_calibration, load_model, resolve_checkpoint
+from cxr_lightning.data import nih
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
 from cxr_lightning.data.tables import SPLITS
@@ -98,7 +99,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "method": method,
-        "cam_layer": model.hparams.backbone["cam_layer"],
+        "cam_layer": model.cam_layer_name,
         "split": split,
         "n_images": len(shown),
         "n_cams": len(result.pairs),
@@ -263,9 +264,9 @@ def _localization(
     if boxes is None:
         log.info("No %s in the data: no localisation scores.", "bounding-box table")
         return {"localization.n_images": 0, "localization.n_boxes": 0}
-    boxed_names = set(boxes["Image Index"])
+    boxed_names = set(boxes[nih.IMAGE])
     if split is not None:
-        rows = np.flatnonzero(dm.split_table(split)["Image Index"].isin(boxed_names).to_numpy())
+        rows = np.flatnonzero(dm.split_table(split)[nih.IMAGE].isin(boxed_names).to_numpy())
         images = load_split(dm, split, rows)
     else:
         images = shown.take([i for i, n in enumerate(shown.names) if n in boxed_names])

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from cxr_lightning import inference
 from cxr_lightning.calibration import Calibration
 from cxr_lightning.checkpoints import load_calibration, load_model, load_thresholds, resolve_checkpoint
-from cxr_lightning.data import cohort, images
+from cxr_lightning.data import cohort, images, nih
+from cxr_lightning.data.sources.common import FRONTAL_VIEWS
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import atomic_path
 from cxr_lightning.models.module import CXRClassifier
@@ -48,9 +49,8 @@ from cxr_lightning.run_dir import PREDICTIONS
 log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-FRONTAL_VIEWS = ("PA", "AP")
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")
-CSV_KEYS = ("file", "Image Index")
+CSV_KEYS = ("file", nih.IMAGE)
 CSV_FIELDS = ("age", "sex", "view")
 # raw_probabilities=true: the model's uncalibrated outputs as raw:<label> columns
 RAW_PREFIX = "raw:"

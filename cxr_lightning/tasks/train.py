@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning import files
 from cxr_lightning.callbacks import FitThroughput
 from cxr_lightning.checkpoints import AtomicCheckpointIO
+from cxr_lightning.data import nih
 from cxr_lightning.run_dir import RunDir
 from cxr_lightning.selection import selection_mode
-from cxr_lightning.tasks.build import box_weight, build_callbacks, build_datamodule, build_model
+from cxr_lightning.tasks.build import box_weight, build_callbacks, build_datamodule, build_model, with_cam_layer
 from cxr_lightning.tasks.resume import resolve_resume
 from cxr_lightning.tasks.validate import validate_config
 
@@ -30,6 +31,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
     cfg, ckpt_path = resolve_resume(cfg)
     validate_config(cfg, ckpt_path)
+    cfg = with_cam_layer(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "label_names": dm.label_names,
         "meta_names": dm.meta_names,
         "n_images": {s: len(dm.split_table(s)) for s in ("train", "val", "test")},
-        "n_patients": {s: int(dm.split_table(s)["Patient ID"].nunique()) for s in ("train", "val", "test")},
+        "n_patients": {s: int(dm.split_table(s)[nih.PATIENT].nunique()) for s in ("train", "val", "test")},
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
         "loss": cfg.loss.name,

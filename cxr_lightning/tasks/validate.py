@@ -6,6 +6,7 @@ not after the label table, the image index and a model have been built.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -121,7 +122,7 @@ def check_data_root(data: DictConfig) -> None:
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:
     from cxr_lightning.models import folders
-    from cxr_lightning.models.backbones import check_name_and_pool
+    from cxr_lightning.models.backbones import cam_layer_of, check_name_and_pool
     from cxr_lightning.models.reshape import CAM_RESHAPES
     from cxr_lightning.models.weights import WEIGHT_SOURCES
 
@@ -164,9 +165,45 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
             f"backbone.weights_source={source} needs its weights: pass backbone.weights=PATH (a state dict file, "
             "or a timm / Hugging Face folder; see notes/backbones.md for the layouts)."
         )
+    cam_layer = cam_layer_of(backbone)
     reshape = backbone.get("cam_reshape")
     if reshape is not None and reshape not in CAM_RESHAPES:
         raise ConfigError(f"backbone.cam_reshape={reshape!r} is unknown; use one of {list(CAM_RESHAPES)} or null.")
+    if fmt == "timm":  # a folder format's encoder is checked from its folder's config above
+        check_backbone_builds(backbone, image_size, cam_layer)
+
+
+def check_backbone_builds(backbone: DictConfig, image_size: int, cam_layer: str) -> None:
+    """timm builds the network with these options, and it has the CAM layer: built on the meta
+    device (shapes only, no memory, no weights), so an experiment's option that this backbone
+    lacks (stochastic depth, a pooling, a layer name) is refused now, in one line."""
+    from cxr_lightning.models.backbones import takes_input_size
+
+    name, drop_path = str(backbone.name), float(backbone.get("drop_path_rate", 0.0) or 0.0)
+    size = image_size if takes_input_size(name) else None
+    problem = _build_problem(name, str(backbone.get("global_pool", "avg")), drop_path, size, cam_layer)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_problem(name: str, global_pool: str, drop_path: float, image_size: int | None, cam_layer: str) -> str | None:
+    # Cached: a sweep validates the same backbone once per job.
+    import torch
+
+    from cxr_lightning.models.backbones import create_backbone
+
+    try:
+        with torch.device("meta"):
+            built = create_backbone(name, global_pool=global_pool, drop_path_rate=drop_path, img_size=image_size)
+        built.get_layer(cam_layer)
+    except ConfigError as exc:
+        if drop_path and "drop_path_rate" in str(exc):
+            return (f"backbone.drop_path_rate={drop_path}: timm's {name} has no stochastic depth; pass "
+                    "backbone.drop_path_rate=0.0, or a backbone that has it (resnet, efficientnet, convnext, "
+                    "vit, swin).")
+        return str(exc)
+    return None
 
 
 def check_head(name: str) -> None:
