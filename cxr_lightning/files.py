@@ -67,3 +67,33 @@ def file_digest(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# A spreadsheet reads a cell starting with one of these as a formula (CSV injection): a label,
+# file or group name from someone else's file must stay text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` with a leading ``'`` when it is text a spreadsheet would run as a formula; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(frame: Any, path: str | os.PathLike, index: bool = False) -> Path:
+    """``frame.to_csv`` written atomically, every text cell, header and index value through :func:`csv_cell`."""
+    safe = frame.rename(columns=csv_cell)
+    if index:
+        safe = safe.rename(index=csv_cell)
+    from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_numeric_dtype
+
+    text_columns = [
+        c for c in safe.columns
+        if not (is_numeric_dtype(safe[c]) or is_bool_dtype(safe[c]) or is_datetime64_any_dtype(safe[c]))
+    ]
+    for column in text_columns:
+        safe[column] = safe[column].map(csv_cell, na_action="ignore")
+    with atomic_path(path) as tmp:
+        safe.to_csv(tmp, index=index)
+    return Path(path)

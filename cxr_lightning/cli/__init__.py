@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import signal
 import sys
 import time
@@ -47,8 +48,28 @@ class JobError(CompactHydraException):
     """A framework error inside a multirun job: Hydra prints its message alone, on one line."""
 
 
+class _DropMessages(logging.Filter):
+    """Drops the log records of one logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *patterns: str) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.patterns)
+
+
+# Lightning's info lines that say nothing about this run: an advertisement for its cloud logger,
+# and limit_*_batches=1.0 (the default, every batch) announced as if it were a choice.
+LIGHTNING_NOISE = _DropMessages(r"💡 Tip: ", r"`Trainer\(limit_\w+_batches=1\.0\)` was configured so 100%")
+
+
 def quiet_known_warnings() -> None:
     """Warnings a user cannot act on, filtered where a run starts (never at import)."""
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if LIGHTNING_NOISE not in rank_zero.filters:
+        rank_zero.addFilter(LIGHTNING_NOISE)
     # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, once per batch.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # The model, not the data module, preprocesses batches (models/preprocess.py), by design.

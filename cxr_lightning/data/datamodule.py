@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Sampler
 from cxr_lightning.data.augment import BatchAugment
 from cxr_lightning.data.boxes import ImageBoxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
-from cxr_lightning.data.dataset import CXRDataset
+from cxr_lightning.data import images
+from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
 from cxr_lightning.data import sources
 from cxr_lightning.data.samplers import build_sampler, check_sampler, sampling_weights, weighted_label_statistics
@@ -80,6 +81,7 @@ class CXRDataModule(pl.LightningDataModule):
         no_finding_keep: float = 0.5,
         sampler_seed: int = 0,
         train_boxes: bool = False,
+        max_pixels: int = images.MAX_PIXELS,
     ) -> None:
         super().__init__()
         sources.get(source)  # ConfigError naming the known sources
@@ -95,6 +97,11 @@ class CXRDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.fold={fold} data.folds={folds}: need folds >= 2 and 0 <= fold < folds.")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction}: must lie strictly between 0 and 1.")
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ConfigError(f"data.max_pixels={max_pixels!r}: the pixel budget is a positive number of pixels.")
+        self.max_pixels = max_pixels
+        # Files a Trainer's loader could not decode (data.on_missing=skip), counted in metrics.json.
+        self.skipped_images: set[str] = set()
         self.source = source
         self.cache_dir = Path(cache_dir).expanduser()
         self.demo_params = dict(demo or {})
@@ -169,7 +176,7 @@ class CXRDataModule(pl.LightningDataModule):
             hint = ("Lightning's Trainer calls prepare_data() first, which generates it" if self.source == "demo"
                     else f"Point it at the folder of the {self.source} download (see README, 'Using the real dataset')")
             raise DataError(f"data.root={self.root} does not exist. {hint}.")
-        tables = build_tables(self.root, workers=self.num_workers, **self.split_options)
+        tables = build_tables(self.root, workers=self.num_workers, max_pixels=self.max_pixels, **self.split_options)
         if tables.label_names != self.label_names or tables.meta_names != self.meta_names:
             raise DataError(f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names}).")
         self.tables = tables
@@ -262,7 +269,7 @@ class CXRDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------
     # Loaders
-    def dataset(self, split: str) -> CXRDataset:
+    def dataset(self, split: str, skip_unreadable: bool = False) -> CXRDataset:
         return CXRDataset(
             self.split_table(split),
             label_cols=self.label_cols,
@@ -270,12 +277,21 @@ class CXRDataModule(pl.LightningDataModule):
             image_size=self.image_size,
             cache=self._opened_cache(),
             boxes=self.training_boxes() if split == "train" and self.train_boxes else None,
+            max_pixels=self.max_pixels,
+            skip_unreadable=skip_unreadable,
         )
 
-    def loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
-        # A sampler (the benchmark's draws with replacement) replaces shuffling.
+    def record_skipped(self, files: list[str]) -> None:
+        """Note the files a Trainer's batch left out (:func:`~cxr_lightning.data.dataset.collate_readable`)."""
+        self.skipped_images.update(map(str, files))
+
+    def loader(
+        self, split: str, shuffle: bool, sampler: Sampler | None = None, skip_unreadable: bool = False
+    ) -> DataLoader:
+        # A sampler (the benchmark's draws with replacement) replaces shuffling. Only a Trainer's
+        # loaders skip an image that fails to decode: evaluation needs one prediction per table row.
         return DataLoader(
-            self.dataset(split),
+            self.dataset(split, skip_unreadable),
             batch_size=self.batch_size,
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
@@ -283,10 +299,15 @@ class CXRDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            **({"collate_fn": collate_readable} if skip_unreadable else {}),
         )
 
+    @property
+    def _skips(self) -> bool:
+        return self.split_options["on_missing"] == "skip"
+
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True, sampler=self.train_sampler())
+        return self.loader("train", shuffle=True, sampler=self.train_sampler(), skip_unreadable=self._skips)
 
     def train_sampler(self) -> Sampler | None:
         """``data.sampler``'s training sampler for this rank (None for ``random``: shuffled).
@@ -299,10 +320,10 @@ class CXRDataModule(pl.LightningDataModule):
         return build_sampler(self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"))
+        return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"), skip_unreadable=self._skips)
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"))
+        return self.loader("test", shuffle=False, sampler=self._eval_sampler("test"), skip_unreadable=self._skips)
 
     def _eval_sampler(self, split: str) -> Sampler | None:
         """Under DDP, each validation/test image goes to exactly one rank.

@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 class CXRDataset(Dataset):
     """Rows of ``table`` as samples: ``image`` uint8 ``(1, S, S)``, ``meta`` float32 ``(M,)``,
     ``labels`` float32 ``(L,)``, ``index`` (the row in ``table``); with ``boxes`` (box-guided
-    training) also ``boxes`` float32 ``(K, 4)`` and ``box_labels`` int64 ``(K,)`` of that row.
+    training) also ``boxes`` float32 ``(K, 4)``, ``box_labels`` and ``box_readers`` int64 ``(K,)``
+    of that row.
 
     Pixels come from ``cache`` when given (looked up by ``Image Index``), else are decoded from
-    ``table["path"]`` and resized. An image that fails to decode stops the run with a
-    :class:`DataError` naming it: the data module leaves unreadable images out at setup when asked
-    (``data.on_missing=skip data.verify_images=true``), so one failing now broke since.
+    ``table["path"]`` (under the pixel budget ``max_pixels``) and resized. An image that fails to
+    decode stops the run with a :class:`DataError` naming it, unless ``skip_unreadable``
+    (``data.on_missing=skip``, for the loaders a Trainer runs): then the sample is ``None``, which
+    :func:`collate_readable` leaves out of its batch and lists under ``"skipped"``.
     """
 
     def __init__(
@@ -42,7 +44,10 @@ class CXRDataset(Dataset):
         image_size: int,
         cache: ImageCache | None = None,
         boxes: ImageBoxes | None = None,
+        max_pixels: int | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
+        self.max_pixels, self.skip_unreadable = max_pixels, bool(skip_unreadable)
         needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
         absent = [c for c in needed if c not in table.columns]
         if absent:
@@ -68,10 +73,13 @@ class CXRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int] | None:
         try:
             pixels = self._pixels(index)
         except DataError as exc:
+            if self.skip_unreadable:
+                log.warning("Skipping an unreadable image (data.on_missing=skip): %s", exc)
+                return {SKIPPED: self.paths[index] if self.paths else self.names[index]}
             raise DataError(
                 f"{exc} (row {index}). To leave unreadable images out of the run, pass "
                 f"data.on_missing=skip data.verify_images=true."
@@ -85,12 +93,14 @@ class CXRDataset(Dataset):
         if self.boxes is not None:
             sample["boxes"] = torch.from_numpy(self.boxes.boxes[index])
             sample["box_labels"] = torch.from_numpy(self.boxes.labels[index])
+            if self.boxes.readers is not None:
+                sample["box_readers"] = torch.from_numpy(self.boxes.readers[index])
         return sample
 
     def _pixels(self, index: int) -> np.ndarray:
         if self.cache is not None:
             return self.cache[int(self.cache_rows[index])]
-        return images.load_resized(self.paths[index], self.image_size)
+        return images.load_resized(self.paths[index], self.image_size, self.max_pixels)
 
 
 def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str, allow_missing: bool = False) -> np.ndarray:
@@ -108,13 +118,29 @@ def _float_block(table: pd.DataFrame, cols: Sequence[str], what: str, allow_miss
     return np.ascontiguousarray(block)
 
 
-def find_unreadable(paths: Sequence[str], workers: int = 1) -> list[str]:
-    """The subset of ``paths`` that fail :func:`images.check_readable`, in input order; the reasons
-    are logged. Runs in ``workers`` threads: the check is file I/O and CRCs, which release the GIL."""
+# The key of a sample that could not be decoded (it holds the file), and of a batch's list of them.
+SKIPPED = "skipped"
+
+
+def collate_readable(samples: list[dict]) -> dict:
+    """``default_collate`` of the decoded samples; the files that could not be decoded under
+    ``"skipped"`` (a batch of only those holds nothing else: the model's steps pass it by)."""
+    from torch.utils.data import default_collate
+
+    skipped = [s[SKIPPED] for s in samples if SKIPPED in s]
+    readable = [s for s in samples if SKIPPED not in s]
+    batch = default_collate(readable) if readable else {}
+    batch[SKIPPED] = skipped
+    return batch
+
+
+def find_unreadable(paths: Sequence[str], workers: int = 1, max_pixels: int | None = None) -> list[str]:
+    """The subset of ``paths`` that fail :func:`images.check_readable` (a full decode), in input order;
+    the reasons are logged. Runs in ``workers`` threads: decoding releases the GIL."""
     paths = [str(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(
-            track(pool.map(_unreadable_reason, paths), total=len(paths), description="Checking images", transient=True)
+            track(pool.map(_unreadable_reason, paths, [max_pixels] * len(paths)), total=len(paths), description="Checking images", transient=True)
         )
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     for _, reason in bad[:20]:
@@ -124,9 +150,9 @@ def find_unreadable(paths: Sequence[str], workers: int = 1) -> list[str]:
     return [p for p, _ in bad]
 
 
-def _unreadable_reason(path: str) -> str | None:
+def _unreadable_reason(path: str, max_pixels: int | None = None) -> str | None:
     try:
-        images.check_readable(path)
+        images.check_readable(path, max_pixels)
     except DataError as exc:
         return str(exc)
     return None

@@ -20,18 +20,27 @@ from cxr_lightning.errors import DataError
 # Recorded in the cache fingerprint: changing the resampling must invalidate every cache.
 RESIZE_METHOD = "PIL-bilinear-antialias"
 
-# The largest image decoded: 100 megapixels (10000 x 10000), five times the largest radiography
-# detectors (about 4300 x 4300 for chest, 4096 x 5120 for mammography). It is checked from the
-# header, before any pixel is decoded, so a decompression bomb (a small file that decodes to
-# gigapixels) or a DICOM header promising more is refused in milliseconds instead of exhausting
-# memory. PIL's own guard (Image.MAX_IMAGE_PIXELS) only warns below twice its 89 MP limit.
+# The pixel budget: the largest image decoded, 100 megapixels (10000 x 10000) of 8-bit gray, five
+# times the largest radiography detectors (about 4300 x 4300 for chest, 4096 x 5120 for
+# mammography); ``data.max_pixels`` (and predict's ``max_pixels``) set another. An image counts at
+# its decoded size: a 16-bit pixel counts twice, an RGB one three times. It is checked from the
+# header (for a compressed DICOM, from its frame's own codestream header too), before any pixel is
+# decoded, so a decompression bomb (a small file that decodes to gigapixels) or a header promising
+# more is refused in milliseconds instead of exhausting memory. PIL's own guard
+# (Image.MAX_IMAGE_PIXELS) only warns below twice its 89 MP limit.
 MAX_PIXELS = 100_000_000
+# The decoders a file may reach: PIL has plugins for dozens of formats (EPS runs Ghostscript),
+# and an X-ray is PNG, JPEG or DICOM.
+PIL_FORMATS = ("PNG", "JPEG")
+# Bytes per pixel once decoded, by PIL mode (what the budget counts).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "RGBa": 4,
+               "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 _DICOM_MAGIC_OFFSET = 128
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Decode ``path`` to a ``uint8`` array of shape ``(H, W)``.
 
     PNG/JPEG/other PIL formats: gray stays gray, 16-bit gray is scaled by its bit depth
@@ -39,13 +48,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     does and alpha is dropped. DICOM (``.dcm`` or the ``DICM`` magic): modality LUT (rescale
     slope/intercept), VOI LUT or window, MONOCHROME1 inverted, then min-max scaled to 0..255.
 
-    Raises :class:`DataError` naming the file for anything missing, empty, truncated or undecodable.
+    Raises :class:`DataError` naming the file for anything missing, empty, truncated, undecodable, of
+    another format, or over the pixel budget ``max_pixels`` (default :data:`MAX_PIXELS`).
     """
     path = Path(path)
     _check_nonempty(path)
+    budget = MAX_PIXELS if max_pixels is None else int(max_pixels)
     if _is_dicom(path):
-        return _read_dicom(path)
-    return _read_pil(path)
+        return _read_dicom(path, budget)
+    return _read_pil(path, budget)
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -63,23 +74,36 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.array(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))  # writable copy
 
 
-def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_resized(path: str | os.PathLike, size: int, max_pixels: int | None = None) -> np.ndarray:
     """``resize(read_image(path), size)``: the one way pixels enter the framework."""
-    return resize(read_image(path), size)
+    return resize(read_image(path, max_pixels), size)
 
 
 def read_dicom_demographics(path: str | os.PathLike) -> dict[str, Any]:
     """Age (float years), sex (``"M"``/``"F"``) and view (``"PA"``, ``"AP"``, ``"LL"``...) from a
     DICOM header; each is ``None`` when the tag is absent or unusable."""
+    header = read_dicom_header(path)
+    return {k: header[k] for k in ("age", "sex", "view")}
+
+
+def read_dicom_header(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_dicom_demographics` plus the image's ``rows`` and ``columns`` (its pixel size,
+    which box coordinates refer to), from the header alone; sizes are ``None`` when absent."""
     path = Path(path)
     _check_nonempty(path)
     ds = _dcmread(path, stop_before_pixels=True)
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        rows = cols = 0
     return {
         "age": parse_dicom_age(str(ds.get("PatientAge", "") or "")),
         "sex": sex if sex in ("M", "F") else None,
         "view": view or None,
+        "rows": rows or None,
+        "columns": cols or None,
     }
 
 
@@ -89,33 +113,13 @@ def parse_dicom_age(value: str) -> float | None:
     return None if pd.isna(years) else float(years)
 
 
-def check_readable(path: str | os.PathLike) -> None:
-    """Cheap check that ``path`` can be decoded, without decoding the pixels; :class:`DataError` if not.
+def check_readable(path: str | os.PathLike, max_pixels: int | None = None) -> None:
+    """That ``path`` decodes in full (``data.verify_images=true``); :class:`DataError` if not.
 
-    PIL formats must pass ``Image.verify`` (for PNG: every chunk's CRC up to IEND, so truncated files
-    are caught; for JPEG only the header is checked); DICOM needs a parseable header with pixel data.
+    A full decode, not a header check: a truncated JPEG, or DICOM pixel data cut short, passes every
+    header check and fails only when decoded, which would otherwise stop a run later.
     """
-    path = Path(path)
-    _check_nonempty(path)
-    if _is_dicom(path):
-        # defer_size: large elements (the pixels) are not read, only located.
-        ds = _dcmread(path, defer_size=1024)
-        if "PixelData" not in ds:
-            raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
-        _check_dicom_size(path, ds)
-        return
-    try:
-        with Image.open(path) as im:
-            _check_pixel_count(path, im.width, im.height)
-            im.verify()
-    except DataError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise _too_large(path, str(exc)) from None
-    except UnidentifiedImageError:
-        raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
-    except Exception as exc:  # PIL signals corruption with OSError, SyntaxError, struct.error...
-        raise DataError(f"Image file {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
+    read_image(path, max_pixels)
 
 
 # Thresholds of scaling_problem: a radiograph spreads over most of 0..255 (min-max scaled DICOMs
@@ -179,22 +183,29 @@ def _is_dicom(path: Path) -> bool:
         raise DataError(f"Image file {path} cannot be read: {exc}") from exc
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(path: Path, budget: int) -> np.ndarray:
     try:
-        with Image.open(path) as im:  # reads the header only
-            _check_pixel_count(path, im.width, im.height)
+        with Image.open(path, formats=PIL_FORMATS) as im:  # reads the header only
+            _check_pixel_count(path, im.width, im.height, budget, bytes_per_pixel=_MODE_BYTES.get(im.mode, 4))
             im.load()
             return _pil_to_gray(im, path)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
-        raise _too_large(path, str(exc)) from None
+        raise _too_large(path, str(exc), budget) from None
     except UnidentifiedImageError:
-        raise DataError(f"Image file {path} is not an image format PIL can read (PNG, JPEG, ...).") from None
+        raise DataError(
+            f"Image file {path} is not a PNG or JPEG (nor DICOM); other formats are not decoded. Convert it to PNG."
+        ) from None
     except Exception as exc:  # PIL signals truncation/corruption with OSError, SyntaxError, ValueError, zlib.error...
         raise DataError(
             f"Image file {path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-download or remove it."
         ) from exc
+
+
+# 16-bit gray -> 8-bit, round(v * 255 / 65535): a table lookup allocates only the 8-bit result
+# (int64 arithmetic would need 8 bytes per pixel, several times over).
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.int64) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
@@ -202,41 +213,106 @@ def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
     if im.mode in _SIXTEEN_BIT_MODES:
         # PIL's own I;16 -> L conversion clips at 255 instead of scaling, so scale here.
-        values = np.asarray(im).astype(np.int64)
-        if values.min() < 0 or values.max() > 65535:
+        values = np.asarray(im)
+        if values.dtype.kind != "u" and (values.min() < 0 or values.max() > 65535):
             raise DataError(
                 f"Image file {path}: 32-bit integer pixels outside the 16-bit range are not supported; "
                 f"save it as an 8- or 16-bit PNG."
             )
-        return ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return _SIXTEEN_TO_EIGHT[values]
     if im.mode == "F":
         raise DataError(f"Image file {path}: floating-point images are not supported; save it as an 8- or 16-bit PNG.")
     # RGB(A), LA, P, 1, CMYK, YCbCr: PIL's ITU-R 601-2 luma, which maps gray RGB to itself.
     return np.asarray(im.convert("L"), dtype=np.uint8).copy()
 
 
-def _check_pixel_count(path: Path, width: int, height: int, frames: int = 1) -> None:
-    if width * height * frames > MAX_PIXELS:
-        size = f"{width} x {height}{f' x {frames} frames' if frames > 1 else ''} pixels ({width * height * frames / 1e6:.0f} MP)"
-        raise _too_large(path, size)
+def _check_pixel_count(
+    path: Path, width: int, height: int, budget: int, frames: int = 1, bytes_per_pixel: int = 1
+) -> None:
+    pixels = width * height * frames
+    if pixels * bytes_per_pixel > budget:
+        size = f"{width} x {height}{f' x {frames} frames' if frames > 1 else ''} pixels ({pixels / 1e6:.0f} MP)"
+        if bytes_per_pixel > 1:
+            size += f" of {bytes_per_pixel} bytes each, {pixels * bytes_per_pixel / 1e6:.0f} MP decoded"
+        raise _too_large(path, size, budget)
 
 
-def _too_large(path: Path, size: str) -> DataError:
+def _too_large(path: Path, size: str, budget: int = MAX_PIXELS) -> DataError:
     return DataError(
-        f"Image file {path} declares {size}, more than the {MAX_PIXELS / 1e6:.0f} MP limit "
-        "(cxr_lightning.data.images.MAX_PIXELS): not decoding it. A radiograph is at most about 20 MP; "
+        f"Image file {path} declares {size}, more than the {budget / 1e6:.0f} MP limit "
+        "(data.max_pixels): not decoding it. A radiograph is at most about 20 MP; "
         "downscale the image, or check where the file came from (a decompression bomb looks like this)."
     )
 
 
-def _check_dicom_size(path: Path, ds: Any) -> None:
-    """Rows x Columns x frames x samples from the header, before the pixel data is read."""
+def _check_dicom_size(path: Path, ds: Any, budget: int) -> None:
+    """Rows x Columns x frames x samples x bytes per sample from the header, before the pixel data is read."""
     try:
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         frames = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1)
+        depth = max(1, (int(ds.get("BitsAllocated", 8) or 8) + 7) // 8)
     except (TypeError, ValueError) as exc:
         raise DataError(f"DICOM file {path}: unreadable image size in its header ({exc}).") from None
-    _check_pixel_count(path, cols, rows, frames)
+    _check_pixel_count(path, cols, rows, budget, frames, bytes_per_pixel=depth)
+
+
+# The transfer syntaxes decoded: uncompressed, JPEG (baseline, extended, lossless), JPEG-LS, JPEG
+# 2000, HTJ2K and RLE. Deflate compresses the whole data set, header included, so it could not be
+# sized before inflating: refused.
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOFn markers, and JPEG-LS's SOF55
+
+
+def _frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a compressed frame's own header (JPEG family, JPEG 2000), None if it has none (RLE)."""
+    if frame[:2] == b"\xff\xd8":  # JPEG, JPEG-LS: walk the marker segments up to the frame header
+        i = 2
+        while i + 9 <= len(frame):
+            if frame[i] != 0xFF:
+                return None
+            marker = frame[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _JPEG_SOF:
+                return int.from_bytes(frame[i + 7:i + 9], "big"), int.from_bytes(frame[i + 5:i + 7], "big")
+            i += 2 + int.from_bytes(frame[i + 2:i + 4], "big")
+        return None
+    siz = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ, also inside a JP2 box
+    if siz >= 0 and siz + 24 <= len(frame):
+        x, y, x0, y0 = (int.from_bytes(frame[siz + 8 + 4 * k:siz + 12 + 4 * k], "big") for k in range(4))
+        return x - x0, y - y0
+    return None
+
+
+def _check_compressed_frame(path: Path, ds: Any, budget: int) -> None:
+    """A compressed frame decodes to what its codestream says, whatever the DICOM header claims:
+    refuse one whose own size disagrees with the header, or exceeds the budget, before decoding."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return
+    if str(syntax) == _DEFLATED:
+        raise DataError(f"DICOM file {path}: the deflated transfer syntax is not decoded (it cannot be sized "
+                        "before inflating); save it uncompressed or JPEG-compressed.")
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception as exc:  # no items, a broken offset table
+        raise DataError(
+            f"DICOM file {path}: its compressed pixel data is malformed ({type(exc).__name__}: {exc})."
+        ) from None
+    size = _frame_size(frame)
+    if size is None:
+        return
+    width, height = size
+    depth = max(1, (int(ds.get("BitsAllocated", 8) or 8) + 7) // 8)
+    _check_pixel_count(path, width, height, budget, bytes_per_pixel=depth)
+    if (height, width) != (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))):
+        raise DataError(
+            f"DICOM file {path}: its compressed frame holds {width} x {height} pixels but its header says "
+            f"{ds.get('Columns')} x {ds.get('Rows')}; the file is inconsistent, not decoding it."
+        )
 
 
 def _dcmread(path: Path, **kwargs: Any):
@@ -252,7 +328,7 @@ def _dcmread(path: Path, **kwargs: Any):
         raise DataError(f"DICOM file {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, budget: int) -> np.ndarray:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
@@ -261,7 +337,8 @@ def _read_dicom(path: Path) -> np.ndarray:
     ds = _dcmread(path, defer_size=1024)  # the pixel data is read only when decoded below
     if "PixelData" not in ds:
         raise DataError(f"DICOM file {path} holds no pixel data (PixelData tag missing).")
-    _check_dicom_size(path, ds)
+    _check_dicom_size(path, ds, budget)
+    _check_compressed_frame(path, ds, budget)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # truncated data, or no decoder plug-in for a compressed transfer syntax
@@ -281,8 +358,16 @@ def _read_dicom(path: Path) -> np.ndarray:
         )
     if pixels.ndim != 2:
         raise DataError(f"DICOM file {path}: expected one 2-D frame, got pixel data of shape {pixels.shape}.")
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    try:
+        values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    except Exception as exc:  # WindowWidth=0 or < 1, a VOI LUT whose descriptor does not fit its data...
+        raise DataError(
+            f"DICOM file {path}: its rescale, window or VOI LUT tags cannot be applied ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); fix WindowCenter/WindowWidth or the LUT, or remove the file."
+        ) from None
     lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataError(f"DICOM file {path}: its rescaled pixel values are not finite (RescaleSlope/Intercept?).")
     scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     if photometric == "MONOCHROME1":  # low values are white: invert so that bone is bright
         scaled = 255.0 - scaled

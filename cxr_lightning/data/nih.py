@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 NIH_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 LABEL_TABLE = "Data_Entry_2017_v2020.csv"
+# Written beside the label table by the demo generator (data/demo), so logs name the table for what it is.
+DEMO_MARKER = "DEMO_README.txt"
 # In order of preference: v2020 carries NIH's 2020 relabelling of 181 images.
 LABEL_TABLES = (LABEL_TABLE, "Data_Entry_2017.csv", "sample_labels.csv")
 # Byte for byte, so that files written here read like NIH's (see _COLUMN_ALIASES for the split).
@@ -404,7 +406,9 @@ def _read_list(path: Path) -> set[str]:
 
 
 def _log_table_choice(path: Path, df: pd.DataFrame) -> None:
-    if path.name == LABEL_TABLES[0]:
+    if any((path.parent / name).is_file() for name in (DEMO_MARKER, "demo.json")):
+        note = "the generated demo's table: synthetic, not evidence about X-rays"
+    elif path.name == LABEL_TABLES[0]:
         note = "NIH's 2020 revision, which relabelled 181 images"
     else:
         note = (f"older than {LABEL_TABLES[0]}, in which NIH relabelled 181 images; "

@@ -113,6 +113,7 @@ def build_tables(
     verify_images: bool = False,
     workers: int = 1,
     age_fill: float | None = None,
+    max_pixels: int | None = None,
 ) -> SplitTables:
     """Read the dataset ``source`` at ``root`` and build its split tables; see :class:`SplitTables`.
 
@@ -150,7 +151,7 @@ def build_tables(
     frontal.attrs.update(full.attrs)
     table = reader.attach_paths(frontal, root, on_missing)
     if verify_images:
-        table = _drop_unreadable(table, on_missing, workers)
+        table = _drop_unreadable(table, on_missing, workers, max_pixels)
 
     table["split"] = reader.split(table, root, val_fraction, test_fraction, split_seed)
     if folds is not None:
@@ -218,8 +219,8 @@ def _fold_split(table: pd.DataFrame, fold: int | None, folds: int, seed: int) ->
     return split
 
 
-def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int) -> pd.DataFrame:
-    bad = find_unreadable(table["path"].tolist(), workers=max(1, workers))
+def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int, max_pixels: int | None = None) -> pd.DataFrame:
+    bad = find_unreadable(table["path"].tolist(), workers=max(1, workers), max_pixels=max_pixels)
     if not bad:
         return table
     if on_missing == "error":

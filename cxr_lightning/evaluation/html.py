@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_lightning import schema
 from cxr_lightning.data import nih
+from cxr_lightning.errors import DataError
 from cxr_lightning.files import write_text
 from cxr_lightning.run_dir import EvaluationDir, ExplainDir, RunDir
 
@@ -187,7 +188,11 @@ def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    # A run directory's files may come from someone else: plain data under the schema's bounds.
+    if not path.is_file():
+        return {}
+    check = schema.Checker(str(path), DataError)
+    return schema.mapping(schema.read_json(path, check), check, "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = True) -> 
     (``DataFrame.to_markdown`` would need the ``tabulate`` package for these few lines.)
     """
     table = frame.reset_index() if index else frame
-    header = [str(c) for c in table.columns]
+    header = [md(c) for c in table.columns]
     cells = [[_cell(v, digits) for v in row] for row in table.itertuples(index=False)]
     numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
     rule = ["---:" if is_num else "---" for is_num in numeric]
@@ -51,7 +51,34 @@ def _cell(value: Any, digits: int) -> str:
         return "n/a"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|")
+    return md(value)
+
+
+# What a Markdown viewer would read as HTML (a <script>, an <img onerror>), a link or an image (a
+# tracking pixel), a code span's end or a table cell's end: text taken from a checkpoint, a run
+# directory or a data table (label names, config values, paths) is shown, never interpreted.
+_MD_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "'", "|": "\\|", "[": "\\[", "]": "\\]", "\n": " ", "\r": " "}
+)
+
+
+def md(value: Any) -> str:
+    """``value`` as inert Markdown text (see :data:`_MD_ESCAPES`)."""
+    return str(value).translate(_MD_ESCAPES)
+
+
+def md_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every string (and every string in a list) through :func:`md`; numbers stay numbers."""
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return md(v)
+        if isinstance(v, (list, tuple)):
+            return [one(x) for x in v]
+        if isinstance(v, Mapping):
+            return {md(k): one(x) for k, x in v.items()}
+        return v
+
+    return {k: one(v) for k, v in values.items()}
 
 
 def interval(estimate: float, lower: float, upper: float, digits: int = 3) -> str:
@@ -61,6 +88,11 @@ def interval(estimate: float, lower: float, upper: float, digits: int = 3) -> st
     if lower is None or not (np.isfinite(lower) and np.isfinite(upper)):
         return f"{estimate:.{digits}f}"
     return f"{estimate:.{digits}f} ({lower:.{digits}f}–{upper:.{digits}f})"
+
+
+def _settings_table(config: Mapping[str, Any]) -> str:
+    settings = pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]})
+    return markdown_table(settings, index=False)
 
 
 def render_report(
@@ -77,6 +109,8 @@ def render_report(
     threshold settings); ``config`` the checkpoint's training-config summary; ``per_class`` and
     ``subgroups`` the tables ``evaluate`` writes as CSV.
     """
+    settings = _settings_table(config)
+    summary, config = md_values(summary), md_values(config)
     level = round(100 * (1 - float(summary["alpha"])))
     boot = f"{summary['n_boot']} patient-level bootstrap resamples (seed {summary['seed']})"
     lines = [
@@ -96,7 +130,7 @@ def render_report(
         "",
         "## Model",
         "",
-        markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False),
+        settings,
         "## Per-label results",
         "",
         f"AUROC and AUPRC with {level}% intervals; sensitivity, specificity, precision and F1 at the "
@@ -201,6 +235,8 @@ def render_model_card(
     """The text of ``model_card.md``: intended use and limits, data, results, training, and the
     TRIPOD+AI / CLAIM items the framework knows. ``data`` has one row per label plus ``images``
     and ``patients`` rows, one column per split (counts) and ``<split> prevalence`` columns."""
+    settings = _settings_table(config)
+    summary, config = md_values(summary), md_values(config)
     level = round(100 * (1 - float(summary["alpha"])))
     mean = per_class.loc["mean"]
     demo = str(config.get("data_source")) == "demo"
@@ -250,7 +286,7 @@ def render_model_card(
         markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
         "## Training",
         "",
-        markdown_table(pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]}), index=False),
+        settings,
         "## Reporting checklists (TRIPOD+AI, CLAIM): items this framework records",
         "",
         "| item | where |",

@@ -159,6 +159,11 @@ class CXRClassifier(pl.LightningModule):
         if not isinstance(batch, dict):
             return batch
         trainer = self._trainer
+        skipped = batch.pop("skipped", None)  # files this batch could not decode (data.on_missing=skip)
+        if skipped and trainer is not None and hasattr(trainer.datamodule, "record_skipped"):
+            trainer.datamodule.record_skipped(skipped)
+        if "image" not in batch:  # every image of the batch was skipped
+            return batch
         training = trainer is not None and trainer.training
         augment = getattr(trainer.datamodule, "augment", None) if training else None
         batch["image"] = self.preprocess(batch["image"], augment.train() if augment is not None else None)
@@ -207,7 +212,9 @@ class CXRClassifier(pl.LightningModule):
             raise ConfigError("head=metadata_only has no image branch to explain.")
         return cam_reshape_transform(self.hparams.backbone.get("cam_reshape"), self.backbone.model, input_hw)
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str) -> torch.Tensor | None:
+        if "image" not in batch:  # a batch of only undecodable images (data.on_missing=skip): nothing to learn
+            return None
         if stage == "train" and self.box_weight > 0:
             return self._box_guided_step(batch)
         logits = self(batch["image"], batch["meta"])

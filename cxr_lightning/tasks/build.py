@@ -187,7 +187,7 @@ SPLIT_DEFINING = frozenset(
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
 EXTERNAL_KEYS = frozenset(
     {"source", "root", "label_table", "uncertain", "val_fraction", "test_fraction", "split_seed", "on_missing",
-     "verify_images", "batch_size", "num_workers", "cache", "cache_dir"}
+     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "max_pixels"}
 )
 
 
@@ -225,14 +225,23 @@ def external_source(model: CXRClassifier, data: Mapping[str, Any] | DictConfig |
     return str(source)
 
 
-def datamodule_for(model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None) -> CXRDataModule:
+def datamodule_for(
+    model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None, cache_dir: str | None = None
+) -> CXRDataModule:
     """The data module the checkpoint was trained on (its composed config) with the checked
     :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs.
 
     With ``data=<source>`` naming another dataset (:func:`external_source`), that source as its
     config says instead, with the checkpoint's labels (those the source lacks are unavailable, NaN),
-    metadata layout, image size and age imputation."""
+    metadata layout, image size and age imputation.
+
+    Where generated data (the demo) and image caches are written is this command's choice
+    (``data.cache_dir=``, else ``cache_dir``, the command's ``paths.cache_dir``), never the folder
+    the checkpoint's config names: that file may come from someone else."""
     trained = dict(model.hparams.config["data"]) if model.hparams.get("config") else {}
+    # Where to write and how much to decode are this command's, never the file's to say.
+    trained.pop("cache_dir", None)
+    trained.pop("max_pixels", None)
     if external_source(model, data) is not None:
         given = _given(data)
         cfg = {k: v for k, v in given.items() if k in EXTERNAL_KEYS and v is not None}
@@ -245,6 +254,8 @@ def datamodule_for(model: CXRClassifier, data: Mapping[str, Any] | DictConfig | 
     else:
         cfg = {**trained, **data_overrides(data)}
         cfg.pop("_target_", None)
+    if cache_dir is not None:
+        cfg.setdefault("cache_dir", cache_dir)
     cfg["image_size"] = model.hparams.image_size
     dm = CXRDataModule(**cfg)
     dm.prepare_data()

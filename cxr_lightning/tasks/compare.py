@@ -18,7 +18,6 @@ ends, so a sweep leaves these files in its directory by itself.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -28,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cxr_lightning import schema
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation import html
-from cxr_lightning.files import atomic_path, write_text
+from cxr_lightning.evaluation.report import md
+from cxr_lightning.files import atomic_path, write_csv, write_text
 from cxr_lightning.run_dir import EVALUATION, EXPLAIN, HYDRA_CONFIG, METRICS, RUN_CONFIG, RunDir
 from cxr_lightning.selection import LOSS_SCALED
 
@@ -128,58 +128,87 @@ def _check_by(by: Sequence[str] | str) -> list[str]:
 def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
     run = RunDir(run_dir)
     config_path = run.config if run.config.is_file() else run.hydra_config
-    try:
-        cfg = OmegaConf.load(config_path)
-    except Exception as exc:  # noqa: BLE001 -- YAML and OmegaConf errors share no base class
-        raise DataError(f"cannot read {config_path}: {exc}") from exc
+    cfg = read_run_config(config_path)
     row: dict[str, Any] = {
         "run": run_dir.relative_to(root).as_posix() if run_dir != root else ".",
         **{key: _group_value(cfg, key) for key in by},
         "seed": _config_scalar(cfg, "seed"),
         "fold": _config_scalar(cfg, "data.fold"),
         "history": str(run.history) if run.history.is_file() else None,
-        "data_source": OmegaConf.select(cfg, "data.source", default=None, throw_on_resolution_failure=False),
+        "data_source": _select(cfg, "data.source"),
     }
     metrics_path = run.metrics
     if not metrics_path.is_file():
         return {**row, "status": "failed", "reason": _failure_reason(run_dir)}
     try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        metrics = schema.mapping(schema.read_json(metrics_path, schema.Checker(str(metrics_path), DataError)),
+                                 schema.Checker(str(metrics_path), DataError), "")
+    except DataError as exc:
         return {**row, "status": "failed", "reason": f"unreadable {METRICS}: {exc}"}
     for prefix, folder in RUN_JOBS.items():
         job_metrics = run.root / folder / METRICS
         if job_metrics.is_file():
+            check = schema.Checker(str(job_metrics), DataError)
             try:
-                metrics |= {f"{prefix}.{k}": v for k, v in json.loads(job_metrics.read_text()).items()}
-            except (OSError, json.JSONDecodeError) as exc:
+                job = schema.mapping(schema.read_json(job_metrics, check), check, "")
+                metrics |= {f"{prefix}.{k}": v for k, v in job.items()}
+            except DataError as exc:
                 log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
     selection = metrics.get("selection") or {"metric": "val/loss"}  # runs before selection.metric chose by loss
-    return {**row, "status": "ok", "reason": "", "loss_name": _group_value(cfg, "loss"), "selection_metric": selection["metric"], **numeric}
+    metric = selection.get("metric") if isinstance(selection, dict) else None
+    return {**row, "status": "ok", "reason": "", "loss_name": _group_value(cfg, "loss"),
+            "selection_metric": metric if isinstance(metric, str) else "val/loss", **numeric}
 
 
 def _failure_reason(run_dir: Path) -> str:
     error = RunDir(run_dir).error
     if error.is_file():
-        lines = error.read_text().strip().splitlines()
+        with open(error, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read(4096).strip().splitlines()
         return lines[0] if lines else f"no {METRICS}"
     return f"no {METRICS} (crashed, killed or still running)"
 
 
-def _group_value(cfg: DictConfig, key: str) -> str:
-    node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
-    if isinstance(node, DictConfig):
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's config as plain data: YAML read safely, under a size limit, its ``${...}``
+    interpolations left as the text they are (resolving them would read the environment or other
+    files on this machine for a directory someone else made)."""
+    import yaml
+
+    check = schema.Checker(f"run config {path}", DataError)
+    try:
+        if path.stat().st_size > schema.MAX_JSON_BYTES:
+            raise check.fail("", "too large for a run config")
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- OSError, UnicodeError and every YAML error
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: {first}") from None
+    return schema.mapping(schema.plain_data(tree if tree is not None else {}, check), check, "")
+
+
+def _select(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _group_value(cfg: dict[str, Any], key: str) -> str:
+    node = _select(cfg, key)
+    if isinstance(node, dict):
         # A config group (backbone, head, loss): its name says which option was chosen.
-        node = OmegaConf.select(node, "name", throw_on_resolution_failure=False)
-    if node is None or isinstance(node, (DictConfig, ListConfig)):
+        node = node.get("name")
+    if node is None or isinstance(node, (dict, list)):
         return UNSET
     return str(node)
 
 
-def _config_scalar(cfg: DictConfig, key: str) -> float:
-    value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
-    return _number(value)
+def _config_scalar(cfg: dict[str, Any], key: str) -> float:
+    return _number(_select(cfg, key))
 
 
 def _number(value: Any) -> float:
@@ -239,7 +268,7 @@ def write_comparison(
         csv=out / f"{OUTPUT_STEM}.csv", markdown=out / f"{OUTPUT_STEM}.md", figure=out / f"{OUTPUT_STEM}.png",
         page=out / f"{OUTPUT_STEM}.html",
     )
-    write_text(files.csv, summary.to_csv(index=False))
+    write_csv(summary, files.csv, index=False)
     write_text(files.markdown, render_markdown(runs, summary, by, Path(sweep_dir), files.figure.name))
     with atomic_path(files.figure) as tmp:
         plot_comparison(runs, summary, by, tmp)
@@ -340,7 +369,8 @@ def _loss_scale_warning(runs: pd.DataFrame) -> list[str]:
     if not by_loss and "best_val_loss" not in finished:
         return []
     return [
-        f"**Warning:** these runs were trained with different losses ({', '.join(sorted(finished['loss_name'].unique()))}). "
+        f"**Warning:** these runs were trained with different losses "
+        f"({md(', '.join(sorted(finished['loss_name'].unique())))}). "
         "Their validation losses are on different scales, so the `best val loss` column does not rank them"
         + (f", and their best checkpoints were chosen by {', '.join(by_loss)}" if by_loss else "")
         + ". Compare them by test AUROC and select with selection.metric=val/auroc_mean.",
@@ -349,7 +379,14 @@ def _loss_scale_warning(runs: pd.DataFrame) -> list[str]:
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    escape = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    def escape(cell: Any) -> str:
+        # Run folders, config values and failure reasons come from the runs' files: inert text; a run
+        # is shown as a code span, which this keeps whole.
+        text = str(cell)
+        if len(text) > 1 and text.startswith("`") and text.endswith("`"):
+            return f"`{md(text[1:-1])}`"
+        return md(text)
+
     out = ["| " + " | ".join(escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     return out

@@ -10,7 +10,6 @@ unavailable, not left blank.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_lightning import schema
 from cxr_lightning.errors import DataError
 from cxr_lightning.evaluation.report import interval, markdown_table
-from cxr_lightning.files import atomic_path, write_text
+from cxr_lightning.files import write_csv, write_text
 from cxr_lightning.run_dir import METRICS
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,8 @@ def _is_evaluation(path: Path) -> bool:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    check = schema.Checker(f"cannot read {path}", DataError)  # an evaluation someone shared: plain data only
+    return schema.mapping(schema.read_json(path, check), check, "")
 
 
 def dataset_table(paths: Sequence[Path]) -> pd.DataFrame:
@@ -93,8 +91,7 @@ def write_dataset_table(dirs: Sequence[str | Path], out: str | Path | None = Non
     out_dir = Path(out) if out is not None else Path(dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{OUTPUT_STEM}.csv", out_dir / f"{OUTPUT_STEM}.md"
-    with atomic_path(csv_path) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv(table, csv_path, index=False)
     write_text(md_path, render_markdown(table))
     log.info("Cross-dataset table of %d evaluation row(s): %s", len(table), md_path)
     return DatasetTableFiles(csv_path, md_path)

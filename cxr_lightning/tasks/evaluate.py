@@ -100,7 +100,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                           "data the thresholds are always chosen on its val split.")
     if split != "test" and (external is None or refit):
         log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", split)
-    dm = datamodule_for(model, cfg.get("data"))
+    dm = datamodule_for(model, cfg.get("data"), cache_dir=_cache_dir(cfg))
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
 
@@ -337,6 +337,12 @@ def _output_dir(cfg: DictConfig) -> Path:
         raise ConfigError("Pass output_dir=DIR (or run_dir=DIR) for the evaluation outputs.") from None
 
 
+def _cache_dir(cfg: DictConfig) -> str | None:
+    """This command's ``paths.cache_dir`` (generated demo data and image caches), None without one."""
+    paths = cfg.get("paths")
+    return str(paths.cache_dir) if paths is not None and paths.get("cache_dir") else None
+
+
 def _both_classes(y: np.ndarray) -> np.ndarray:
     return (np.nansum(y, axis=0) > 0) & (np.nansum(1 - y, axis=0) > 0)
 
@@ -471,5 +477,4 @@ def _flat_metrics(per_class: pd.DataFrame, subgroups: pd.DataFrame) -> dict[str,
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, index: bool) -> None:
-    with files.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index)
+    files.write_csv(frame, path, index=index)

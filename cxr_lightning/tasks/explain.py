@@ -56,8 +56,10 @@ from cxr_lightning.explain.localization import (
 from cxr_lightning.explain.overlays import save_overlay
 from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 from cxr_lightning.inference import default_device
+from cxr_lightning.inputs import read_demographics_csv
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.run_dir import ExplainDir, RunDir
+from cxr_lightning.schema import safe_file_stem
 from cxr_lightning.tasks.build import datamodule_for
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         shown = load_split(dm, split, sample_rows(len(table), int(cfg.n), int(cfg.seed)))
     else:
         table = data_table(dm) if dm is not None else None
-        shown = load_named(entries, model.hparams.image_size, model.meta_names, table, model.hparams.get("age_fill"))
+        csv = read_demographics_csv(cfg.demographics) if cfg.get("demographics") else None
+        shown = load_named(
+            entries, model.hparams.image_size, model.meta_names, table, model.hparams.get("age_fill"), csv
+        )
     log.info("Explaining %d image(s) of %s with %s at %s", len(shown), split or "images=[...]", method, ckpt)
 
     targets = [findings] * len(shown) if findings is not None else None
@@ -197,7 +202,7 @@ def _hydra_run_dir() -> str | None:
 
 
 def _file_stem(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem)
+    return safe_file_stem(Path(name).stem)
 
 
 def _write_overlays(
@@ -212,7 +217,7 @@ def _write_overlays(
     rows = []
     for p, ((i, c), title) in enumerate(zip(result.pairs, result.titles(label_names))):
         finding = label_names[c]
-        path = folder / f"{i:03d}_{_file_stem(images.names[i])}_{finding.replace(' ', '_')}.png"
+        path = folder / f"{i:03d}_{_file_stem(images.names[i])}_{safe_file_stem(finding)}.png"
         save_overlay(images.images[i], result.heatmaps[p], path, title, bool(result.zero_gradient[p]), boxes=gt[p])
         rows.append(
             {
@@ -227,7 +232,7 @@ def _write_overlays(
             }
         )
     table = pd.DataFrame(rows)
-    files.write_text(ExplainDir(out).cams, table.to_csv(index=False))
+    files.write_csv(table, ExplainDir(out).cams, index=False)
     return table
 
 
@@ -284,7 +289,7 @@ def _localization(
         result.heatmaps, result.pairs, images.names, model.label_names, boxes,
         tuple(images.images.shape[-2:]), original_size=ORIGINAL_SIZE, seed=seed,
     )
-    files.write_text(ExplainDir(out).localization, scores.to_csv())
+    files.write_csv(scores, ExplainDir(out).localization, index=True)
     pooled = scores.loc[ALL_FINDINGS_ROW]
     summary = {f"localization.{k}": float(v) for k, v in pooled.drop(["n_images", "n_boxes"]).items()}
     # The pooled row counts (image, finding) pairs in its n_images column.
@@ -305,13 +310,13 @@ def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> 
     log.info("  TensorBoard:  tensorboard --logdir %s", ExplainDir(out).tensorboard)
     if metrics.get("localization.n_boxes"):
         log.info(
-            "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
+            "  localisation: %s (pointing game %.3f vs random heatmaps %.3f, uniform point %.3f; IoBB@0.5 %.3f vs "
+            "random %.3f; the random baseline is described in metrics.json)",
             ExplainDir(out).localization,
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
             metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
         )
-        log.info("  random baseline: %s", metrics["localization.random_baseline"])
     bad = {k: v for k, v in metrics.items() if k.endswith((".zero_gradient", ".empty")) and v}
     if bad:
         log.warning("  uninformative CAMs: %s (marked on the overlays; see cams.csv)", bad)

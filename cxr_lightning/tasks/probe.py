@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cxr_lightning import files
+from cxr_lightning.data.nih import IMAGE, PATIENT
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.evaluation.linear_probe import check_fractions, fit_probe, nested_patient_subsets
 from cxr_lightning.evaluation.probe_report import label_efficiency_figure, render_probe_report
@@ -37,7 +38,6 @@ from cxr_lightning.tasks.validate import check_backbone, check_data_root
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 SELECTION_METRIC = "val/auroc_mean"
-PATIENT = "Patient ID"
 
 
 def probe(cfg: DictConfig) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def _split_arrays(dm: Any, split: str, features: np.ndarray, metadata: bool) -> 
 
 def _write_predictions(path: Path, dm: Any, labels: list[str], y: np.ndarray, probs: np.ndarray) -> None:
     table = dm.split_table("test")
-    frame = pd.DataFrame({"Image Index": table["Image Index"].to_numpy(), PATIENT: table[PATIENT].to_numpy()})
+    frame = pd.DataFrame({IMAGE: table[IMAGE].to_numpy(), PATIENT: table[PATIENT].to_numpy()})
     for j, label in enumerate(labels):
         frame[f"true:{label}"] = y[:, j]
         frame[f"prob:{label}"] = probs[:, j]

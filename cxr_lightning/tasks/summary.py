@@ -6,13 +6,14 @@ the path of the run's browser report (``report.html``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from cxr_lightning import schema
+from cxr_lightning.errors import DataError
 from cxr_lightning.run_dir import RunDir
 
 # (file of the run, key, label); each file is read once.
@@ -40,7 +41,8 @@ def collect(run_dir: Path) -> list[tuple[str, Any]]:
     for file_of, key, label in ROWS:
         path = file_of(run)
         if path not in loaded:
-            loaded[path] = json.loads(path.read_text()) if path.is_file() else {}
+            check = schema.Checker(str(path), DataError)  # a shared run's file: plain data only
+            loaded[path] = schema.mapping(schema.read_json(path, check), check, "") if path.is_file() else {}
         if key in loaded[path]:
             rows.append((label, loaded[path][key]))
     return rows

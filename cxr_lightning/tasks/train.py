@@ -6,6 +6,7 @@ Example: ``python -m cxr_lightning.train backbone=efficientnet_b3 head=fusion_re
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     model = build_model(cfg)
     throughput = FitThroughput()
+    callbacks = [*build_callbacks(cfg), throughput]
+    # A progress bar redrawn in a file (nohup, SLURM, CI) is noise; EpochLog's lines say it there.
+    bar = {} if sys.stdout.isatty() else {"enable_progress_bar": False}
+    if bar:
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[*build_callbacks(cfg), throughput],
+        callbacks=callbacks,
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
-        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)))],
+        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
+        **bar,
     )
     if trainer.is_global_zero:
         files.write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
@@ -92,6 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
         "seed": cfg.seed,
         "image_size": dm.image_size,
+        # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
+        "images_skipped": len(getattr(dm, "skipped_images", ())),
+        "images_skipped_files": sorted(getattr(dm, "skipped_images", ()))[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
     if trainer.is_global_zero:

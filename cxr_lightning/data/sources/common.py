@@ -19,6 +19,7 @@ import gzip
 import logging
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.data import nih
+from cxr_lightning.data import images, nih
 from cxr_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -217,4 +218,26 @@ def check_paths(table: pd.DataFrame, root: Path, on_missing: str, hint: str) -> 
                 int(missing.sum()), len(table), source, root, first)
     out = table.loc[exists].reset_index(drop=True)
     out.attrs.update(table.attrs)
+    return out
+
+
+def dicom_demographics(paths: pd.Series, source: str) -> pd.DataFrame:
+    """Age, sex and view from the DICOM headers of the images present (NaN for the others): for
+    sources whose label tables carry no demographics (VinDr-CXR, RSNA Pneumonia)."""
+    def one(path: str) -> dict:
+        if not Path(path).is_file():
+            return {"age": None, "sex": None, "view": None}
+        try:
+            header = images.read_dicom_header(path)
+        except DataError as exc:  # an unreadable header: the image itself is refused when decoded
+            log.debug("%s", exc)
+            return {"age": None, "sex": None, "view": None}
+        return {k: header[k] for k in ("age", "sex", "view")}
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # file I/O: threads overlap the reads
+        rows = list(pool.map(one, paths.tolist()))
+    out = pd.DataFrame(rows, index=paths.index, columns=["age", "sex", "view"])
+    present = out.notna().any(axis=1).sum()
+    if present:
+        log.info("%s: age, sex and view from %d DICOM header(s)", source, int(present))
     return out
