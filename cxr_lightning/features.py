@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr_lightning.errors import DataError
 from cxr_lightning.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _CHUNK = 1 << 20
 # Backbone keys with no effect on the features of a frozen network in eval mode.
 _TRAINING_ONLY = frozenset({"freeze", "unfreeze_at_epoch", "finetune_lr_scale", "drop_path_rate", "cam_layer",
                             "cam_layers", "cam_stride", "cam_reshape", "min_input_size", "input_multiple",
-                            "weights_help", "input_size"})
+                            "weights_help", "weights_required", "input_size"})
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -89,7 +90,16 @@ def extract_features(backbone: nn.Module, preprocess: nn.Module, loader: Iterabl
                      device: str | torch.device) -> np.ndarray:
     """Pooled features ``(N, F)`` float32 of every batch of ``loader``, in its order, in eval mode."""
     backbone = backbone.to(device).eval()
-    out = [backbone(preprocess(batch["image"].to(device))).float().cpu() for batch in loader]
+    out = []
+    for batch in loader:
+        if batch.get("skipped"):
+            # Feature rows must stay aligned with the split's rows (labels, patients, the cache key).
+            raise DataError(
+                f"{len(batch['skipped'])} image(s) of the split could not be decoded (first: {batch['skipped'][0]}); "
+                "the probe needs every image of its splits. Pass data.verify_images=true so unreadable files are "
+                "left out of the splits before features are extracted."
+            )
+        out.append(backbone(preprocess(batch["image"].to(device))).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, int(getattr(backbone, "num_features", 0))), np.float32)
 
 

@@ -146,3 +146,33 @@ def test_feature_cache_is_invalidated_when_the_weights_change(tiny_demo, tmp_pat
     again = probe(run)["features"]
     assert again["val"]["cache"] == "miss" and again["train"]["cache"] == "hit"
     assert json.loads(entry.read_bytes()[8:8 + int.from_bytes(entry.read_bytes()[:8], "little")])["__metadata__"]
+
+
+def test_probe_comparison_sweeps_the_six_and_routes_foundation_weights(tiny_demo):
+    from cxr_lightning.models.backbones import BACKBONE_NAMES
+
+    with __import__("hydra").initialize_config_module(config_module="cxr_lightning.conf", version_base="1.3"):
+        from hydra import compose
+
+        sweep = compose("probe", overrides=["experiment=probe_comparison", "data.root=/nih"], return_hydra_config=True)
+    assert sorted(v.strip() for v in str(sweep.hydra.sweeper.params.backbone).split(",")) == sorted(BACKBONE_NAMES)
+    assert list(sweep.probe.train_fractions) == [0.01, 0.1, 1.0] and sweep.data.source == "nih"
+    one = compose_config(["experiment=probe_comparison", f"data.root={tiny_demo}", "backbone=rad_dino",
+                          "foundation_weights.rad_dino=/w/rad-dino"], config_name="probe")
+    assert one.backbone.weights == "/w/rad-dino" and one.data.image_size == 518
+    demo = compose_config(["experiment=probe_comparison_demo", "backbone=inception_v3"], config_name="probe")
+    assert demo.data.source == "demo" and demo.data.image_size >= demo.backbone.min_input_size
+
+
+@pytest.mark.slow
+def test_probe_command_line_refuses_a_foundation_backbone_without_weights(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr_lightning.probe", "backbone=rad_dino", f"paths.root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ConfigError: backbone=rad_dino needs its weights") and "microsoft/rad-dino" in line
