@@ -112,8 +112,9 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def load(self, key: str, n_rows: int) -> np.ndarray | None:
-        """The features stored under ``key``, or None when absent or not what ``key`` promises."""
+    def load(self, key: str, n_rows: int) -> tuple[np.ndarray, dict[str, str]] | None:
+        """The features stored under ``key`` and the entry's metadata, or None when absent or not
+        what ``key`` promises."""
         from safetensors import safe_open
 
         path = self.path(key)
@@ -121,7 +122,8 @@ class FeatureCache:
             return None
         try:
             with safe_open(str(path), framework="np") as handle:
-                stored = (handle.metadata() or {}).get("key")
+                metadata = dict(handle.metadata() or {})
+                stored = metadata.get("key")
                 features = handle.get_tensor("features") if "features" in handle.keys() else None
         except Exception as err:  # noqa: BLE001 -- safetensors raises several unrelated types on bad files
             log.warning("feature cache %s is unreadable (%s); extracting again", path, err)
@@ -131,14 +133,18 @@ class FeatureCache:
             log.warning("feature cache %s does not hold %d finite float32 rows for its key; extracting again", path,
                         n_rows)
             return None
-        return features
+        return features, metadata
 
-    def save(self, key: str, features: np.ndarray, parts: Mapping[str, Any]) -> Path:
+    def save(self, key: str, features: np.ndarray, parts: Mapping[str, Any],
+             extra: Mapping[str, str] | None = None) -> Path:
+        """Write ``features`` under ``key``; ``parts`` (what the key covers) and ``extra`` go into
+        the file's metadata."""
         from safetensors.numpy import save_file
 
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"key": key, "parts": json.dumps(parts, sort_keys=True, default=str)}
+        metadata = {**{str(k): str(v) for k, v in (extra or {}).items()}, "key": key,
+                    "parts": json.dumps(parts, sort_keys=True, default=str)}
         with atomic_path(path) as tmp:
             save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(tmp), metadata=metadata)
         return path
