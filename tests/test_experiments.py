@@ -13,9 +13,9 @@ from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.models.backbones import BACKBONE_NAMES
 from cxr_lightning.models.finetune import FinetuneSchedule
+from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.tasks.validate import check_finetuning, validate_config
 
 CONF = Path(CONF_DIR)

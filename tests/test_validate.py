@@ -13,11 +13,11 @@ import torch
 from conftest import FIXTURES, compose_config, tiny_overrides
 
 from cxr_lightning import labels
-from cxr_lightning.tasks import validate
-from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.backbones import BACKBONE_NAMES
+from cxr_lightning.tasks import validate
+from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.tasks.train import train
 
 # The NIH fixture holds a label table but no images: enough for every check, useless for training.
