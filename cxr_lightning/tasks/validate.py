@@ -181,7 +181,8 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
     fmt = backbone.get("format", "timm") or "timm"
     if fmt not in folders.FORMATS:
         raise ConfigError(f"backbone.format={fmt!r} is unknown; use one of {list(folders.FORMATS)}.")
-    if OmegaConf.is_missing(backbone, "weights") or (fmt != "timm" and backbone.get("weights") is None):
+    required = fmt != "timm" or bool(backbone.get("weights_required", False))
+    if OmegaConf.is_missing(backbone, "weights") or (required and backbone.get("weights") is None):
         raise ConfigError(
             f"backbone={name} needs its weights: pass backbone.weights=PATH. "
             + str(backbone.get("weights_help")
