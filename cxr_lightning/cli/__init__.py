@@ -87,9 +87,8 @@ def quiet_known_warnings() -> None:
 
 def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
     """Call ``task(*args)`` with the exit-status contract above."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     from omegaconf.errors import OmegaConfBaseException
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     quiet_known_warnings()
     try:
@@ -98,7 +97,10 @@ def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
         raise SystemExit(EXIT_SIGTERM) from None
     except (CXRError, OmegaConfBaseException) as exc:
         # An OmegaConf error here is the config's too: an interpolation to a missing key, a bad value.
-        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, CXRError) else f"ConfigError: {hydra_error_line(exc)}"
+        if isinstance(exc, CXRError):
+            message = f"{type(exc).__name__}: {exc}"
+        else:
+            message = f"ConfigError: {hydra_error_line(exc)}"
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise JobError(message) from exc
         remove_unstarted_run_dir()
