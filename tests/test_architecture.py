@@ -206,8 +206,8 @@ def test_predict_export_and_training_share_one_preprocessing(tiny_demo, tmp_path
     from cxr_lightning import inference
     from cxr_lightning.checkpoints import load_model
     from cxr_lightning.data import images
+    from cxr_lightning.inputs import ImageFiles
     from cxr_lightning.tasks import export as export_task
-    from cxr_lightning.tasks import predict as predict_task
 
     _, ckpt = fit_tiny(tiny_demo, tmp_path)
     model = load_model(ckpt)
@@ -222,7 +222,7 @@ def test_predict_export_and_training_share_one_preprocessing(tiny_demo, tmp_path
     expected = (pixels.float() / 255 - model.hparams.mean) / model.hparams.std
     torch.testing.assert_close(trained, expected)
     # predict's loader yields raw pixels for that loop; export states the same preprocessing.
-    sample = predict_task.ImageFiles([str(path)], meta.numpy(), model.hparams.image_size)[0]
+    sample = ImageFiles([str(path)], meta.numpy(), model.hparams.image_size)[0]
     assert torch.equal(sample["image"][None], pixels)
     metadata = export_task.export_metadata(model, ckpt)
     assert float(metadata["mean"]) == model.preprocess.mean and float(metadata["std"]) == model.preprocess.std

@@ -38,6 +38,7 @@ from rich.progress import Progress
 from cxr_lightning import files
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError
+from cxr_lightning.progress import Progress as LogProgress
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +250,15 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
 
 def _decode_all(npy: Path, paths: list[str], size: int, workers: int) -> list[tuple[str, str]]:
     failures: list[tuple[str, str]] = []
+    # The bar for a terminal, the lines for a log file.
+    lines = LogProgress(f"image cache ({size} px)", len(paths), log)
     with Progress(transient=True) as progress:
         task = progress.add_task(f"Caching {len(paths)} images at {size} px", total=len(paths))
         if workers <= 0:
             for start, stop in _chunks(len(paths)):
                 failures += _decode_chunk(npy, start, paths[start:stop], size)
                 progress.advance(task, stop - start)
+                lines.advance(stop - start)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {
@@ -265,9 +269,11 @@ def _decode_all(npy: Path, paths: list[str], size: int, workers: int) -> list[tu
                     for future in as_completed(futures):
                         failures += future.result()
                         progress.advance(task, futures[future])
+                        lines.advance(futures[future])
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
+    lines.done()
     return failures
 
 

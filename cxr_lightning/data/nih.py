@@ -1,7 +1,7 @@
 """The NIH ChestX-ray14 release on disk: label table, image files, official split lists, BBox list.
 
 NIH has published the label table in three formats over the years; :func:`read_label_table`
-turns any of them into one column contract (see docs/ARCHITECTURE.md) and rejects malformed
+turns any of them into one column contract (see docs/architecture.md) and rejects malformed
 files with a :class:`DataError` that names the file, the rows and the columns at fault.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 NIH_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 LABEL_TABLE = "Data_Entry_2017_v2020.csv"
+# Written beside the label table by the demo generator (data/demo), so logs name the table for what it is.
+DEMO_MARKER = "DEMO_README.txt"
 # In order of preference: v2020 carries NIH's 2020 relabelling of 181 images.
 LABEL_TABLES = (LABEL_TABLE, "Data_Entry_2017.csv", "sample_labels.csv")
 # Byte for byte, so that files written here read like NIH's (see _COLUMN_ALIASES for the split).
@@ -100,7 +102,7 @@ def find_label_table(root: str | os.PathLike) -> Path:
 
 
 def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read any NIH label-table format into the column contract of docs/ARCHITECTURE.md."""
+    """Read any NIH label-table format into the column contract of docs/architecture.md."""
     path = Path(path)
     raw = _read_csv(path)
     raw.columns = [_COLUMN_ALIASES.get(c.strip(), c.strip()) for c in raw.columns]
@@ -404,7 +406,9 @@ def _read_list(path: Path) -> set[str]:
 
 
 def _log_table_choice(path: Path, df: pd.DataFrame) -> None:
-    if path.name == LABEL_TABLES[0]:
+    if any((path.parent / name).is_file() for name in (DEMO_MARKER, "demo.json")):
+        note = "the generated demo's table: synthetic, not evidence about X-rays"
+    elif path.name == LABEL_TABLES[0]:
         note = "NIH's 2020 revision, which relabelled 181 images"
     else:
         note = (f"older than {LABEL_TABLES[0]}, in which NIH relabelled 181 images; "

@@ -7,6 +7,7 @@ Probabilities, not logits, go into every helper (``y_prob`` must lie in [0, 1]).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from torchmetrics.functional.classification import (
 
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.labels import NO_FINDING
+from cxr_lightning.progress import Progress
 
 __all__ = [
     "age_bands",
@@ -41,6 +43,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 BootstrapMetric = Literal["auroc", "auprc"]
+log = logging.getLogger(__name__)
 _BOOT_CHUNK = 64  # resamples scored at once: bounds memory at ~chunk x images x 8 bytes
 
 
@@ -199,12 +202,13 @@ def bootstrap_ci(
     labels = [_SortedLabel(y[:, j], p[:, j], codes) for j in range(len(names))]
     ones = np.ones((1, n_patients), dtype=np.int64)
     estimate = np.array([label.score(ones, metric)[0] for label in labels])
-    boot = np.concatenate(
-        [
-            np.stack([label.score(counts, metric) for label in labels], axis=1)
-            for counts in _iter_patient_counts(n_patients, n_boot, seed)
-        ]
-    )  # (n_boot, L)
+    progress = Progress(f"bootstrap {metric} ({n_patients} patients)", n_boot, log)
+    chunks = []
+    for counts in _iter_patient_counts(n_patients, n_boot, seed):
+        chunks.append(np.stack([label.score(counts, metric) for label in labels], axis=1))
+        progress.advance(len(counts))
+    progress.done()
+    boot = np.concatenate(chunks)  # (n_boot, L)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows/columns -> NaN, by design
         boot_mean = np.nanmean(boot, axis=1)

@@ -1,4 +1,5 @@
-"""The images an explain job looks at: rows of a data split, or image files / ``Image Index`` names.
+"""The images explain looks at: rows of a data split, or image files / ``Image Index`` names (files
+become model input through :mod:`cxr_lightning.inputs`, as predict's do).
 
 Both end as an :class:`ImageSet` of uint8 pixels at the model's input size plus the metadata
 rows the model receives with them.
@@ -15,12 +16,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.data.tables import SPLITS
-from cxr_lightning.data.images import load_resized
 from cxr_lightning.data.nih import IMAGE
+from cxr_lightning.data.tables import SPLITS
 from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.inputs import ImageFiles, file_metadata
 
 
 class UnknownMetadataWarning(UserWarning):
@@ -81,17 +81,20 @@ def load_named(
     meta_names: Sequence[str],
     table: pd.DataFrame | None,
     age_fill: float | None,
+    demographics: pd.DataFrame | None = None,
 ) -> ImageSet:
-    """Image files or ``Image Index`` names of ``table``, read with :func:`load_resized`.
+    """Image files or ``Image Index`` names of ``table``, made model input as predict makes its
+    files (:mod:`cxr_lightning.inputs`).
 
     An entry that is an existing file is read from there; otherwise it must be an ``Image Index``
     of ``table``. Metadata comes from ``table`` where the file name is an ``Image Index`` there;
-    other images get :func:`unknown_metadata`, with an :class:`UnknownMetadataWarning`.
+    other files get theirs from ``demographics`` (a demographics CSV, :func:`read_demographics_csv`)
+    or their DICOM header, and an :class:`UnknownMetadataWarning` when neither knows anything.
     """
     if not entries:
         raise ConfigError("images=[] is empty: pass image files or Image Index names, or split=test n=16.")
     known = table.index if table is not None else pd.Index([])
-    paths, names = [], []
+    paths, names, keys = [], [], []
     for entry in map(str, entries):
         path = Path(entry).expanduser()
         if path.is_file():
@@ -106,28 +109,36 @@ def load_named(
                 f"images: {entry!r} is neither an existing image file nor an Image Index of {where}; "
                 "pass a path to a PNG/JPEG/DICOM file or a name from the label table."
             )
-    images = torch.from_numpy(np.stack([load_resized(p, image_size) for p in paths]))[:, None]
+        keys.append(entry)
 
-    meta_cols = [f"meta:{n}" for n in meta_names]
     in_table = np.array([n in known for n in names], dtype=bool)
-    meta = np.tile(unknown_metadata(meta_names, age_fill), (len(names), 1))
+    meta = np.zeros((len(names), len(meta_names)), np.float32)
     if in_table.any():
+        meta_cols = [f"meta:{n}" for n in meta_names]
         meta[in_table] = table.loc[[n for n, k in zip(names, in_table) if k], meta_cols].to_numpy(np.float32)
     if not in_table.all():
-        unknown = [n for n, k in zip(names, in_table) if not k]
-        warnings.warn(
-            f"demographics unknown for {len(unknown)} image(s) not in the data table ({unknown[:5]}"
-            f"{' ...' if len(unknown) > 5 else ''}): their metadata is set to zeros, with age the training "
-            "median and age_missing=1 where the model has them. Their predictions (and CAMs) may differ "
-            "from those with the true age/sex/view.",
-            UnknownMetadataWarning,
-            stacklevel=2,
+        files = [p for p, k in zip(paths, in_table) if not k]
+        found, file_meta, refused = file_metadata(
+            files, [e for e, k in zip(keys, in_table) if not k], demographics, meta_names, age_fill
         )
-    return ImageSet(names, images, torch.from_numpy(meta))
-
-
-def unknown_metadata(meta_names: Sequence[str], age_fill: float) -> np.ndarray:
-    """``(M,)`` metadata of an image whose demographics and history are unknown, encoded as
-    ``predict`` encodes them (:func:`cohort.new_patient_metadata`)."""
-    unknown = pd.DataFrame({"age": [np.nan], "sex": [None], "view": [None]})
-    return new_patient_metadata(unknown, meta_names, age_fill)[0]
+        if refused:
+            file, why = next(iter(refused.items()))
+            raise DataError(f"images: {file}: {why}")
+        meta[~in_table] = file_meta
+        unknown = [Path(f).name for f, row in found.iterrows() if row.isna().all()]
+        if unknown:
+            warnings.warn(
+                f"demographics unknown for {len(unknown)} image(s) not in the data table ({unknown[:5]}"
+                f"{' ...' if len(unknown) > 5 else ''}): no demographics CSV row and no DICOM header, so age is "
+                "the training median with age_missing=1 and sex and view are 0.5 where the model has them. "
+                "Their predictions (and CAMs) may differ from those with the true age/sex/view; pass "
+                "demographics=FILE.csv.",
+                UnknownMetadataWarning,
+                stacklevel=2,
+            )
+    files = ImageFiles([str(p) for p in paths], meta, image_size)
+    items = [files[i] for i in range(len(files))]
+    failed = [(paths[i], item["error"]) for i, item in enumerate(items) if item["error"]]
+    if failed:
+        raise DataError(f"images: {failed[0][1]}")
+    return ImageSet(names, torch.stack([item["image"] for item in items]), torch.from_numpy(meta))

@@ -56,6 +56,7 @@ from cxr_lightning.explain.localization import (
 from cxr_lightning.explain.overlays import save_overlay
 from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 from cxr_lightning.inference import default_device
+from cxr_lightning.inputs import read_demographics_csv
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.run_dir import ExplainDir, RunDir
 from cxr_lightning.schema import safe_file_stem
@@ -85,7 +86,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         shown = load_split(dm, split, sample_rows(len(table), int(cfg.n), int(cfg.seed)))
     else:
         table = data_table(dm) if dm is not None else None
-        shown = load_named(entries, model.hparams.image_size, model.meta_names, table, model.hparams.get("age_fill"))
+        csv = read_demographics_csv(cfg.demographics) if cfg.get("demographics") else None
+        shown = load_named(
+            entries, model.hparams.image_size, model.meta_names, table, model.hparams.get("age_fill"), csv
+        )
     log.info("Explaining %d image(s) of %s with %s at %s", len(shown), split or "images=[...]", method, ckpt)
 
     targets = [findings] * len(shown) if findings is not None else None
@@ -306,13 +310,13 @@ def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> 
     log.info("  TensorBoard:  tensorboard --logdir %s", ExplainDir(out).tensorboard)
     if metrics.get("localization.n_boxes"):
         log.info(
-            "  localisation: %s (pointing game %.3f vs random %.3f, uniform point %.3f; IoBB@0.5 %.3f vs random %.3f)",
+            "  localisation: %s (pointing game %.3f vs random heatmaps %.3f, uniform point %.3f; IoBB@0.5 %.3f vs "
+            "random %.3f; the random baseline is described in metrics.json)",
             ExplainDir(out).localization,
             metrics["localization.pointing_game"], metrics["localization.random_pointing_game"],
             metrics["localization.box_share"],
             metrics["localization.iobb@0.5"], metrics["localization.random_iobb@0.5"],
         )
-        log.info("  random baseline: %s", metrics["localization.random_baseline"])
     bad = {k: v for k, v in metrics.items() if k.endswith((".zero_gradient", ".empty")) and v}
     if bad:
         log.warning("  uninformative CAMs: %s (marked on the overlays; see cams.csv)", bad)

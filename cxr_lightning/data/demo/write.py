@@ -3,6 +3,7 @@ the cache of complete, marker-checked datasets behind :func:`ensure_demo`."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import multiprocessing
@@ -22,7 +23,9 @@ from cxr_lightning.data.demo.render import draw_chest, encode_png, sample_boxes
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import atomic_path, write_json, write_text
 from cxr_lightning.labels import NO_FINDING
+from cxr_lightning.progress import Progress
 
+log = logging.getLogger(__name__)
 MARKER_NAME = "demo.json"
 # Bump when the generated content changes, so cached demo datasets are regenerated.
 DEMO_VERSION = 2
@@ -30,6 +33,12 @@ DEMO_DEFAULTS: dict[str, int] = {"patients": 500, "image_size": 256, "seed": 0, 
 # The demo's tables use the label-table spelling; its BBox list spells findings as NIH's does.
 _NIH_SPELLINGS = {label: spelled for spelled, label in nih.BBOX_SPELLINGS.items()}
 MIN_IMAGES_PER_WORKER = 32
+# Images per progress update when writing in this process.
+_PROGRESS_CHUNK = 16
+DEMO_NOTE = (
+    "A synthetic miniature of NIH ChestX-ray14 in its exact layout, written by python -m cxr_lightning.data.demo:\n"
+    "a demo for exercising the pipeline, not evidence about real X-rays.\n"
+)
 
 
 class _ImageJob(NamedTuple):
@@ -94,6 +103,7 @@ def generate(
     write_text(out / nih.TRAIN_VAL_LIST, _name_list(table.loc[~in_test, "Image Index"]))
     write_text(out / nih.TEST_LIST, _name_list(table.loc[in_test, "Image Index"]))
     write_text(out / nih.BBOX_TABLE, bbox_table_text(boxes))
+    write_text(out / nih.DEMO_MARKER, DEMO_NOTE)
     write_text(out / nih.LABEL_TABLE, label_table_text(table))
     return out
 
@@ -114,14 +124,18 @@ def _split_findings(labels: str) -> list[str]:
 def _run_jobs(jobs: Sequence[_ImageJob], workers: int) -> None:
     # Starting a worker costs about a second; below a few dozen images each it does not pay.
     workers = min(workers, math.ceil(len(jobs) / MIN_IMAGES_PER_WORKER))
+    progress = Progress("demo images", len(jobs), log)
     if workers <= 1:
-        _write_images(jobs)
+        for start in range(0, len(jobs), _PROGRESS_CHUNK):
+            progress.advance(_write_images(jobs[start:start + _PROGRESS_CHUNK]))
+        progress.done()
         return
     chunks = [jobs[i::workers * 4] for i in range(workers * 4)]
     # spawn, not fork: the caller may be a training process with torch's thread pools running.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for _ in pool.map(_write_images, chunks):
-            pass
+        for written in pool.map(_write_images, chunks):
+            progress.advance(written)
+    progress.done()
 
 
 def _name_list(names: pd.Series) -> str:
