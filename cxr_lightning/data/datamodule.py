@@ -249,6 +249,11 @@ class CXRDataModule(pl.LightningDataModule):
         return self._tables().box_protocol
 
     @property
+    def box_protocol(self) -> dict | None:
+        """NIH's boxed-image protocol as applied to this split (``data.boxes.folds``), else None."""
+        return self._tables().box_protocol
+
+    @property
     def age_fill(self) -> float:
         return self._tables().age_fill
 
