@@ -153,3 +153,32 @@ def test_vindr_boxes_scale_by_each_dicoms_size_and_keep_their_readers(tmp_path):
                                    rtol=1e-6)
         assert got.labels[a, slot] == 0
     assert got.readers[a, 0] != got.readers[a, 1] and (got.readers[a, :2] != NO_READER).all()
+
+
+def test_demo_box_copies_move_training_boxes_into_vindr_and_rsna(tiny_demo, tmp_path):
+    import shutil
+
+    from cxr_lightning.data import cohort, nih
+    from cxr_lightning.data.demo.box_copies import write_box_copies
+
+    root = tmp_path / "demo"
+    shutil.copytree(tiny_demo, root)
+    before = nih.read_bbox_table(root / nih.BBOX_TABLE)
+    test = set((root / nih.TEST_LIST).read_text().split())
+    counts = write_box_copies(root, val_fraction=0.15, split_seed=0)
+    after = nih.read_bbox_table(root / nih.BBOX_TABLE)
+    assert after[nih.IMAGE].isin(test).all() and len(after) == (before[nih.IMAGE].isin(test)).sum()  # NIH-like
+    assert counts["nih_test_boxes"] == len(after)
+    mapping = rsna_pneumonia.read_mapping(root / "rsna_pneumonia" / rsna_pneumonia.MAPPING)
+    assert set(mapping.index) == set(rsna_pneumonia.read(root / "rsna_pneumonia").table["Image Index"])
+    assert not set(mapping.values) & test  # copies of train_val images only
+    moved_pneumonia = before[~before[nih.IMAGE].isin(test) & (before["Finding Label"] == "Pneumonia")]
+    assert len(rsna_pneumonia.read_boxes(root / "rsna_pneumonia")) == len(moved_pneumonia) == counts["rsna_boxes"]
+    # VinDr: two readers draw every local box of a non-validation train_val image; the vote keeps both.
+    table = nih.read_label_table(root / nih.LABEL_TABLE)
+    split = cohort.split_by_patient(table, nih.read_split_lists(root), 0.15, 0.0, 0)
+    train = set(table.loc[split == "train", nih.IMAGE])
+    local = before[before[nih.IMAGE].isin(train) & (before["Finding Label"] != "Pneumonia")]
+    vindr = vindr_cxr.read_boxes(root / "vindr_cxr")
+    assert len(vindr) == 2 * len(local) == counts["vindr_boxes"] > 0
+    assert set(vindr["Reader"]) == {"R1", "R2"}

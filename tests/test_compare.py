@@ -230,3 +230,24 @@ def test_evaluation_and_explain_metrics_of_a_run_join_its_row(tmp_path):
     assert summary.loc[0, "explain.localization.pointing_game_mean"] == pytest.approx(0.5)
     assert summary.loc[0, "explain.localization.random_pointing_game_mean"] == pytest.approx(0.1)
     assert summary.loc[0, "boxes_trained_on_mean"] == 12
+
+
+def test_box_protocol_folds_are_aggregated_per_recipe(tmp_path):
+    """NIH's boxed-image protocol runs one training per fold (data.boxes.fold); compare groups them."""
+    for fold, (pointing, empty) in enumerate([(0.3, 0), (0.5, 2), (0.4, 1)]):
+        run = tmp_path / f"fold{fold}"
+        run.mkdir()
+        cfg = {"seed": 1, "backbone": {"name": "resnet18"}, "loss": {"name": "bce", "box_weight": 1.0},
+               "data": {"fold": None, "boxes": {"folds": 3, "fold": fold}}}
+        OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+        (run / "metrics.json").write_text(json.dumps({"test.auroc_mean": 0.7, "boxes_trained_on": 10 + fold}))
+        (run / "explain").mkdir()
+        (run / "explain" / "metrics.json").write_text(json.dumps(
+            {"localization.pointing_game": pointing, "localization.empty": empty, "localization.n_pairs": 20}))
+    runs = compare.read_runs(tmp_path, by=["loss.box_weight"])
+    assert sorted(runs["fold"]) == [0.0, 1.0, 2.0]
+    summary = compare.summarize(runs, by=["loss.box_weight"])
+    assert len(summary) == 1 and summary.loc[0, "n_runs"] == 3
+    assert summary.loc[0, "explain.localization.pointing_game_mean"] == pytest.approx(0.4)
+    assert summary.loc[0, "explain.localization.empty_mean"] == pytest.approx(1.0)
+    assert summary.loc[0, "boxes_trained_on_mean"] == pytest.approx(11.0)

@@ -15,11 +15,10 @@ from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.tasks.validate import validate_config
 
 CONF = Path(CONF_DIR)
-ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-# The probe command's experiments compose with its own config (conf/probe.yaml): checked below,
-# run by tests/test_probe.py. The others are the train command's.
-PROBE_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e.startswith("probe_")]
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in PROBE_EXPERIMENTS]
+# The training experiments; probe_comparison* configure the probe command (checked below with its
+# own config, conf/probe.yaml, and run by tests/test_probe.py).
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "probe" not in OmegaConf.load(p))
+PROBE_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "probe" in OmegaConf.load(p))
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
 # Those built from a user's folder (transformers, open_clip): what they can run depends on the
 # folder's own config, read at validation; tests/test_foundation_backbones.py runs each format.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,21 @@ def test_predict_warns_about_wrongly_scaled_inputs_and_still_predicts_them(fitte
     why = {Path(p).name: w for p, w in run.scaling_warnings.items()}
     assert "constant" in why["constant.png"] and "binary" in why["binary.png"] and "window" in why["narrow.png"]
     assert "constant.png looks wrongly scaled" in caplog.text
+
+
+def test_without_a_demographics_file_predict_says_once_what_the_model_assumes(fitted, gray, tmp_path):
+    _, ckpt = fitted
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(gray).save(folder / name)
+    age = load_model(ckpt).hparams.age_fill
+    with pytest.warns(UserWarning, match=rf"no demographics=FILE given.*assumes age {age:.0f} \(the training median") \
+            as caught:
+        run_predict(ckpt, folder, tmp_path / "p.csv")
+    assert len([w for w in caught if "no demographics=FILE" in str(w.message)]) == 1  # once, not per file
+    (tmp_path / "demo.csv").write_text("file,age,sex,view\na.png,67,M,AP\nb.png,50,F,PA\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run_predict(ckpt, folder, tmp_path / "q.csv", f"demographics={tmp_path / 'demo.csv'}")
+    assert not [w for w in seen if "no demographics=FILE" in str(w.message)]  # with the file: no such warning

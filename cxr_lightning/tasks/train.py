@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
     # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
+    # The CAM layer by name first: a run's config.yaml names it, and resume=auto compares configs.
+    cfg = with_cam_layer(cfg)
     cfg, ckpt_path = resolve_resume(cfg)
     validate_config(cfg, ckpt_path)
-    cfg = with_cam_layer(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "pos_frac": list(model.hparams.pos_frac or []),
         "box_weight": box_weight(cfg),
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
+        "box_pairs_seen": int(model.box_pairs_seen),
+        "box_protocol": dm.box_protocol,
         "seed": cfg.seed,
         "image_size": dm.image_size,
         # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
