@@ -15,8 +15,10 @@ from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.tasks.validate import validate_config
 
 CONF = Path(CONF_DIR)
-# The training experiments (probe_comparison* configure the probe command: tests/test_probe.py).
+# The training experiments; probe_comparison* configure the probe command (checked below with its
+# own config, conf/probe.yaml, and run by tests/test_probe.py).
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "probe" not in OmegaConf.load(p))
+PROBE_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "probe" in OmegaConf.load(p))
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
 # Those built from a user's folder (transformers, open_clip): what they can run depends on the
 # folder's own config, read at validation; tests/test_foundation_backbones.py runs each format.
@@ -68,6 +70,27 @@ def test_every_experiment_composes_with_every_backbone(tiny_demo, tmp_path, one_
     # experiment=demo asks for the stride-16 map by name; every backbone has one.
     demo = compose_config(_pair_overrides("demo", "efficientnet_b3", tiny_demo, tmp_path))
     assert cam_layer_of(demo.backbone) == "blocks.4"
+
+
+PROBE_REFUSED = {("probe_comparison_demo", "dinov2_small"): "data.image_size=96 is not a multiple of 14"}
+
+
+def test_every_probe_experiment_composes_with_every_backbone(tiny_demo, tmp_path, one_thread):
+    from cxr_lightning.tasks.validate import check_backbone
+
+    refused = {}
+    for experiment in PROBE_EXPERIMENTS:
+        for backbone in BACKBONES:
+            cfg = compose_config(_pair_overrides(experiment, backbone, tiny_demo, tmp_path), config_name="probe")
+            if backbone in FOLDER_BACKBONES:
+                continue  # what they can run is their folder's config's to say
+            try:
+                check_backbone(cfg.backbone, int(cfg.data.image_size))  # what the probe task checks first
+            except ConfigError as exc:
+                refused[experiment, backbone] = str(exc)
+    assert set(refused) == set(PROBE_REFUSED), refused
+    for pair, message in refused.items():
+        assert PROBE_REFUSED[pair] in message and "\n" not in message, (pair, message)
 
 
 # Each experiment once, end to end, with backbones of other families than the experiment's own:
