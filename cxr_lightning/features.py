@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr_lightning.errors import DataError
 from cxr_lightning.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _CHUNK = 1 << 20
 # Backbone keys with no effect on the features of a frozen network in eval mode.
 _TRAINING_ONLY = frozenset({"freeze", "unfreeze_at_epoch", "finetune_lr_scale", "drop_path_rate", "cam_layer",
                             "cam_layers", "cam_stride", "cam_reshape", "min_input_size", "input_multiple",
-                            "weights_help", "input_size"})
+                            "weights_help", "weights_required", "input_size"})
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -89,7 +90,16 @@ def extract_features(backbone: nn.Module, preprocess: nn.Module, loader: Iterabl
                      device: str | torch.device) -> np.ndarray:
     """Pooled features ``(N, F)`` float32 of every batch of ``loader``, in its order, in eval mode."""
     backbone = backbone.to(device).eval()
-    out = [backbone(preprocess(batch["image"].to(device))).float().cpu() for batch in loader]
+    out = []
+    for batch in loader:
+        if batch.get("skipped"):
+            # Feature rows must stay aligned with the split's rows (labels, patients, the cache key).
+            raise DataError(
+                f"{len(batch['skipped'])} image(s) of the split could not be decoded (first: {batch['skipped'][0]}); "
+                "the probe needs every image of its splits. Pass data.verify_images=true so unreadable files are "
+                "left out of the splits before features are extracted."
+            )
+        out.append(backbone(preprocess(batch["image"].to(device))).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, int(getattr(backbone, "num_features", 0))), np.float32)
 
 
@@ -102,8 +112,9 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def load(self, key: str, n_rows: int) -> np.ndarray | None:
-        """The features stored under ``key``, or None when absent or not what ``key`` promises."""
+    def load(self, key: str, n_rows: int) -> tuple[np.ndarray, dict[str, str]] | None:
+        """The features stored under ``key`` and the entry's metadata, or None when absent or not
+        what ``key`` promises."""
         from safetensors import safe_open
 
         path = self.path(key)
@@ -111,7 +122,8 @@ class FeatureCache:
             return None
         try:
             with safe_open(str(path), framework="np") as handle:
-                stored = (handle.metadata() or {}).get("key")
+                metadata = dict(handle.metadata() or {})
+                stored = metadata.get("key")
                 features = handle.get_tensor("features") if "features" in handle.keys() else None
         except Exception as err:  # noqa: BLE001 -- safetensors raises several unrelated types on bad files
             log.warning("feature cache %s is unreadable (%s); extracting again", path, err)
@@ -121,14 +133,18 @@ class FeatureCache:
             log.warning("feature cache %s does not hold %d finite float32 rows for its key; extracting again", path,
                         n_rows)
             return None
-        return features
+        return features, metadata
 
-    def save(self, key: str, features: np.ndarray, parts: Mapping[str, Any]) -> Path:
+    def save(self, key: str, features: np.ndarray, parts: Mapping[str, Any],
+             extra: Mapping[str, str] | None = None) -> Path:
+        """Write ``features`` under ``key``; ``parts`` (what the key covers) and ``extra`` go into
+        the file's metadata."""
         from safetensors.numpy import save_file
 
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"key": key, "parts": json.dumps(parts, sort_keys=True, default=str)}
+        metadata = {**{str(k): str(v) for k, v in (extra or {}).items()}, "key": key,
+                    "parts": json.dumps(parts, sort_keys=True, default=str)}
         with atomic_path(path) as tmp:
             save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(tmp), metadata=metadata)
         return path

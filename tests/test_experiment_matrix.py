@@ -15,7 +15,8 @@ from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.tasks.validate import validate_config
 
 CONF = Path(CONF_DIR)
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# The training experiments (probe_comparison* configure the probe command: tests/test_probe.py).
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "probe" not in OmegaConf.load(p))
 BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
 # Those built from a user's folder (transformers, open_clip): what they can run depends on the
 # folder's own config, read at validation; tests/test_foundation_backbones.py runs each format.

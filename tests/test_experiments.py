@@ -13,9 +13,9 @@ from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.models.backbones import BACKBONE_NAMES
 from cxr_lightning.models.finetune import FinetuneSchedule
+from cxr_lightning.tasks.build import build_callbacks
 from cxr_lightning.tasks.validate import check_finetuning, validate_config
 
 CONF = Path(CONF_DIR)
@@ -41,8 +41,28 @@ def _sweep_list(cfg, key: str) -> list[str]:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_resolves_and_validates(name, tiny_demo, tmp_path):
     cfg = compose_config([f"experiment={name}", f"data.root={tiny_demo}", f"paths.output_dir={tmp_path}"])
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     validate_config(cfg)
+    # What the experiment sets is what the run gets: each plain value of its yaml, at its key.
+    own = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()) or {}
+    settings = _leaves({k: v for k, v in own.items() if k not in ("defaults", "hydra")})
+    assert settings, f"experiment {name} sets nothing"
+    for key, value in settings.items():
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved above
+        if key.split(".")[0] == "data" and key.split(".")[-1] == "root":
+            continue  # overridden by this test
+        assert OmegaConf.select(OmegaConf.create(resolved), key) == value, (name, key)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def test_backbone_comparison_is_one_protocol_for_six_backbones():

@@ -292,7 +292,7 @@ def test_real_backbones_give_nonzero_heatmaps(name):
     backbones = pytest.importorskip("cxr_lightning.models.backbones")
     layer_path, size = BACKBONES[name]
     cfg = _configured_backbones().get(name, {})
-    layer_path = cfg.get("cam_layer", layer_path)
+    layer_path = backbones.cam_layer_of(cfg) if cfg else layer_path  # the layer explain hooks for this yaml
     size = max(size, int(cfg.get("min_input_size") or 0))
 
     torch.manual_seed(0)

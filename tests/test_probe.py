@@ -76,9 +76,10 @@ def test_label_fraction_subsets_are_by_patient_nested_and_seeded():
 # ------------------------------------------------------------------------------------------------
 # The command
 def probe_config(root: Path, out: Path, cache: Path, *extra: str):
+    backbone = [] if any(e.startswith("backbone=") for e in extra) else ["backbone=tiny"]
     return compose_config([
         "data=nih", f"data.root={root}", "data.image_size=64", "data.batch_size=32", "data.num_workers=0",
-        "backbone=tiny", f"paths.output_dir={out}", f"paths.cache_dir={cache}", "probe.n_boot=50",
+        *backbone, f"paths.output_dir={out}", f"paths.cache_dir={cache}", "probe.n_boot=50",
         "probe.C=[0.01,1.0]", *extra,
     ], config_name="probe")
 
@@ -122,6 +123,7 @@ def test_probe_run_directory_cache_and_compare(tiny_demo, tmp_path):
     second = probe(probe_config(tiny_demo, tmp_path / "runs" / "b", cache, "probe.train_fractions=[0.5,1.0]"))
     assert {v["cache"] for v in second["features"].values()} == {"hit"}
     assert second["test.auroc_mean"] == first["test.auroc_mean"]
+    assert second["params"] == first["params"] > 0  # the backbone's size comes from the cache entry
 
     # compare puts probes in its table like any run.
     written = write_comparison(tmp_path / "runs", "backbone,head")
@@ -146,3 +148,54 @@ def test_feature_cache_is_invalidated_when_the_weights_change(tiny_demo, tmp_pat
     again = probe(run)["features"]
     assert again["val"]["cache"] == "miss" and again["train"]["cache"] == "hit"
     assert json.loads(entry.read_bytes()[8:8 + int.from_bytes(entry.read_bytes()[:8], "little")])["__metadata__"]
+
+
+def test_probe_comparison_sweeps_the_six_and_routes_foundation_weights(tiny_demo):
+    from cxr_lightning.models.backbones import BACKBONE_NAMES
+
+    with __import__("hydra").initialize_config_module(config_module="cxr_lightning.conf", version_base="1.3"):
+        from hydra import compose
+
+        sweep = compose("probe", overrides=["experiment=probe_comparison", "data.root=/nih"], return_hydra_config=True)
+    assert sorted(v.strip() for v in str(sweep.hydra.sweeper.params.backbone).split(",")) == sorted(BACKBONE_NAMES)
+    assert list(sweep.probe.train_fractions) == [0.01, 0.1, 1.0] and sweep.data.source == "nih"
+    one = compose_config(["experiment=probe_comparison", f"data.root={tiny_demo}", "backbone=rad_dino",
+                          "foundation_weights.rad_dino=/w/rad-dino"], config_name="probe")
+    assert one.backbone.weights == "/w/rad-dino" and one.data.image_size == 518
+    demo = compose_config(["experiment=probe_comparison_demo", "backbone=inception_v3"], config_name="probe")
+    assert demo.data.source == "demo" and demo.data.image_size >= demo.backbone.min_input_size
+
+
+@pytest.mark.slow
+def test_probe_command_line_refuses_a_foundation_backbone_without_weights(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr_lightning.probe", "backbone=rad_dino", f"paths.root_dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ConfigError: backbone=rad_dino needs its weights") and "microsoft/rad-dino" in line
+
+
+@pytest.mark.slow
+def test_probe_of_a_foundation_backbone_folder(tiny_demo, tmp_path):
+    pytest.importorskip("transformers")
+    from test_foundation_backbones import DINO_SIZE, write_dinov2
+
+    from cxr_lightning.tasks.probe import probe
+
+    folder = tmp_path / "rad-dino"
+    write_dinov2(folder)
+    cfg = probe_config(tiny_demo, tmp_path / "run", tmp_path / "cache", "backbone=rad_dino",
+                       f"+foundation_weights.rad_dino={folder}", f"data.image_size={DINO_SIZE}", "probe.n_boot=10",
+                       "probe.metadata=true")
+    metrics = probe(cfg)
+    assert metrics["backbone"] == "rad_dino" and {v["cache"] for v in metrics["features"].values()} == {"miss"}
+    # 32 class-token features, then the metadata inputs.
+    assert metrics["probe"]["n_features"] == 32 + len(metrics["meta_names"]) > 32
+    # Every file of the folder is part of the key: a changed preprocessor_config.json is another key.
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    assert {v["cache"] for v in probe(cfg)["features"].values()} == {"miss"}

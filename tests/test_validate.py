@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import hydra
@@ -12,11 +13,11 @@ import torch
 from conftest import FIXTURES, compose_config, tiny_overrides
 
 from cxr_lightning import labels
-from cxr_lightning.tasks import validate
-from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.backbones import BACKBONE_NAMES
+from cxr_lightning.tasks import validate
+from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.tasks.train import train
 
 # The NIH fixture holds a label table but no images: enough for every check, useless for training.
@@ -52,7 +53,11 @@ def fake_checkpoint(
     meta = ["age", "age_missing", "sex_male", "view_ap"]
     if prior_labels:
         meta += [f"prior:{n}" for n in names] + ["has_prior"]
-    hparams = {"label_names": names, "meta_names": meta, "backbone": {"name": backbone}, "head": {"name": head}}
+    hparams = {
+        "label_names": names, "meta_names": meta, "backbone": {"name": backbone}, "head": {"name": head},
+        # what the checkpoint reader's schema requires of every checkpoint (schema.REQUIRED_HPARAMS)
+        "loss": {"name": "weighted_bce"}, "optimizer": {"lr": 1e-4}, "image_size": 64,
+    }
     torch.save({"hyper_parameters": hparams, "state_dict": {"w": torch.zeros(2)}}, path)
     return path
 
@@ -139,7 +144,7 @@ def test_unreadable_checkpoint_is_a_checkpoint_error(tmp_path, no_data_loading):
     ckpt = tmp_path / "truncated.ckpt"
     fake_checkpoint(ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"Cannot read checkpoint {re.escape(str(ckpt))}.*is it complete"):
+    with pytest.raises(CheckpointError, match=rf"Cannot read checkpoint {re.escape(str(ckpt))}.*not a torch checkpoint"):
         train(config(tmp_path, f"ckpt_path={ckpt}"))
     torch.save({"state_dict": {}}, ckpt)
     with pytest.raises(CheckpointError, match=r"is not a cxr-lightning checkpoint"):
@@ -147,8 +152,14 @@ def test_unreadable_checkpoint_is_a_checkpoint_error(tmp_path, no_data_loading):
 
 
 def test_fitting_checkpoint_and_valid_config_pass(tmp_path):
+    """The same checkpoint passes with the config it was made for, silently, and fails with a
+    config one setting away from it: the check looks at that setting, not at nothing."""
     ckpt = fake_checkpoint(tmp_path / "same.ckpt")
-    validate.validate_config(config(tmp_path, "head=fusion_residual"), ckpt)  # no exception
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate.validate_config(config(tmp_path, "head=fusion_residual"), ckpt) is None
+    with pytest.raises(CheckpointError, match=r"predicts 15 labels, this config 14"):
+        validate.validate_config(config(tmp_path, "head=fusion_residual", "data.drop_no_finding=true"), ckpt)
 
 
 @pytest.mark.parametrize("group, option", [("backbone", "resnet"), ("head", "attention"), ("loss", "dice")])

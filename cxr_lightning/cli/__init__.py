@@ -17,14 +17,19 @@ Nothing below this package imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import functools
 import importlib
 import logging
+import os
 import re
+import shutil
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +89,122 @@ def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
     """Call ``task(*args)`` with the exit-status contract above."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from omegaconf.errors import OmegaConfBaseException
+
     quiet_known_warnings()
     try:
         return task(*args)
     except SIGTERMException:
         raise SystemExit(EXIT_SIGTERM) from None
-    except CXRError as exc:
-        message = f"{type(exc).__name__}: {exc}"
+    except (CXRError, OmegaConfBaseException) as exc:
+        # An OmegaConf error here is the config's too: an interpolation to a missing key, a bad value.
+        message = f"{type(exc).__name__}: {exc}" if isinstance(exc, CXRError) else f"ConfigError: {hydra_error_line(exc)}"
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise JobError(message) from exc
+        remove_unstarted_run_dir()
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
+
+
+def remove_unstarted_run_dir() -> None:
+    """Delete the run directory Hydra made for a job that failed before writing anything: it holds
+    Hydra's own files only (the job log, ``.hydra/``), and would pass for a run. A directory with
+    anything else in it (a resumed run, earlier outputs) is left as it is."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    own = {f"{hydra_cfg.job.name}.log", str(hydra_cfg.output_subdir or ".hydra")}
+    try:
+        entries = list(out.iterdir())
+    except OSError:
+        return
+    if not entries or any(e.name not in own for e in entries):
+        return
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    try:
+        out.rmdir()
+    except OSError:  # the working directory itself (hydra.run.dir=.), or in use
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Hydra's composition errors as one line
+def _close(word: str, options: Sequence[str]) -> list[str]:
+    return difflib.get_close_matches(word, [str(o) for o in options], n=3, cutoff=0.6)
+
+
+def _did_you_mean(close: Sequence[str], prefix: str = "") -> str:
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing the config: what was wrong,
+    close matches ("did you mean") for a group option or a key, and what to do."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(exc)
+    if isinstance(exc, MissingConfigException):
+        found = re.search(r"Could not find '([^']+)'", text)
+        missing = found.group(1) if found else str(exc.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        options = list(exc.options or [])
+        if group and options:
+            close = _close(option, options)
+            return (f"{group}={option}: there is no {group} config {option!r}{_did_you_mean(close, f'{group}=')}. "
+                    f"Options: {', '.join(options)}.")
+        return f"config {missing!r} not found" + (f"; options: {', '.join(options)}." if options else ".")
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    parent = getattr(cause, "parent_node", None)
+    if full_key and isinstance(parent, DictConfig) and "Could not override" in text:
+        path, _, key = str(full_key).rpartition(".")
+        close = _close(key, list(parent.keys()))
+        where = f"{path} has no key {key!r}" if path else f"there is no config group or key {key!r}"
+        append = re.search(r"use (\+\S+)", text)
+        hint = f" (to add a new key: {append.group(1)})" if append and not close else ""
+        return f"{full_key}: {where}{_did_you_mean(close, f'{path}.' if path else '')}{hint}."
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override: {text.splitlines()[0]} (Hydra's override grammar: " \
+               "https://hydra.cc/docs/advanced/override_grammar/basic/)."
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("\t")]
+    if full_key and not any("full_key" in line for line in lines):
+        lines.append(f"(key {full_key})")
+    return " ".join(line for line in lines if not line.startswith(("object_type=", "Config search path",
+                                                                       "provider=", "Set the environment")))
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Hydra prints a composition error as several lines (a listing of every option, a search path)
+    and exits 1; here it is one ``error:`` line and exit status 2, as for the framework's own errors.
+    HYDRA_FULL_ERROR makes Hydra raise instead of printing, for the duration of the call; an error
+    raised by the task itself keeps its traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _state["task_started"] = False
+    try:
+        yield
+    except JobError as exc:  # a multirun job's framework error, already one line
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        if _state["task_started"]:
+            raise
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+_state = {"task_started": False}
 
 
 def hydra_command(config_name: str, task: str, then: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
@@ -105,9 +215,15 @@ def hydra_command(config_name: str, task: str, then: Callable[[Any], Any] | None
     module, function = task.split(":")
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
-    def main(cfg: DictConfig) -> Any:
+    def hydra_main(cfg: DictConfig) -> Any:
+        _state["task_started"] = True
         result = run_task(getattr(importlib.import_module(module), function), cfg)
         return then(result) if then is not None else None
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        with _one_line_errors():
+            return hydra_main()
 
     return main
 

@@ -1,7 +1,7 @@
 """The NIH ChestX-ray14 release on disk: label table, image files, official split lists, BBox list.
 
 NIH has published the label table in three formats over the years; :func:`read_label_table`
-turns any of them into one column contract (see docs/ARCHITECTURE.md) and rejects malformed
+turns any of them into one column contract (see docs/architecture.md) and rejects malformed
 files with a :class:`DataError` that names the file, the rows and the columns at fault.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def find_label_table(root: str | os.PathLike) -> Path:
 
 
 def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read any NIH label-table format into the column contract of docs/ARCHITECTURE.md."""
+    """Read any NIH label-table format into the column contract of docs/architecture.md."""
     path = Path(path)
     raw = _read_csv(path)
     raw.columns = [_COLUMN_ALIASES.get(c.strip(), c.strip()) for c in raw.columns]

@@ -178,6 +178,29 @@ def compute_cams(
     map, as pytorch_grad_cam's argument of that name (``CXRClassifier.cam_reshape`` gives the one
     a backbone needs); gradients are reshaped with it, so the zero-gradient flags hold for tokens too.
     """
+    cam_class = _checked_method(method, images, meta, batch_size)
+    with torch.inference_mode(False), torch.enable_grad(), _cam_mode(model):
+        device = next(model.parameters()).device
+        # clone(): tensors made under inference mode cannot enter autograd.
+        images = images.detach().clone().to(device)
+        meta = meta.detach().clone().to(device)
+        probabilities = _initial_probabilities(model, images, meta, explicit=targets is not None)
+        pairs = _select_pairs(probabilities, targets, top_k)
+        heatmaps, zero_gradient = _run_pairs(
+            cam_class, model, target_layer, reshape_transform, images, meta, pairs, probabilities, batch_size,
+            record_probabilities=targets is not None,
+        )
+        missing = torch.isnan(probabilities).any(dim=1)
+        if missing.any():
+            with torch.no_grad():
+                probabilities[missing] = _probabilities(model, images[missing.to(device)], meta[missing.to(device)])
+    result = _result(heatmaps, zero_gradient, pairs, probabilities, method, images.shape[-2:])
+    _warn_uninformative(result, target_layer)
+    return result
+
+
+def _checked_method(method: str, images: torch.Tensor, meta: torch.Tensor, batch_size: int) -> type[BaseCAM]:
+    """The CAM class of ``method``, after checking the inputs' shapes and the batch size."""
     cam_class = CAM_METHODS.get(method)
     if cam_class is None:
         raise ConfigError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
@@ -190,57 +213,73 @@ def compute_cams(
         raise ValueError(f"compute_cams needs normalised float images, got dtype {images.dtype}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return cam_class
 
-    with torch.inference_mode(False), torch.enable_grad(), _cam_mode(model):
-        device = next(model.parameters()).device
-        # clone(): tensors made under inference mode cannot enter autograd.
-        images = images.detach().clone().to(device)
-        meta = meta.detach().clone().to(device)
-        with torch.no_grad():
-            if targets is None:
-                probabilities = _probabilities(model, images, meta)
-            else:
-                n_labels = _probabilities(model, images[:1], meta[:1]).shape[1]
-                probabilities = torch.full((len(images), n_labels), float("nan"))
-        pairs = _select_pairs(probabilities, targets, top_k)
 
-        wrapper = ImageOnly(model)
-        cam = cam_class(model=wrapper, target_layers=[target_layer], reshape_transform=reshape_transform)
-        # Prepended to the library's own hooks, which must see the grad-carrying output.
-        graph_hook = _graph_from(target_layer) if cam.uses_gradients else None
-        chunk = 1 if issubclass(cam_class, ScoreCAM) else batch_size
-        cam.batch_size = batch_size  # ScoreCAM's masked-copy batch
-        heatmaps, zero_gradient = [], []
-        try:
-            for start in range(0, len(pairs), chunk):
-                part = pairs[start : start + chunk]
-                maps, no_grad, pair_probs = _run_cam(cam, wrapper, images, meta, part)
-                heatmaps.append(maps)
-                zero_gradient.append(no_grad)
-                if targets is not None and pair_probs is not None:
-                    probabilities[torch.as_tensor(part[:, 0])] = pair_probs
-        finally:
-            cam.activations_and_grads.release()
-            if graph_hook is not None:
-                graph_hook.remove()
-        missing = torch.isnan(probabilities).any(dim=1)
-        if missing.any():
-            with torch.no_grad():
-                probabilities[missing] = _probabilities(model, images[missing.to(device)], meta[missing.to(device)])
+def _initial_probabilities(model: nn.Module, images: torch.Tensor, meta: torch.Tensor, explicit: bool) -> torch.Tensor:
+    """Every image's probabilities, or with explicit targets a NaN table the CAM passes fill in
+    (one forward of a single image finds the number of labels)."""
+    with torch.no_grad():
+        if not explicit:
+            return _probabilities(model, images, meta)
+        n_labels = _probabilities(model, images[:1], meta[:1]).shape[1]
+        return torch.full((len(images), n_labels), float("nan"))
 
-    height, width = images.shape[-2:]
+
+def _run_pairs(
+    cam_class: type[BaseCAM],
+    model: nn.Module,
+    target_layer: nn.Module,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    images: torch.Tensor,
+    meta: torch.Tensor,
+    pairs: np.ndarray,
+    probabilities: torch.Tensor,
+    batch_size: int,
+    record_probabilities: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Heatmaps and zero-gradient flags of ``pairs``, chunk by chunk; with ``record_probabilities``
+    the CAM forward passes' probabilities are written into ``probabilities``."""
+    wrapper = ImageOnly(model)
+    cam = cam_class(model=wrapper, target_layers=[target_layer], reshape_transform=reshape_transform)
+    # Prepended to the library's own hooks, which must see the grad-carrying output.
+    graph_hook = _graph_from(target_layer) if cam.uses_gradients else None
+    chunk = 1 if issubclass(cam_class, ScoreCAM) else batch_size
+    cam.batch_size = batch_size  # ScoreCAM's masked-copy batch
+    heatmaps, zero_gradient = [], []
+    try:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            maps, no_grad, pair_probs = _run_cam(cam, wrapper, images, meta, part)
+            heatmaps.append(maps)
+            zero_gradient.append(no_grad)
+            if record_probabilities and pair_probs is not None:
+                probabilities[torch.as_tensor(part[:, 0])] = pair_probs
+    finally:
+        cam.activations_and_grads.release()
+        if graph_hook is not None:
+            graph_hook.remove()
+    return heatmaps, zero_gradient
+
+
+def _result(
+    heatmaps: list[np.ndarray],
+    zero_gradient: list[np.ndarray],
+    pairs: np.ndarray,
+    probabilities: torch.Tensor,
+    method: str,
+    size: Sequence[int],
+) -> CamResult:
+    height, width = size
     heatmaps_np = np.concatenate(heatmaps) if heatmaps else np.zeros((0, height, width), np.float32)
-    zero_np = np.concatenate(zero_gradient) if zero_gradient else np.zeros(0, bool)
-    result = CamResult(
+    return CamResult(
         heatmaps=heatmaps_np.astype(np.float32),
         pairs=pairs,
         probabilities=probabilities.numpy(),
-        zero_gradient=zero_np,
+        zero_gradient=np.concatenate(zero_gradient) if zero_gradient else np.zeros(0, bool),
         empty=np.array([is_blank(h) for h in heatmaps_np], dtype=bool),
         method=method,
     )
-    _warn_uninformative(result, target_layer)
-    return result
 
 
 def _probabilities(model: nn.Module, images: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,9 @@ SUMMARY_METRICS: dict[str, str] = {
     "params": "parameters",
     "best_val_loss": "best val loss",
     "test.auroc_mean": "test AUROC",
+    # A linear probe's (python -m cxr_lightning.probe) patient-bootstrap interval, in its metrics.json.
+    "test.auroc_mean_lower": "test AUROC CI low (probe)",
+    "test.auroc_mean_upper": "test AUROC CI high (probe)",
     "test.f1_macro": "test macro F1",
     "epochs": "epochs",
     "seconds_per_epoch": "s / epoch",

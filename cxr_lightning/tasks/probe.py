@@ -157,8 +157,8 @@ def _features(cfg: DictConfig, dm: Any, backbone_cfg: dict[str, Any], prep: dict
         paths = dm.split_table(split)["path"].astype(str).tolist()
         parts = feature_key_parts(backbone_cfg, prep, image_size, paths, split, int(cfg.seed))
         key = cache_key(parts)
-        found = cache.load(key, len(paths)) if settings["cache"] else None
-        if found is None:
+        entry = cache.load(key, len(paths)) if settings["cache"] else None
+        if entry is None:
             if backbone is None:
                 torch.manual_seed(int(cfg.seed))  # random initial weights are drawn from the run's seed
                 backbone = backbone_from_config(backbone_cfg, image_size).requires_grad_(False)
@@ -166,9 +166,14 @@ def _features(cfg: DictConfig, dm: Any, backbone_cfg: dict[str, Any], prep: dict
                 n_params = sum(p.numel() for p in backbone.parameters())
             found = extract_features(backbone, preprocess, dm.loader(split, shuffle=False), device)
             if settings["cache"]:
-                cache.save(key, found, parts)
+                cache.save(key, found, parts, extra={"params": str(n_params)})
             record[split] = {"cache": "miss", "file": str(cache.path(key)) if settings["cache"] else None}
         else:
+            found, metadata = entry
+            # The backbone's size, recorded when the entry was written: a cached run builds no network.
+            stored = metadata.get("params", "")
+            if not n_params and stored.isdigit():
+                n_params = int(stored)
             record[split] = {"cache": "hit", "file": str(cache.path(key))}
         log.info("%s features %s: %s", split, tuple(found.shape), record[split]["cache"])
         features[split] = found

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
     # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
+    # The CAM layer by name first: a run's config.yaml names it, and resume=auto compares configs.
+    cfg = with_cam_layer(cfg)
     cfg, ckpt_path = resolve_resume(cfg)
     validate_config(cfg, ckpt_path)
-    cfg = with_cam_layer(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

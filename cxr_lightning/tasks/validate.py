@@ -6,7 +6,9 @@ not after the label table, the image index and a model have been built.
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cxr_lightning.checkpoints import checkpoint_hparams
 from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.heads import head_class
+from cxr_lightning.models.param_groups import GROUP_KEYS
 from cxr_lightning.selection import selection_mode
 from cxr_lightning.tasks.build import (
     data_spec,
@@ -32,6 +35,7 @@ _warned: set[str] = set()
 def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None) -> None:
     """Raise ConfigError/DataError/CheckpointError for a config that cannot run; ``ckpt_path`` is the
     checkpoint a fit will continue from (see :func:`cxr_lightning.faults.resolve_resume`)."""
+    check_instantiated_keys(cfg)
     check_data_root(cfg.data)
     check_backbone(cfg.backbone, int(cfg.data.image_size))
     check_head(cfg.head.name)
@@ -42,6 +46,53 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     check_selection(cfg)
     if ckpt_path:
         check_checkpoint_fits(cfg, ckpt_path)
+
+
+# Keys of an instantiated config that Hydra reads itself, and those the model reads from the
+# optimizer and scheduler configs rather than passing them to the class.
+_HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+_READ_BY_MODEL = {"optimizer": frozenset(GROUP_KEYS), "scheduler": frozenset({"interval"})}
+
+
+def check_instantiated_keys(cfg: DictConfig) -> None:
+    """Every key of a config built by ``_target_`` (trainer, optimizer, scheduler, data, each
+    callback and logger) is an argument of its class, so a typo such as
+    ``+trainer.max_epoch=2`` is named with its close matches before anything is built, rather than
+    ending in a TypeError from the class."""
+    nodes = [(name, cfg.get(name)) for name in ("trainer", "optimizer", "scheduler", "data")]
+    for group in ("callbacks", "logger"):
+        nodes += [(f"{group}.{k}", v) for k, v in (cfg.get(group) or {}).items()]
+    for where, node in nodes:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        accepted = _arguments(str(node._target_))
+        if accepted is None:
+            continue
+        extra = set(_READ_BY_MODEL.get(where, ())) | _HYDRA_KEYS
+        unknown = [str(k) for k in node.keys() if k not in accepted and k not in extra]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, sorted(accepted), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(f'{where}.{c}' for c in close)}?)" if close else ""
+            raise ConfigError(
+                f"{where}.{key}: {node._target_} takes no argument {key!r}{hint}; remove it or fix its name."
+            )
+
+
+def _arguments(target: str) -> set[str] | None:
+    """The keyword arguments ``target`` (a class or function path) takes; None when it takes any
+    (``**kwargs``) or cannot be located (Hydra then says so when it instantiates)."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        signature = inspect.signature(obj)
+    except Exception:  # noqa: BLE001 -- a missing module or an unreadable signature: instantiation reports it
+        return None
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
 
 def check_selection(cfg: DictConfig) -> None:
@@ -112,7 +163,8 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
     fmt = backbone.get("format", "timm") or "timm"
     if fmt not in folders.FORMATS:
         raise ConfigError(f"backbone.format={fmt!r} is unknown; use one of {list(folders.FORMATS)}.")
-    if OmegaConf.is_missing(backbone, "weights") or (fmt != "timm" and backbone.get("weights") is None):
+    required = fmt != "timm" or bool(backbone.get("weights_required", False))
+    if OmegaConf.is_missing(backbone, "weights") or (required and backbone.get("weights") is None):
         raise ConfigError(
             f"backbone={name} needs its weights: pass backbone.weights=PATH. "
             + str(backbone.get("weights_help")
