@@ -22,7 +22,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning.data.augment import BatchAugment
-from cxr_lightning.data.boxes import ImageBoxes, image_boxes
+from cxr_lightning.data.boxes import ImageBoxes, check_training_boxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, SourceCaches, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
@@ -160,6 +160,9 @@ class CXRDataModule(pl.LightningDataModule):
                 f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names})."
             )
         self.tables = tables
+        if self.train_boxes:
+            total = len(tables.bbox_table) if tables.bbox_table is not None else 0
+            check_training_boxes(self.training_boxes().count, self.source, total)
 
     def _opened_cache(self) -> ImageCache | SourceCaches | None:
         """The image caches that prepare_data() built (this process or another rank's): opened, never
@@ -237,6 +240,11 @@ class CXRDataModule(pl.LightningDataModule):
     def training_boxes(self) -> ImageBoxes:
         """The boxes of the training split's images (never of a validation or test patient)."""
         return image_boxes(self.split_table("train"), self.bbox_table, self.label_names, self.image_size)
+
+    @property
+    def box_protocol(self) -> dict | None:
+        """NIH's boxed-image protocol as applied to this split (``data.boxes.folds``), else None."""
+        return self._tables().box_protocol
 
     @property
     def age_fill(self) -> float:

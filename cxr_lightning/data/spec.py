@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_lightning.data import label_spaces, sources
+from cxr_lightning.data.boxes import check_box_folds
 from cxr_lightning.data.images import MAX_PIXELS
 from cxr_lightning.data.samplers import check_sampler
 from cxr_lightning.errors import ConfigError
@@ -82,6 +83,7 @@ class DataSpec:
     sampler_seed: int = 0
     train_boxes: bool = False
     max_pixels: int = MAX_PIXELS  # the decoder's pixel budget per image (data/images.py)
+    boxes: Mapping[str, Any] | None = None  # data.boxes: NIH's boxed-image protocol (data/boxes.py)
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -196,6 +198,7 @@ class DataSpec:
         if unknown:
             raise ConfigError(f"split={unknown[0]!r}: expected one of {list(SPLITS)}.")
         check_sampler(self.sampler, self.no_finding_keep)
+        check_box_folds(self.boxes)
         mp = self.max_pixels
         if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
             raise ConfigError(f"data.max_pixels={mp!r}: the pixel budget is a positive number of pixels.")

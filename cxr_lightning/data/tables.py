@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr_lightning.data import boxes as box_lists
 from cxr_lightning.data import cohort, label_spaces, nih
+from cxr_lightning.data.boxes import check_box_folds
 from cxr_lightning.data.dataset import find_unreadable
 from cxr_lightning.data.label_spaces import LabelSpace
 from cxr_lightning.data.sources.base import Source
@@ -85,6 +87,7 @@ class SourceTables:
     unavailable_labels: list[str]
     left_out: dict[str, int]
     bbox_table: pd.DataFrame | None = None
+    box_protocol: dict | None = None
 
 
 @dataclass
@@ -112,6 +115,8 @@ class SplitTables:
     left_out: dict[str, int] = field(default_factory=dict)
     label_space: str = "nih14"
     per_source: dict[str, SourceTables] = field(default_factory=dict)
+    # NIH's boxed-image protocol (data.boxes.folds), as applied: boxes.BoxFolds.record().
+    box_protocol: dict | None = None
 
     @property
     def label_cols(self) -> list[str]:
@@ -169,6 +174,7 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
         left_out=left_out,
         label_space=space.name,
         per_source={p.spec.name: p for p in parts},
+        box_protocol=next((p.box_protocol for p in parts if p.box_protocol is not None), None),
     )
 
 
@@ -218,9 +224,21 @@ def source_table(spec: DataSpec, s: SourceSpec, reader: Source, space: LabelSpac
         )
     frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
     frontal["split"] = assign_splits(frontal, reader, spec)
+    bbox_table = reader.read_boxes()
+    box_protocol = None
+    box_folds = check_box_folds(spec.boxes)
+    if box_folds is not None:
+        if not reader.nih_layout or bbox_table is None:
+            raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={s.source} has no NIH box list.")
+        # After the train_val folds: the boxed patients it moves train in every one of them.
+        frontal["split"], moved = box_lists.box_fold_split(
+            frontal, frontal["split"], bbox_table, seed=spec.split_seed, **box_folds
+        )
+        box_protocol = moved.record()
+        log.info("NIH boxed-image protocol: %s", box_protocol["test"])
     table = find_images(frontal, reader, spec, workers)
     table[SOURCE] = s.name
-    return SourceTables(s, table, data.label_table, unavailable, left_out, reader.read_boxes())
+    return SourceTables(s, table, data.label_table, unavailable, left_out, bbox_table, box_protocol)
 
 
 def frontal_views(full: pd.DataFrame, name: str, left_out: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:

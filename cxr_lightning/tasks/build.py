@@ -189,7 +189,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 # Always as trained: these define the split, the labels or the model's inputs.
 SPLIT_DEFINING = frozenset(
     {"source", "sources", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
-     "prior_labels", "drop_no_finding", "labels", "label_space", "age_fill", "only_splits"}
+     "prior_labels", "drop_no_finding", "labels", "label_space", "age_fill", "only_splits", "boxes"}
 )
 # An external source's data config: what its own conf/data/<source>.yaml says (where the files
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.

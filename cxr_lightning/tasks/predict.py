@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def predict(cfg: DictConfig) -> PredictionRun:
     keys = [relative_key(f, root) for f in files]
     key_of = dict(zip(map(str, files), keys))
     csv = read_demographics_csv(cfg.demographics) if cfg.get("demographics") else None
+    if csv is None and model.hparams.meta_names:
+        warn_no_demographics(float(model.hparams.age_fill))
     demographics, meta, failures = file_metadata(files, keys, csv, model.hparams.meta_names, model.hparams.age_fill)
     kept = demographics[~demographics.index.isin(list(failures))]
 
@@ -204,3 +207,13 @@ def _output_path(cfg: DictConfig) -> Path:
     except Exception:  # composed outside a Hydra run: ${hydra:...} cannot resolve
         raise ConfigError("Pass output=FILE.csv for the predictions.") from None
 
+
+def warn_no_demographics(age_fill: float) -> None:
+    """Once per run: without ``demographics=FILE`` the metadata the model reads comes from DICOM
+    headers where they have it, and otherwise is what the model was trained to read as unknown."""
+    warnings.warn(
+        "predict: no demographics=FILE given, so age, sex and view come from DICOM headers where present; for "
+        f"other files the model assumes age {age_fill:.0f} (the training median, flagged age_missing), sex and "
+        "view unknown (0.5) and no previous-visit findings. Pass demographics=CSV for known values.",
+        stacklevel=2,
+    )
