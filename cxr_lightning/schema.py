@@ -43,6 +43,8 @@ MAX_META = 4096
 IMAGE_SIZE_RANGE = (16, 2048)
 # Any width or count in a head/backbone/loss config (hidden units, heads, layers).
 MAX_WIDTH = 65_536
+# Normalisation constants (mean, std, input range).
+MAX_SCALE = 1e6
 # sidecars and a run directory's JSON files: far above what evaluate writes (a few hundred kB).
 MAX_JSON_BYTES = 32 * 1024 * 1024
 # A label is a finding's name: letters, digits, spaces and a little punctuation, never a path
@@ -213,9 +215,10 @@ def hyperparameters(hp: Any, where: str) -> dict[str, Any]:
     for node in KWARG_NODES:
         text(hp[node].get("name"), check, f"{node}.name", LABEL_NAME)
         _kwargs(hp[node], check, node)
+    # Normalisation constants: finite, on any scale a backbone declares (torchxrayvision's is +-1024).
     for key in ("mean", "std"):
         if key in hp:
-            number(hp[key], check, key, -1e3, 1e3)
+            number(hp[key], check, key, -MAX_SCALE, MAX_SCALE)
     if "std" in hp and float(hp["std"]) <= 0:
         raise check.fail("std", f"{hp['std']} must be positive")
     if "input_range" in hp:
@@ -223,7 +226,7 @@ def hyperparameters(hp: Any, where: str) -> dict[str, Any]:
         if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
             raise check.fail("input_range", f"{_show(bounds)} is not [low, high]")
         for i, v in enumerate(bounds):
-            number(v, check, f"input_range[{i}]", -1e3, 1e3)
+            number(v, check, f"input_range[{i}]", -MAX_SCALE, MAX_SCALE)
     if hp.get("pos_frac") is not None:
         fractions = hp["pos_frac"]
         if not isinstance(fractions, (list, tuple)) or len(fractions) != len(labels):

@@ -339,9 +339,17 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--images-per-folder", type=int, default=DEMO_DEFAULTS["images_per_folder"])
+    parser.add_argument("--box-sources", action="store_true",
+                        help="NIH's real layout for boxes: keep the test images' boxes only, and write the boxed "
+                        "train_val images as VinDr-CXR and RSNA Pneumonia copies (DIR/vindr_cxr, DIR/rsna_pneumonia)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = run_task(generate, args.out, args.patients, args.image_size, args.seed, args.workers, args.images_per_folder)
     n_images = len((out / nih.LABEL_TABLE).read_text().splitlines()) - 1
     print(f"Wrote {n_images} images of {args.patients} patients to {out} in {time.perf_counter() - start:.1f} s.")
+    if args.box_sources:
+        from cxr_lightning.data.demo.box_copies import write_box_copies
+
+        counts = run_task(write_box_copies, out)
+        print(f"Box sources (demo copies, not evidence): {counts}")
     return 0

@@ -21,7 +21,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning.data.augment import BatchAugment
-from cxr_lightning.data.boxes import ImageBoxes, image_boxes
+from cxr_lightning.data.boxes import ImageBoxes, check_box_folds, check_training_boxes, image_boxes
 from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
 from cxr_lightning.data import images
 from cxr_lightning.data.dataset import CXRDataset, collate_readable
@@ -80,6 +80,7 @@ class CXRDataModule(pl.LightningDataModule):
         sampler: str = "random",
         no_finding_keep: float = 0.5,
         sampler_seed: int = 0,
+        boxes: Mapping[str, Any] | None = None,
         train_boxes: bool = False,
         max_pixels: int = images.MAX_PIXELS,
     ) -> None:
@@ -126,6 +127,7 @@ class CXRDataModule(pl.LightningDataModule):
             "folds": folds,
             "on_missing": on_missing,
             "verify_images": bool(verify_images),
+            "box_folds": check_box_folds(boxes),
         }
         self.label_names = output_labels(bool(drop_no_finding), source, labels)
         self.meta_names = meta_names(self.label_names, bool(prior_labels))
@@ -180,6 +182,9 @@ class CXRDataModule(pl.LightningDataModule):
         if tables.label_names != self.label_names or tables.meta_names != self.meta_names:
             raise DataError(f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names}).")
         self.tables = tables
+        if self.train_boxes:
+            total = len(tables.bbox_table) if tables.bbox_table is not None else 0
+            check_training_boxes(self.training_boxes().count, self.source, total)
 
     def _opened_cache(self) -> ImageCache | None:
         """The image cache that prepare_data() built (this process or another rank's): opened, never
@@ -241,6 +246,11 @@ class CXRDataModule(pl.LightningDataModule):
     def training_boxes(self) -> ImageBoxes:
         """The boxes of the training split's images (never of a validation or test patient)."""
         return image_boxes(self.split_table("train"), self.bbox_table, self.label_names, self.image_size)
+
+    @property
+    def box_protocol(self) -> dict | None:
+        """NIH's boxed-image protocol as applied to this split (``data.boxes.folds``), else None."""
+        return self._tables().box_protocol
 
     @property
     def age_fill(self) -> float:

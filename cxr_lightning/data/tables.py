@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_lightning import labels
+from cxr_lightning.data import boxes as box_lists
 from cxr_lightning.data import cohort, harmonise, nih, sources
 from cxr_lightning.data.sources.common import FINDING_PREFIX, FRONTAL, UNCERTAIN
 from cxr_lightning.data.dataset import find_unreadable
@@ -82,6 +83,8 @@ class SplitTables:
     source: str = "nih"
     unavailable_labels: list[str] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)
+    # NIH's boxed-image protocol (data.boxes.folds), as applied: boxes.BoxFolds.record().
+    box_protocol: dict | None = None
 
     @property
     def label_cols(self) -> list[str]:
@@ -114,6 +117,7 @@ def build_tables(
     workers: int = 1,
     age_fill: float | None = None,
     max_pixels: int | None = None,
+    box_folds: dict | None = None,
 ) -> SplitTables:
     """Read the dataset ``source`` at ``root`` and build its split tables; see :class:`SplitTables`.
 
@@ -154,11 +158,23 @@ def build_tables(
         table = _drop_unreadable(table, on_missing, workers, max_pixels)
 
     table["split"] = reader.split(table, root, val_fraction, test_fraction, split_seed)
+    native = source in harmonise.NATIVE_SOURCES
+    bbox_path = root / nih.BBOX_TABLE
+    bbox_table = nih.read_bbox_table(bbox_path) if native and bbox_path.exists() else None
+    box_protocol = None
     if folds is not None:
         table["split"] = _fold_split(table, fold, folds, split_seed)
+    if box_folds is not None:
+        if not native:
+            raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={source} has no NIH box list.")
+        # After the train_val folds: the boxed patients it moves train in every one of them.
+        table["split"], moved = box_lists.box_fold_split(
+            table, table["split"], bbox_table, seed=split_seed, **box_folds
+        )
+        box_protocol = moved.record()
+        log.info("NIH boxed-image protocol: %s", box_protocol["test"])
     cohort.check_patient_disjoint(table, "split")
 
-    native = source in harmonise.NATIVE_SOURCES
     train = table[table["split"] == "train"]
     if age_fill is None and not native and train[nih.AGE].isna().all():
         # A source without ages (MIMIC without MIMIC-IV's patients table): every age is flagged
@@ -181,19 +197,19 @@ def build_tables(
         {s: t[nih.PATIENT].nunique() for s, t in tables.items()},
     )
     stats_rows = tables["train"] if len(tables["train"]) else table
-    bbox_path = root / nih.BBOX_TABLE
     return SplitTables(
         tables=tables,
         label_names=names,
         meta_names=meta_names(names, prior_labels),
         age_fill=float(age_fill),
         label_stats=cohort.label_statistics(stats_rows[label_cols].to_numpy(dtype=float), names),
-        bbox_table=nih.read_bbox_table(bbox_path) if native and bbox_path.exists() else None,
+        bbox_table=bbox_table,
         label_table=data.label_table,
         label_table_digest=file_digest(data.label_table),
         source=source,
         unavailable_labels=unavailable,
         left_out=left_out,
+        box_protocol=box_protocol,
     )
 
 

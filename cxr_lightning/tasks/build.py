@@ -181,7 +181,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 # Always as trained: these define the split, the labels or the model's inputs.
 SPLIT_DEFINING = frozenset(
     {"source", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
-     "prior_labels", "drop_no_finding", "labels", "age_fill"}
+     "prior_labels", "drop_no_finding", "labels", "age_fill", "boxes"}
 )
 # An external source's data config: what its own conf/data/<source>.yaml says (where the files
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.

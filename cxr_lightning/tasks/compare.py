@@ -63,6 +63,9 @@ SUMMARY_METRICS: dict[str, str] = {
     "explain.localization.random_pointing_game": "pointing game, random",
     "explain.localization.iobb@0.5": "IoBB@0.5",
     "explain.localization.random_iobb@0.5": "IoBB@0.5, random",
+    # Blank class maps among the scored (image, finding) pairs: what a collapsing box term leaves.
+    "explain.localization.empty": "empty maps",
+    "explain.localization.n_pairs": "scored pairs",
 }
 # The jobs run on a finished run whose metrics.json a comparison reads too, under their prefix.
 RUN_JOBS: dict[str, str] = {"evaluation": EVALUATION, "explain": EXPLAIN}
@@ -133,7 +136,9 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
         "run": run_dir.relative_to(root).as_posix() if run_dir != root else ".",
         **{key: _group_value(cfg, key) for key in by},
         "seed": _config_scalar(cfg, "seed"),
-        "fold": _config_scalar(cfg, "data.fold"),
+        # The train_val fold, or NIH's boxed-image protocol's (data.boxes.fold): compare aggregates
+        # a group's folds either way.
+        "fold": _fold(cfg),
         "history": str(run.history) if run.history.is_file() else None,
         "data_source": _select(cfg, "data.source"),
     }
@@ -159,6 +164,11 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
     metric = selection.get("metric") if isinstance(selection, dict) else None
     return {**row, "status": "ok", "reason": "", "loss_name": _group_value(cfg, "loss"),
             "selection_metric": metric if isinstance(metric, str) else "val/loss", **numeric}
+
+
+def _fold(cfg: DictConfig) -> float:
+    fold = _config_scalar(cfg, "data.fold")
+    return fold if not math.isnan(fold) else _config_scalar(cfg, "data.boxes.fold")
 
 
 def _failure_reason(run_dir: Path) -> str:

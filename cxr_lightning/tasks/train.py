@@ -98,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "pos_frac": list(model.hparams.pos_frac or []),
         "box_weight": box_weight(cfg),
         "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
+        "box_pairs_seen": int(model.box_pairs_seen),
+        "box_protocol": dm.box_protocol,
         "seed": cfg.seed,
         "image_size": dm.image_size,
         # Images the loaders could not decode and left out (data.on_missing=skip), each counted once.
