@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from cxr_lightning.data import nih
 from cxr_lightning.data.boxes import box_fold_of

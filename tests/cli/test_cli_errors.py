@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
 from cxr_lightning.cli import hydra_error_line
 from cxr_lightning.errors import ConfigError
