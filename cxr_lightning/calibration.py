@@ -14,6 +14,8 @@ probability to a calibrated one with a monotone function fitted on the validatio
 - ``isotonic``: scikit-learn's :class:`~sklearn.isotonic.IsotonicRegression`, a non-decreasing
   step function (it can merge scores into ties, so AUROC may move slightly).
 
+Each label is fitted on the validation images that count for it: a NaN label (uncertain under
+``data.uncertain=ignore``, or one the source does not give) is left out of that label's fit.
 A label whose validation split lacks positives or negatives, or whose fitted slope is not
 positive (the fit would reverse the ranking), keeps its raw probabilities and is listed in
 ``unfitted``. The parameters are plain data (:meth:`Calibration.to_dict`), saved beside the
@@ -130,8 +132,9 @@ def fit_calibration(y_true: Any, y_prob: Any, method: str, label_names: Sequence
     params: dict[str, dict[str, Any]] = {}
     unfitted: list[str] = []
     for j, name in enumerate(names):
-        yj, pj = y[:, j], p[:, j]
-        if yj.min() == yj.max():
+        counted = ~np.isnan(y[:, j])
+        yj, pj = y[counted, j], p[counted, j]
+        if len(yj) == 0 or yj.min() == yj.max():
             params[name] = {}
             unfitted.append(name)
             continue

@@ -259,6 +259,7 @@ def save_bundle(model: CXRClassifier, path: str | os.PathLike, extra: Mapping[st
     metadata = {
         "format": BUNDLE_FORMAT,
         "label_names": list(hp.label_names),
+        "label_space": str(hp.get("label_space") or "nih14"),
         "meta_names": list(hp.meta_names),
         "image_size": int(hp.image_size),
         "preprocessing": model.preprocess.describe(),

@@ -1,12 +1,19 @@
-"""Multi-label losses on logits ``(B, L)`` against 0/1 targets ``(B, L)``.
+"""Multi-label losses on logits ``(B, L)`` against 0/1 targets ``(B, L)``, NaN where a target does
+not count: an uncertain label under ``data.uncertain=ignore``, or a label the image's source does
+not give. A NaN target adds nothing to the loss nor to its gradient; every mean below is over the
+targets that count (a batch where none counts gives a zero loss).
 
 - ``weighted_bce`` (default): the seed's class-balanced binary cross-entropy. For label ``c`` the
   positive term is weighted by the fraction of training images negative for ``c`` and the negative
   term by the fraction positive, so rare findings are not drowned by their negatives. Averaged over
-  the batch per label, then summed over labels (the seed's reduction).
-- ``bce``: plain binary cross-entropy, mean over all elements.
+  the batch per label (over the images that count for it), then summed over labels (the seed's
+  reduction).
+- ``bce``: plain binary cross-entropy, mean over the elements that count.
 - ``focal``: focal loss (Lin et al. 2017), torchvision's ``sigmoid_focal_loss``, mean.
 - ``asl``: asymmetric loss (Ridnik et al. 2021), timm's ``AsymmetricLossMultiLabel``, mean.
+
+The per-element losses come from torch, torchvision and timm (``reduction="none"``); only the
+masked reduction is written here, since none of them takes a mask.
 
 Only ``weighted_bce`` uses ``pos_weight``/``neg_weight``; the others ignore them, so the caller
 can always pass the training split's statistics.
@@ -27,6 +34,21 @@ from torchvision.ops import sigmoid_focal_loss
 from cxr_lightning.errors import ConfigError
 
 WeightLike = torch.Tensor | Sequence[float] | None
+
+
+def split_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(filled, counts)``: the targets with NaN replaced by 0 (any value: it is masked out) and
+    the float mask of the targets that count."""
+    targets = targets.float()
+    counts = ~torch.isnan(targets)
+    return torch.where(counts, targets, torch.zeros_like(targets)), counts.float()
+
+
+def masked_mean(per_element: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_element`` over the elements that count; 0 (with a zero gradient) when none does."""
+    # torch.where, not a product: a masked element's loss may be inf or NaN, and 0 * inf is NaN.
+    kept = torch.where(counts > 0, per_element, torch.zeros_like(per_element))
+    return kept.sum() / counts.sum().clamp(min=1.0)
 
 
 class WeightedBCELoss(nn.Module):
@@ -56,20 +78,25 @@ class WeightedBCELoss(nn.Module):
                 f"outputs {logits.shape[-1]}; the weights must come from the same label list."
             )
         logits = logits.float()
-        targets = targets.float()
+        targets, counts = split_targets(targets)
         # log(1 - sigmoid(x)) == logsigmoid(-x), stable for large |x|.
         per_element = -(
             self.pos_weight * targets * F.logsigmoid(logits)
             + self.neg_weight * (1 - targets) * F.logsigmoid(-logits)
         )
-        return per_element.mean(dim=0).sum()
+        kept = torch.where(counts > 0, per_element, torch.zeros_like(per_element))
+        return (kept.sum(dim=0) / counts.sum(dim=0).clamp(min=1.0)).sum()
 
 
 class BCELoss(nn.BCEWithLogitsLoss):
-    """Unweighted binary cross-entropy on logits, mean over batch and labels."""
+    """Unweighted binary cross-entropy on logits, mean over the targets that count."""
 
     def __init__(self) -> None:
-        super().__init__(reduction="mean")
+        super().__init__(reduction="none")
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        filled, counts = split_targets(targets)
+        return masked_mean(super().forward(logits.float(), filled), counts)
 
 
 class FocalLoss(nn.Module):
@@ -83,18 +110,24 @@ class FocalLoss(nn.Module):
         self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return sigmoid_focal_loss(logits.float(), targets.float(), alpha=self.alpha, gamma=self.gamma, reduction="mean")
+        filled, counts = split_targets(targets)
+        per_element = sigmoid_focal_loss(logits.float(), filled, alpha=self.alpha, gamma=self.gamma, reduction="none")
+        return masked_mean(per_element, counts)
 
 
 class AsymmetricLoss(AsymmetricLossMultiLabel):
-    """ASL with the paper's multi-label defaults; mean over batch and labels."""
+    """ASL with the paper's multi-label defaults; mean over the targets that count."""
 
     def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05) -> None:
         if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
             raise ConfigError(
                 f"loss asl: need gamma_neg, gamma_pos >= 0 and clip in [0, 1); got {gamma_neg}, {gamma_pos}, {clip}."
             )
-        super().__init__(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, reduction="mean")
+        super().__init__(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, reduction="none")
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        filled, counts = split_targets(targets)
+        return masked_mean(super().forward(logits, filled), counts)
 
 
 LOSSES: dict[str, type[nn.Module]] = {

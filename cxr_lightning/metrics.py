@@ -35,6 +35,9 @@ _UNDEFINED_LABEL_WARNINGS = (
 )
 
 
+_IGNORED = -1
+
+
 class LabelMetrics(WrapperMetric):
     """Per-label AUROC, mean AUROC, macro F1 and mean average precision of a multi-label model.
 
@@ -72,7 +75,9 @@ class LabelMetrics(WrapperMetric):
         self.threshold = float(threshold)
         n = len(names)
         # validate_args=False: update() checks shapes and target values once, with our own errors.
-        common = {"num_labels": n, "average": None, "validate_args": False, **metric_kwargs}
+        # ignore_index: a target that does not count (NaN: uncertain under ignore, or a label the
+        # image's source lacks) is left out of that label's scores and counts.
+        common = {"num_labels": n, "average": None, "validate_args": False, "ignore_index": _IGNORED, **metric_kwargs}
         # auroc/auprc share the stored scores
         self.collection = MetricCollection(
             {"auroc": MultilabelAUROC(**common), "auprc": MultilabelAveragePrecision(**common)}, compute_groups=True
@@ -90,7 +95,8 @@ class LabelMetrics(WrapperMetric):
         self._n_updates = 0
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
-        """Add a batch: ``logits`` ``(B, L)`` (before sigmoid), ``targets`` ``(B, L)`` of 0/1."""
+        """Add a batch: ``logits`` ``(B, L)`` (before sigmoid), ``targets`` ``(B, L)`` of 0/1, NaN
+        where a target does not count."""
         n = len(self.label_names)
         if logits.ndim != 2 or logits.shape[1] != n:
             raise DataError(
@@ -102,14 +108,17 @@ class LabelMetrics(WrapperMetric):
                 f"LabelMetrics.update: targets have shape {tuple(targets.shape)} but logits {tuple(logits.shape)}; "
                 "both must be (batch, labels)."
             )
-        if bool(((targets != 0) & (targets != 1)).any()):
-            bad = targets[(targets != 0) & (targets != 1)].unique()[:5].tolist()
+        targets = targets.detach().float()
+        counted = ~torch.isnan(targets)
+        invalid = counted & (targets != 0) & (targets != 1)
+        if bool(invalid.any()):
+            bad = targets[invalid].unique()[:5].tolist()
             raise DataError(
                 f"LabelMetrics.update: targets must be 0 or 1, found {bad}; "
                 "pass the hard labels, not smoothed or soft targets."
             )
         probs = torch.sigmoid(logits.detach().float())
-        targets = targets.detach().long()
+        targets = torch.where(counted, targets, torch.full_like(targets, _IGNORED)).long()
         self.collection.update(probs, targets)
         self.calls.update((probs >= self.threshold).long(), targets)
         self._n_updates += 1

@@ -264,6 +264,7 @@ predict_main = hydra_command("predict", "cxr_lightning.tasks.predict:predict", _
 export_main = hydra_command("export", "cxr_lightning.tasks.export:export", _print_export)
 bench_main = hydra_command("bench", "cxr_lightning.tasks.bench:run_bench")
 cache_main = hydra_command("cache", "cxr_lightning.tasks.cache:build_cache", _print_cache)
+inspect_main = hydra_command("inspect", "cxr_lightning.tasks.inspect:inspect")
 # A sweeper optimises the probe's validation AUROC (its selection metric).
 probe_main = hydra_command("probe", "cxr_lightning.tasks.probe:probe", _selection_value)
 _explain_main = hydra_command("explain", "cxr_lightning.tasks.explain:explain")

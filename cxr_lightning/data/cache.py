@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -327,6 +328,40 @@ def _replace_dir(src: Path, target: Path) -> None:
     os.replace(src, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class SourceCaches:
+    """A pooled run's caches, one per source (each beside its own dataset's other sizes): rows are
+    ``(source, Image Index)`` pairs, since two sources may use the same image names."""
+
+    def __init__(self, caches: dict[str, ImageCache]) -> None:
+        sizes = {c.size for c in caches.values()}
+        if len(sizes) != 1:
+            raise DataError(f"Pooled image caches of different sizes {sorted(sizes)}; rebuild them at one data.image_size.")
+        self.caches = dict(caches)
+        self._order = list(self.caches)
+        self.size = sizes.pop()
+        self.directory = ", ".join(str(c.directory) for c in self.caches.values())
+
+    def rows(self, keys: Sequence[tuple[str, str]]) -> np.ndarray:
+        """``(N, 2)``: the cache number and row of each ``(source, name)`` pair."""
+        keys = list(keys)
+        out = np.zeros((len(keys), 2), dtype=np.int64)
+        sources = np.array([k[0] for k in keys], dtype=object)
+        names = np.array([k[1] for k in keys], dtype=object)
+        for i, source in enumerate(self._order):
+            mask = sources == source
+            if mask.any():
+                out[mask, 0] = i
+                out[mask, 1] = self.caches[source].rows(list(names[mask]))
+        unknown = ~np.isin(sources, self._order)
+        if unknown.any():
+            raise DataError(f"No image cache for source(s) {sorted(set(sources[unknown]))}; rebuild the caches.")
+        return out
+
+    def __getitem__(self, row: Any) -> np.ndarray:
+        cache, index = (int(v) for v in row)
+        return self.caches[self._order[cache]][index]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""``CXRDataModule``: ChestX-ray14 (real or demo) as train/val/test loaders.
+"""``CXRDataModule``: a run's sources (one dataset, or several pooled) as train/val/test loaders.
 
 It glues the table side (:func:`~cxr_lightning.data.tables.build_tables`) and the pixel side
 (``dataset``, ``cache``) together, and hands the model its training augmentation; the logic
-lives in those modules. ``prepare_data`` (one process per node) generates the demo and builds the
-image cache; ``setup`` (every process) only reads.
+lives in those modules and the options in one :class:`~cxr_lightning.data.spec.DataSpec`.
+``prepare_data`` (one process per node) generates the demo and builds the image caches (one per
+source); ``setup`` (every process) only reads.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,13 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning.data.augment import BatchAugment
-from cxr_lightning.data.boxes import ImageBoxes, check_box_folds, check_training_boxes, image_boxes
-from cxr_lightning.data.cache import ImageCache, cache_root, compute_fingerprint
-from cxr_lightning.data import images
+from cxr_lightning.data.boxes import ImageBoxes, check_training_boxes, image_boxes
+from cxr_lightning.data.cache import ImageCache, SourceCaches, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
-from cxr_lightning.data import sources
-from cxr_lightning.data.samplers import build_sampler, check_sampler, sampling_weights, weighted_label_statistics
-from cxr_lightning.data.tables import (
-    ON_MISSING,
-    SPLITS,
-    UNCERTAIN_POLICIES,
-    SplitTables,
-    build_tables,
-    meta_names,
-    output_labels,
-)
+from cxr_lightning.data.samplers import build_sampler, sampling_weights, weighted_label_statistics
+from cxr_lightning.data.spec import DataSpec
+from cxr_lightning.data.tables import SOURCE, SPLITS, SplitTables, build_tables, label_space, meta_names
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import write_text
 
@@ -44,165 +36,150 @@ log = logging.getLogger(__name__)
 
 
 class CXRDataModule(pl.LightningDataModule):
-    """A chest X-ray dataset read exactly as its publisher ships it (``source``: NIH's
-    ChestX-ray14, the demo, or an external source of :mod:`cxr_lightning.data.sources`), split by
-    patient.
+    """Chest X-ray datasets read exactly as their publishers ship them (NIH's ChestX-ray14, the
+    demo, an external source of :mod:`cxr_lightning.data.sources`, a lab's own table, or several
+    of them pooled), split by patient.
 
-    Args mirror ``conf/data/*.yaml``; see the README's configuration section. ``labels`` and
-    ``age_fill`` fix the output labels and the age imputation to a checkpoint's, for scoring it
-    on a source it was not trained on (``tasks.build.datamodule_for``).
+    Built from a :class:`~cxr_lightning.data.spec.DataSpec` (``spec=``), or from the keys of
+    ``conf/data/*.yaml`` as Hydra passes them (see the README's configuration section).
     """
 
-    def __init__(
-        self,
-        source: str = "demo",
-        root: str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike = ".cache",
-        demo: Mapping[str, Any] | None = None,
-        label_table: str = "auto",
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
-        fold: int | None = None,
-        folds: int | None = None,
-        prior_labels: bool = True,
-        drop_no_finding: bool = False,
-        uncertain: str = "ignore",
-        labels: list[str] | None = None,
-        age_fill: float | None = None,
-        on_missing: str = "error",
-        verify_images: bool = False,
-        cache: bool = False,
-        augment: Mapping[str, Any] | None = None,
-        sampler: str = "random",
-        no_finding_keep: float = 0.5,
-        sampler_seed: int = 0,
-        boxes: Mapping[str, Any] | None = None,
-        train_boxes: bool = False,
-        max_pixels: int = images.MAX_PIXELS,
-    ) -> None:
+    def __init__(self, spec: DataSpec | None = None, **options: Any) -> None:
         super().__init__()
-        sources.get(source)  # ConfigError naming the known sources
-        if source != "demo" and not root:
-            raise ConfigError(f"data={source} needs data.root=DIR, the folder holding the {source} download.")
-        if uncertain not in UNCERTAIN_POLICIES:
-            raise ConfigError(f"data.uncertain={uncertain!r}: expected one of {list(UNCERTAIN_POLICIES)}.")
-        if on_missing not in ON_MISSING:
-            raise ConfigError(f"data.on_missing={on_missing!r}: expected one of {list(ON_MISSING)}.")
-        if (fold is None) != (folds is None):
-            raise ConfigError("data.fold and data.folds go together: data.fold=k data.folds=K (0 <= k < K).")
-        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
-            raise ConfigError(f"data.fold={fold} data.folds={folds}: need folds >= 2 and 0 <= fold < folds.")
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={val_fraction}: must lie strictly between 0 and 1.")
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-            raise ConfigError(f"data.max_pixels={max_pixels!r}: the pixel budget is a positive number of pixels.")
-        self.max_pixels = max_pixels
-        # Files a Trainer's loader could not decode (data.on_missing=skip), counted in metrics.json.
-        self.skipped_images: set[str] = set()
-        self.source = source
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.demo_params = dict(demo or {})
+        if spec is None:
+            spec = DataSpec.from_options(**options)
+        elif options:
+            spec = spec.replace(**options)
+            spec.check()
+        self.spec = spec
+        self.source = spec.source
+        self.cache_dir = spec.cache_dir
+        self.demo_params = dict(spec.demo)
+        first = spec.sources[0]
         # The demo's folder is known before it exists: prepare_data generates it there.
-        self.root = Path(root).expanduser() if root else demo_dir(self.cache_dir, **self.demo_params)
-        self.label_table = label_table
-        self.image_size = int(image_size)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.split_options = {
-            "source": source,
-            "label_table": label_table,
-            "label_names": list(labels) if labels is not None else None,
-            "age_fill": float(age_fill) if age_fill is not None else None,
-            "uncertain": uncertain,
-            "drop_no_finding": bool(drop_no_finding),
-            "prior_labels": bool(prior_labels),
-            "val_fraction": float(val_fraction),
-            "test_fraction": float(test_fraction),
-            "split_seed": int(split_seed),
-            "fold": fold,
-            "folds": folds,
-            "on_missing": on_missing,
-            "verify_images": bool(verify_images),
-            "box_folds": check_box_folds(boxes),
-        }
-        self.label_names = output_labels(bool(drop_no_finding), source, labels)
-        self.meta_names = meta_names(self.label_names, bool(prior_labels))
-        self.use_cache = bool(cache)
-        check_sampler(sampler, no_finding_keep)
-        self.sampler = sampler
-        self.no_finding_keep = float(no_finding_keep)
-        self.sampler_seed = int(sampler_seed)
+        self.roots = {s.name: s.root or demo_dir(self.cache_dir, **self.demo_params) for s in spec.sources}
+        self.root = self.roots[first.name]
+        self.label_table = first.label_table
+        self.image_size = int(spec.image_size)
+        self.batch_size = int(spec.batch_size)
+        self.num_workers = int(spec.num_workers)
+        self.space = label_space(spec)
+        self.label_names = list(self.space.labels)
+        self.meta_names = meta_names(self.label_names, spec.prior_labels)
+        self.use_cache = bool(spec.cache)
+        self.sampler = spec.sampler
+        self.no_finding_keep = float(spec.no_finding_keep)
+        self.sampler_seed = int(spec.sampler_seed)
         # Box-guided training (loss.box_weight > 0; tasks.build sets it): training samples carry
         # their boxes. Validation and test samples never do.
-        self.train_boxes = bool(train_boxes)
-        aug = dict(augment or {})
+        self.train_boxes = bool(spec.train_boxes)
+        aug = dict(spec.augment or {})
         # Read by the model's preprocessing while its trainer trains (CXRClassifier.on_after_batch_transfer).
-        self.augment: BatchAugment | None = BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) \
-            if aug.pop("enabled", True) else None
+        self.augment: BatchAugment | None = (
+            BatchAugment(**{k: v for k, v in aug.items() if k != "enabled"}) if aug.pop("enabled", True) else None
+        )
         self.tables: SplitTables | None = None
-        self.image_cache: ImageCache | None = None
+        self.image_cache: ImageCache | SourceCaches | None = None
+        self.max_pixels = spec.max_pixels
+        # Files a Trainer's loader could not decode (data.on_missing=skip), counted in metrics.json.
+        self.skipped_images: set[str] = set()
+
+    @property
+    def uncertain(self) -> str:
+        """``data.uncertain`` of the run (of each source: ``name=policy`` joined, when they differ)."""
+        policies = {s.name: s.uncertain for s in self.spec.sources}
+        if len(set(policies.values())) == 1:
+            return next(iter(policies.values()))
+        return ", ".join(f"{n}={u}" for n, u in policies.items())
 
     # ----------------------------------------------------------------------------------------
     # Setup
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node before setup(): the place to generate the
         # demo and build the image cache once, so DDP ranks only open the cache (see dataset()).
-        if self.source == "demo":
-            ensure_demo(self.cache_dir, **self.demo_params)
+        for s in self.spec.sources:
+            if s.source == "demo":
+                ensure_demo(self.cache_dir, **self.demo_params)
         if self.use_cache and self.image_cache is None:
             self.image_cache = self.build_cache()
 
-    def build_cache(self, workers: int | None = None) -> ImageCache:
-        """Decode and resize every image of the label table (all splits) into the cache for
-        ``image_size``, or reuse the existing one when its fingerprint matches; ``workers``
-        decoding processes (default ``num_workers``, at least one; 0: in this process)."""
+    def _cache_inputs(self) -> dict[str, tuple[list[str], list[str], Path, str]]:
+        """Per source: the (paths, names) of its images in the run, its cache root and fingerprint extra."""
         self.setup()
         images = self.tables.images()
-        return ImageCache.get_or_build(
-            paths=images["path"].tolist(),
-            names=images["Image Index"].tolist(),
-            size=self.image_size,
-            cache_root=cache_root(self.cache_dir, self.root),
-            fingerprint_extra=self.tables.label_table_digest,
-            workers=max(1, self.num_workers) if workers is None else workers,
-        )
+        out = {}
+        for name in self.tables.per_source:
+            rows = images[images[SOURCE] == name]
+            out[name] = (
+                rows["path"].tolist(),
+                rows["Image Index"].tolist(),
+                cache_root(self.cache_dir, self.roots[name]),
+                self._source_digest(name),
+            )
+        return out
+
+    def _source_digest(self, name: str) -> str:
+        from cxr_lightning.files import file_digest
+
+        if len(self.tables.per_source) == 1:
+            return self.tables.label_table_digest
+        return file_digest(self.tables.per_source[name].label_table)
+
+    def build_cache(self, workers: int | None = None) -> ImageCache | SourceCaches:
+        """Decode and resize every image of the run (all splits) into its source's cache for
+        ``image_size``, or reuse the existing one when its fingerprint matches; ``workers``
+        decoding processes (default ``num_workers``, at least one; 0: in this process)."""
+        caches = {
+            name: ImageCache.get_or_build(
+                paths=paths,
+                names=names,
+                size=self.image_size,
+                cache_root=root,
+                fingerprint_extra=extra,
+                workers=max(1, self.num_workers) if workers is None else workers,
+            )
+            for name, (paths, names, root, extra) in self._cache_inputs().items()
+        }
+        return next(iter(caches.values())) if len(caches) == 1 else SourceCaches(caches)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tables is not None:
             return
-        if not self.root.is_dir():
-            hint = ("Lightning's Trainer calls prepare_data() first, which generates it" if self.source == "demo"
-                    else f"Point it at the folder of the {self.source} download (see README, 'Using the real dataset')")
-            raise DataError(f"data.root={self.root} does not exist. {hint}.")
-        tables = build_tables(self.root, workers=self.num_workers, max_pixels=self.max_pixels, **self.split_options)
+        for s in self.spec.sources:
+            root = self.roots[s.name]
+            if not root.is_dir():
+                hint = (
+                    "Lightning's Trainer calls prepare_data() first, which generates it"
+                    if s.source == "demo"
+                    else f"Point it at the folder of the {s.source} download (see README, 'Using the real dataset')"
+                )
+                raise DataError(f"data.root={root} does not exist. {hint}.")
+        tables = build_tables(self.spec, workers=self.num_workers)
         if tables.label_names != self.label_names or tables.meta_names != self.meta_names:
-            raise DataError(f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names}).")
+            raise DataError(
+                f"{self.root}: the tables' labels or metadata differ from the config's ({tables.meta_names})."
+            )
         self.tables = tables
         if self.train_boxes:
             total = len(tables.bbox_table) if tables.bbox_table is not None else 0
             check_training_boxes(self.training_boxes().count, self.source, total)
 
-    def _opened_cache(self) -> ImageCache | None:
-        """The image cache that prepare_data() built (this process or another rank's): opened, never
-        built here, and refused when it does not match this data."""
+    def _opened_cache(self) -> ImageCache | SourceCaches | None:
+        """The image caches that prepare_data() built (this process or another rank's): opened, never
+        built here, and refused when they do not match this data."""
         if not self.use_cache:
             return None
         if self.image_cache is None:
-            self.setup()
-            images = self.tables.images()
-            fingerprint = compute_fingerprint(
-                images["path"].tolist(), images["Image Index"].tolist(), self.image_size, self.tables.label_table_digest
-            )
-            try:
-                self.image_cache = ImageCache.open(cache_root(self.cache_dir, self.root), self.image_size, fingerprint)
-            except DataError as exc:
-                raise DataError(
-                    f"{exc} The data module's prepare_data(), which Lightning calls before setup(), builds it too."
-                ) from exc
+            caches = {}
+            for name, (paths, names, root, extra) in self._cache_inputs().items():
+                fingerprint = compute_fingerprint(paths, names, self.image_size, extra)
+                try:
+                    caches[name] = ImageCache.open(root, self.image_size, fingerprint)
+                except DataError as exc:
+                    raise DataError(
+                        f"{exc} The data module's prepare_data(), which Lightning calls before setup(), builds it too."
+                    ) from exc
+            self.image_cache = next(iter(caches.values())) if len(caches) == 1 else SourceCaches(caches)
         return self.image_cache
 
     # ----------------------------------------------------------------------------------------
@@ -229,11 +206,26 @@ class CXRDataModule(pl.LightningDataModule):
         """Per-label statistics of the training images as the sampler feeds them (expected counts
         per epoch): what the weighted BCE's class weights are taken from."""
         tables = self._tables()
-        if self.sampler == "random":
+        if self.sampler == "random" and not self.spec.pooled:
             return tables.label_stats
-        labels = tables.tables["train"][self.label_cols].to_numpy()
-        weights = sampling_weights(self.sampler, labels, self.label_names, self.no_finding_keep)
-        return weighted_label_statistics(labels, weights, self.label_names)
+        return weighted_label_statistics(self._train_labels(), self._train_weights(), self.label_names)
+
+    def _train_labels(self) -> np.ndarray:
+        return self.split_table("train")[self.label_cols].to_numpy(dtype=float)
+
+    def _train_weights(self) -> np.ndarray | None:
+        """Each training image's expected draws per epoch: ``data.sampler``'s, and pooled, scaled
+        so that each source's share of the draws is its ``weight`` over the sum of weights."""
+        labels = self._train_labels()
+        if not self.spec.pooled:
+            return sampling_weights(self.sampler, labels, self.label_names, self.no_finding_keep)
+        from cxr_lightning.data.samplers import source_weights
+
+        train = self.split_table("train")
+        shares = {s.name: s.weight for s in self.spec.sources}
+        return source_weights(
+            train[SOURCE].to_numpy(), shares, self.sampler, labels, self.label_names, self.no_finding_keep
+        )
 
     @property
     def sampler_record(self) -> dict[str, Any]:
@@ -241,6 +233,8 @@ class CXRDataModule(pl.LightningDataModule):
         record: dict[str, Any] = {"name": self.sampler, "seed": self.sampler_seed}
         if self.sampler == "undersample_no_finding":
             record["no_finding_keep"] = self.no_finding_keep
+        if self.spec.pooled:
+            record["source_weights"] = {s.name: float(s.weight) for s in self.spec.sources}
         return record
 
     def training_boxes(self) -> ImageBoxes:
@@ -272,7 +266,11 @@ class CXRDataModule(pl.LightningDataModule):
 
     def save_split(self, out_dir: str | os.PathLike) -> Path:
         """Write the validation patients to ``val_patients.txt`` so that a run can be reproduced."""
-        val = np.sort(self.split_table("val")["Patient ID"].unique())
+        val = (
+            np.sort(self.split_table("val")["Patient ID"].astype(str).unique())
+            if self.spec.pooled
+            else np.sort(self.split_table("val")["Patient ID"].unique())
+        )
         path = Path(out_dir) / "val_patients.txt"
         write_text(path, "".join(f"{p}\n" for p in val))
         return path
@@ -314,7 +312,7 @@ class CXRDataModule(pl.LightningDataModule):
 
     @property
     def _skips(self) -> bool:
-        return self.split_options["on_missing"] == "skip"
+        return self.spec.on_missing == "skip"
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True, sampler=self.train_sampler(), skip_unreadable=self._skips)
@@ -326,8 +324,14 @@ class CXRDataModule(pl.LightningDataModule):
         leaves in place under DDP and reseeds through ``set_epoch``; see :mod:`~cxr_lightning.data.samplers`."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        labels = self.split_table("train")[self.label_cols].to_numpy()
-        return build_sampler(self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank)
+        labels = self._train_labels()
+        if self.spec.pooled:
+            from cxr_lightning.data.samplers import WeightedDraw
+
+            return WeightedDraw(self._train_weights(), self.sampler_seed, world, rank)
+        return build_sampler(
+            self.sampler, labels, self.label_names, self.no_finding_keep, self.sampler_seed, world, rank
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", shuffle=False, sampler=self._eval_sampler("val"), skip_unreadable=self._skips)
@@ -346,5 +350,8 @@ class CXRDataModule(pl.LightningDataModule):
         if trainer is None or trainer.world_size <= 1:
             return None
         return UnrepeatedDistributedSampler(
-            range(len(self.split_table(split))), num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            range(len(self.split_table(split))),
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
         )

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from cxr_lightning.data import images
 from cxr_lightning.data.boxes import ImageBoxes
-from cxr_lightning.data.cache import ImageCache
+from cxr_lightning.data.cache import ImageCache, SourceCaches
 from cxr_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,15 @@ class CXRDataset(Dataset):
         label_cols: Sequence[str],
         meta_cols: Sequence[str],
         image_size: int,
-        cache: ImageCache | None = None,
+        cache: ImageCache | SourceCaches | None = None,
         boxes: ImageBoxes | None = None,
         max_pixels: int | None = None,
         skip_unreadable: bool = False,
     ) -> None:
         self.max_pixels, self.skip_unreadable = max_pixels, bool(skip_unreadable)
-        needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"])
+        pooled_cache = isinstance(cache, SourceCaches)
+        needed = list(label_cols) + list(meta_cols) + (["Image Index"] if cache is not None else ["path"]) \
+            + (["source"] if pooled_cache else [])
         absent = [c for c in needed if c not in table.columns]
         if absent:
             raise DataError(f"Split table lacks column(s) {absent}; it has {list(table.columns)}.")
@@ -64,7 +66,8 @@ class CXRDataset(Dataset):
         self.paths: list[str] = table["path"].astype(str).tolist() if "path" in table.columns else []
         self.names: list[str] = table["Image Index"].astype(str).tolist() if "Image Index" in table.columns else []
         self.cache = cache
-        self.cache_rows = cache.rows(self.names) if cache is not None else None
+        keys = list(zip(table["source"].astype(str), self.names)) if pooled_cache else self.names
+        self.cache_rows = cache.rows(keys) if cache is not None else None
         self.image_size = int(image_size)
         if boxes is not None and len(boxes.boxes) != len(table):
             raise DataError(f"Boxes for {len(boxes.boxes)} images given with a split table of {len(table)} rows.")
@@ -99,7 +102,8 @@ class CXRDataset(Dataset):
 
     def _pixels(self, index: int) -> np.ndarray:
         if self.cache is not None:
-            return self.cache[int(self.cache_rows[index])]
+            row = self.cache_rows[index]
+            return self.cache[row if row.ndim else int(row)]
         return images.load_resized(self.paths[index], self.image_size, self.max_pixels)
 
 

@@ -145,21 +145,50 @@ class NoFindingUndersampler(_EpochDraw):
         return np.random.default_rng([self.seed, self.epoch]).permutation(chosen)
 
 
-class BalancedSampler(_EpochDraw):
-    """``data.sampler=balanced``; see the module docstring.
+class WeightedDraw(_EpochDraw):
+    """``len(weights)`` draws per epoch with replacement, image ``i`` with probability proportional
+    to ``weights[i]``.
 
     torch's WeightedRandomSampler makes the draw; this class adds what it lacks: the reseeding
     per epoch (``set_epoch``) and the split into disjoint per-rank shares of one draw.
     """
 
-    def __init__(self, labels: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        self.weights = torch.from_numpy(balanced_weights(labels))
-        super().__init__(len(labels), len(labels), seed, num_replicas, rank)
+    def __init__(self, weights: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.ndim != 1 or len(weights) == 0 or not np.isfinite(weights).all() or weights.sum() <= 0:
+            raise DataError(f"data.sampler: need one finite, non-negative weight per training image, got {weights.shape}.")
+        self.weights = torch.from_numpy(weights / weights.sum())
+        super().__init__(len(weights), len(weights), seed, num_replicas, rank)
 
     def epoch_draw(self) -> np.ndarray:
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.epoch]).integers(2**62)))
         draw = WeightedRandomSampler(self.weights, self.total_size, replacement=True, generator=generator)
         return np.fromiter(draw, dtype=np.int64, count=self.total_size)
+
+
+class BalancedSampler(WeightedDraw):
+    """``data.sampler=balanced``; see the module docstring."""
+
+    def __init__(self, labels: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(balanced_weights(labels), seed, num_replicas, rank)
+
+
+def source_weights(
+    sources: np.ndarray, shares: dict[str, float], name: str, labels: np.ndarray, label_names: Sequence[str],
+    no_finding_keep: float = 1.0,
+) -> np.ndarray:
+    """Pooled training: each image's expected draws per epoch when source ``s`` gets the share
+    ``shares[s] / sum(shares)`` of the ``len(labels)`` draws (of the sources with training
+    images) and, within its source, sampler ``name`` decides (its weights rescaled to the share)."""
+    sources = np.asarray(sources).astype(str)
+    present = [s for s in shares if (sources == s).any()]
+    total = sum(shares[s] for s in present)
+    out = np.zeros(len(labels))
+    for s in present:
+        rows = sources == s
+        inner = sampling_weights(name, labels[rows], label_names, no_finding_keep)
+        out[rows] = len(labels) * shares[s] / total * inner / inner.sum()
+    return out
 
 
 def build_sampler(

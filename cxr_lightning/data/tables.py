@@ -1,18 +1,22 @@
-"""From a dataset's files to the split tables a run trains and is scored on, as one pure function.
+"""From a run's sources (:class:`~cxr_lightning.data.spec.DataSpec`) to the split tables it trains and
+is scored on, as pure functions in named steps.
 
-:func:`build_tables` reads the source's files into the standard table (:mod:`.sources`), encodes
-the findings once under the uncertainty policy (for the labels and for the previous visit's
-labels alike), leaves out and counts the non-frontal views, assigns every patient to a split,
-encodes the demographics with the training split's age median (or a checkpoint's) and computes
-the training label statistics. The data module calls it in ``setup()``; the model learns its
-label names and metadata layout from :func:`output_labels` and :func:`meta_names`, which depend
-on the config alone, so a model can be built before any data is read and checked against the
-tables later.
+:func:`build_tables` reads each source (:func:`source_table`): the publisher's files into the
+standard table (:mod:`.sources`), its findings harmonised into the run's label space under the
+source's uncertainty policy (for the labels and the previous visit's labels alike), the
+non-frontal views left out and counted, every patient given a split (the publisher's, or drawn
+by patient), and only then the images looked for. Several sources are pooled into one table with
+their patient IDs prefixed by the source's name (:func:`pool`); the demographics are encoded with
+the training split's age median, or a checkpoint's (:func:`add_demographics`).
+
+The model learns its label names and metadata layout from :func:`output_labels` and
+:func:`meta_names`, which read the config (and at most a lab's label table), so a model can be
+built before any image is read and checked against the tables later.
 """
+
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,35 +24,47 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lightning import labels
 from cxr_lightning.data import boxes as box_lists
-from cxr_lightning.data import cohort, harmonise, nih, sources
-from cxr_lightning.data.sources.common import FINDING_PREFIX, FRONTAL, UNCERTAIN
+from cxr_lightning.data import cohort, label_spaces, nih
+from cxr_lightning.data.boxes import check_box_folds
 from cxr_lightning.data.dataset import find_unreadable
+from cxr_lightning.data.label_spaces import LabelSpace
+from cxr_lightning.data.sources.base import Source
+from cxr_lightning.data.sources.common import FINDING_PREFIX, FRONTAL, UNCERTAIN, SourceData
+from cxr_lightning.data.spec import ON_MISSING, SPLITS, UNCERTAIN_POLICIES, DataSpec, SourceSpec
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.files import file_digest
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-ON_MISSING = ("error", "skip")
-# data.uncertain: what a labeller's "uncertain" (-1) becomes. ignore: the image does not count
-# for that label (NaN in its label column); ones / zeros: a positive / a negative.
-UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
+__all__ = ["ON_MISSING", "SPLITS", "UNCERTAIN_POLICIES", "SplitTables", "build_tables", "meta_names", "output_labels"]
 LABEL_PREFIX, META_PREFIX = "label:", "meta:"
+SOURCE = "source"  # the split tables' column naming each image's source (the run's name for it)
 
 
-def output_labels(drop_no_finding: bool, source: str = "nih", label_names: Sequence[str] | None = None) -> list[str]:
-    """The model's output labels, in order: ``label_names`` when given (an NIH checkpoint's,
-    scored on another source), else the NIH labels ``source`` gives."""
-    if label_names is not None:
-        unknown = [n for n in label_names if n not in labels.ALL_LABELS]
-        if unknown:
-            raise ConfigError(f"data.labels: unknown label(s) {unknown}; known are {list(labels.ALL_LABELS)}.")
-        return list(label_names)
-    sources.get(source)
-    names = harmonise.available_labels(source)
-    return [n for n in names if not (drop_no_finding and n == labels.NO_FINDING)]
+def label_space(spec: DataSpec, readers: Sequence[Source] | None = None) -> LabelSpace:
+    """The run's output labels: a checkpoint's (``spec.label_names``), else the labels of the space
+    whose concept at least one source of the run gives (``union``: all of those concepts)."""
+    if spec.label_names is not None:
+        try:
+            return label_spaces.from_checkpoint(spec.label_space, spec.label_names)
+        except ConfigError as exc:
+            raise ConfigError(f"data.labels: {exc}") from None
+    readers = readers if readers is not None else [s.create(_root(spec, s)) for s in spec.sources]
+    given = [r.concepts() for r in readers]
+    space = label_spaces.resolve(spec.label_space, given, spec.drop_no_finding)
+    scored = {c for concepts in given for c in concepts}
+    keep = [i for i, c in enumerate(space.concepts) if c in scored]
+    if not keep:
+        raise ConfigError(
+            f"labels={spec.label_space}: no source of the run gives any of its labels {list(space.labels)}."
+        )
+    return LabelSpace(space.name, tuple(space.labels[i] for i in keep), tuple(space.concepts[i] for i in keep))
+
+
+def output_labels(spec: DataSpec) -> list[str]:
+    """The model's output labels, in order (see :func:`label_space`)."""
+    return list(label_space(spec).labels)
 
 
 def meta_names(label_names: Sequence[str], prior_labels: bool) -> list[str]:
@@ -62,14 +78,28 @@ def meta_names(label_names: Sequence[str], prior_labels: bool) -> list[str]:
 
 
 @dataclass
+class SourceTables:
+    """One source's part of the run: its frontal rows with their split, and what was left out."""
+
+    spec: SourceSpec
+    table: pd.DataFrame
+    label_table: Path
+    unavailable_labels: list[str]
+    left_out: dict[str, int]
+    bbox_table: pd.DataFrame | None = None
+    box_protocol: dict | None = None
+
+
+@dataclass
 class SplitTables:
-    """What :func:`build_tables` derives from a dataset's files.
+    """What :func:`build_tables` derives from a run's sources.
 
     ``tables[split]`` holds the standard-table columns (:mod:`.sources.common`), ``path``,
-    ``split``, one ``label:<name>`` column per output label (0/1; NaN where the image does not
-    count for the label: uncertain under ``data.uncertain=ignore``, or a label the source lacks)
-    and the ``meta:<name>`` columns, in model order. ``left_out`` counts the rows of the source's
-    files that no split holds, by reason (``view LATERAL``...).
+    ``split``, ``source`` (the run's name for the image's source), one ``label:<name>`` column
+    per output label (0/1; NaN where the image does not count for the label: uncertain under
+    ``data.uncertain=ignore``, or a label its source does not give) and the ``meta:<name>``
+    columns, in model order. ``left_out`` counts the rows of the sources' files that no split
+    holds, by reason (``view LATERAL``...); ``per_source`` keeps each source's own account.
     """
 
     tables: dict[str, pd.DataFrame]
@@ -83,6 +113,8 @@ class SplitTables:
     source: str = "nih"
     unavailable_labels: list[str] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)
+    label_space: str = "nih14"
+    per_source: dict[str, SourceTables] = field(default_factory=dict)
     # NIH's boxed-image protocol (data.boxes.folds), as applied: boxes.BoxFolds.record().
     box_protocol: dict | None = None
 
@@ -95,144 +127,248 @@ class SplitTables:
         return [META_PREFIX + n for n in self.meta_names]
 
     def images(self) -> pd.DataFrame:
-        """``Image Index`` and ``path`` of every image of every split, in a stable order."""
-        return pd.concat([self.tables[s][[nih.IMAGE, "path"]] for s in SPLITS], ignore_index=True)
+        """``Image Index``, ``path`` and ``source`` of every image of every split, in a stable order."""
+        return pd.concat([self.tables[s][[nih.IMAGE, "path", SOURCE]] for s in SPLITS], ignore_index=True)
+
+    def scored_labels(self, source: str) -> list[str]:
+        """The output labels that source ``source`` gives."""
+        missing = set(self.per_source[source].unavailable_labels) if source in self.per_source else set()
+        return [n for n in self.label_names if n not in missing]
 
 
-def build_tables(
-    root: str | os.PathLike,
-    source: str = "nih",
-    label_table: str = "auto",
-    label_names: Sequence[str] | None = None,
-    drop_no_finding: bool = False,
-    prior_labels: bool = True,
-    uncertain: str = "ignore",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    fold: int | None = None,
-    folds: int | None = None,
-    on_missing: str = "error",
-    verify_images: bool = False,
-    workers: int = 1,
-    age_fill: float | None = None,
-    max_pixels: int | None = None,
-    box_folds: dict | None = None,
-) -> SplitTables:
-    """Read the dataset ``source`` at ``root`` and build its split tables; see :class:`SplitTables`.
+def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
+    """Read every source of ``spec`` and build the run's split tables; see :class:`SplitTables`.
 
-    ``label_names`` and ``age_fill`` fix the labels and the age imputation to a checkpoint's (an
-    NIH model scored on another source); the training split may then be empty.
+    ``spec.label_names`` and ``spec.age_fill`` fix the labels and the age imputation to a
+    checkpoint's (scored on other data); ``spec.only_splits`` (evaluate) asks for those splits' rows
+    and images only: the others may be empty or absent, and their missing images are no error.
     """
-    if on_missing not in ON_MISSING:
-        raise ConfigError(f"data.on_missing={on_missing!r}: expected one of {list(ON_MISSING)}.")
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise ConfigError(f"data.uncertain={uncertain!r}: expected one of {list(UNCERTAIN_POLICIES)}.")
-    root = Path(root)
-    reader = sources.get(source)
-    data = reader.read(root, label_table)
-    full = data.table
-    log.info("Label table: %s (%d rows, source %s)", data.label_table, len(full), source)
-    names = output_labels(drop_no_finding, source, label_names)
-    unavailable = [n for n in names if n not in data.available]
-    if unavailable:
-        log.info("%s gives no label for %s: reported as unavailable", source, ", ".join(unavailable))
-
-    # Once, on the full table: a previous visit counts even when its image is not in the run.
-    encoded = encode_findings(full, names, uncertain)
+    readers = [s.create(_root(spec, s)) for s in spec.sources]
+    space = label_space(spec, readers)
+    parts = [source_table(spec, s, reader, space, workers) for s, reader in zip(spec.sources, readers)]
+    table = pool(parts, spec.pooled)
+    table, age_fill = add_demographics(table, spec, parts)
+    tables = split_tables(table, spec)
+    names = list(space.labels)
     label_cols = [LABEL_PREFIX + n for n in names]
-    full[label_cols] = encoded
-    if prior_labels:
-        full = cohort.add_prior_visits(full, names, encoded=encoded, images_per_visit=source not in harmonise.NATIVE_SOURCES)
-    left_out = dict(data.left_out)
+    stats_rows = tables["train"] if len(tables["train"]) else table
+    stats = cohort.label_statistics(stats_rows[label_cols].to_numpy(dtype=float), names)
+    unavailable = [n for n in names if all(n in p.unavailable_labels for p in parts)]
+    left_out: dict[str, int] = {}
+    for p in parts:
+        for reason, n in p.left_out.items():
+            key = f"{p.spec.name}: {reason}" if spec.pooled else reason
+            left_out[key] = left_out.get(key, 0) + n
+    boxes = [p.bbox_table for p in parts if p.bbox_table is not None]
+    return SplitTables(
+        tables=tables,
+        label_names=names,
+        meta_names=meta_names(names, spec.prior_labels),
+        age_fill=float(age_fill),
+        label_stats=stats,
+        bbox_table=pd.concat(boxes, ignore_index=True) if boxes else None,
+        label_table=parts[0].label_table,
+        label_table_digest=_digest([p.label_table for p in parts]),
+        source=spec.source,
+        unavailable_labels=unavailable,
+        left_out=left_out,
+        label_space=space.name,
+        per_source={p.spec.name: p for p in parts},
+        box_protocol=next((p.box_protocol for p in parts if p.box_protocol is not None), None),
+    )
+
+
+# --- the steps -------------------------------------------------------------------------------------
+def read_source(spec: SourceSpec, reader: Source, space: LabelSpace) -> tuple[SourceData, pd.DataFrame, list[str]]:
+    """The source's standard table with its ``label:`` columns in ``space`` under its uncertainty
+    policy, and the labels of ``space`` it does not give."""
+    data = reader.read()
+    full = data.table
+    log.info("Label table: %s (%d rows, source %s)", data.label_table, len(full), spec.name)
+    concepts = concept_codes(full, reader)
+    encoded = encode_labels(concepts, space, spec.uncertain)
+    unavailable = [label for label, c in zip(space.labels, space.concepts) if c not in concepts.columns]
+    if unavailable:
+        log.info("%s gives no label for %s: masked (NaN) for its images", spec.name, ", ".join(unavailable))
+    full[[LABEL_PREFIX + n for n in space.labels]] = encoded
+    return data, full, unavailable
+
+
+def concept_codes(table: pd.DataFrame, reader: Source) -> pd.DataFrame:
+    """``(N, concepts)`` codes of the standard table's ``finding:`` columns under the reader's harmonisation."""
+    findings = table[[c for c in table.columns if c.startswith(FINDING_PREFIX)]]
+    findings = findings.rename(columns=lambda c: c.removeprefix(FINDING_PREFIX))
+    return label_spaces.concept_codes(findings, reader.harmonisation)
+
+
+def encode_labels(concepts: pd.DataFrame, space: LabelSpace, uncertain: str) -> np.ndarray:
+    """``(N, L)`` labels of ``space`` from concept codes under the uncertainty policy: 0/1, NaN
+    where the image does not count (uncertain under ``ignore``; a concept the source lacks)."""
+    out = np.full((len(concepts), len(space.labels)), np.nan)
+    replacement = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain]
+    for j, concept in enumerate(space.concepts):
+        if concept in concepts.columns:
+            values = concepts[concept].to_numpy(dtype=float)
+            out[:, j] = np.where(values == UNCERTAIN, replacement, values)
+    return out
+
+
+def source_table(spec: DataSpec, s: SourceSpec, reader: Source, space: LabelSpace, workers: int = 1) -> SourceTables:
+    """One source read, labelled, restricted to frontal views, split by patient, with its images found."""
+    data, full, unavailable = read_source(s, reader, space)
+    if spec.prior_labels:
+        # Once, on the full table: a previous visit counts even when its image is not in the run.
+        encoded = full[[LABEL_PREFIX + n for n in space.labels]].to_numpy(dtype=float)
+        full = cohort.add_prior_visits(
+            full, list(space.labels), encoded=encoded, images_per_visit=not reader.nih_layout
+        )
+    frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
+    frontal["split"] = assign_splits(frontal, reader, spec)
+    bbox_table = reader.read_boxes()
+    box_protocol = None
+    box_folds = check_box_folds(spec.boxes)
+    if box_folds is not None:
+        if not reader.nih_layout or bbox_table is None:
+            raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={s.source} has no NIH box list.")
+        # After the train_val folds: the boxed patients it moves train in every one of them.
+        frontal["split"], moved = box_lists.box_fold_split(
+            frontal, frontal["split"], bbox_table, seed=spec.split_seed, **box_folds
+        )
+        box_protocol = moved.record()
+        log.info("NIH boxed-image protocol: %s", box_protocol["test"])
+    table = find_images(frontal, reader, spec, workers)
+    table[SOURCE] = s.name
+    return SourceTables(s, table, data.label_table, unavailable, left_out, bbox_table, box_protocol)
+
+
+def frontal_views(full: pd.DataFrame, name: str, left_out: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The frontal rows, and ``left_out`` with the other views counted by view."""
     lateral = ~full[FRONTAL].astype(bool)
     if lateral.any():
         views = full.loc[lateral, nih.VIEW].fillna("unknown").astype(str).value_counts()
         left_out.update({f"view {v}": int(n) for v, n in views.items()})
-        log.info("Frontal views only: left out %d image(s) of %s (%s)", int(lateral.sum()), source,
-                 ", ".join(f"{v}: {n}" for v, n in views.items()))
-    frontal = full.loc[~lateral]
-    frontal.attrs.update(full.attrs)
-    table = reader.attach_paths(frontal, root, on_missing)
-    if verify_images:
-        table = _drop_unreadable(table, on_missing, workers, max_pixels)
-
-    table["split"] = reader.split(table, root, val_fraction, test_fraction, split_seed)
-    native = source in harmonise.NATIVE_SOURCES
-    bbox_path = root / nih.BBOX_TABLE
-    bbox_table = nih.read_bbox_table(bbox_path) if native and bbox_path.exists() else None
-    box_protocol = None
-    if folds is not None:
-        table["split"] = _fold_split(table, fold, folds, split_seed)
-    if box_folds is not None:
-        if not native:
-            raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={source} has no NIH box list.")
-        # After the train_val folds: the boxed patients it moves train in every one of them.
-        table["split"], moved = box_lists.box_fold_split(
-            table, table["split"], bbox_table, seed=split_seed, **box_folds
+        log.info(
+            "Frontal views only: left out %d image(s) of %s (%s)",
+            int(lateral.sum()),
+            name,
+            ", ".join(f"{v}: {n}" for v, n in views.items()),
         )
-        box_protocol = moved.record()
-        log.info("NIH boxed-image protocol: %s", box_protocol["test"])
-    cohort.check_patient_disjoint(table, "split")
+    frontal = full.loc[~lateral].copy()
+    frontal.attrs.update(full.attrs)
+    return frontal, left_out
 
+
+def assign_splits(table: pd.DataFrame, reader: Source, spec: DataSpec) -> pd.Series:
+    """Every row's split from the label table alone (never from which images are on disk, so
+    inspect, train and evaluate agree): the source's own, then ``data.fold`` of ``data.folds``."""
+    split = reader.split(table, spec.val_fraction, spec.test_fraction, spec.split_seed)
+    if spec.folds is not None:
+        trainval = split != "test"
+        fold_ids = cohort.patient_folds(table[trainval], spec.folds, spec.split_seed)
+        split = split.copy()
+        split[trainval] = np.where(fold_ids == spec.fold, "val", "train")
+    cohort.check_patient_disjoint(table.assign(split=split), "split")
+    return split
+
+
+def needed_splits(spec: DataSpec) -> tuple[str, ...]:
+    return SPLITS if spec.only_splits is None else tuple(spec.only_splits)
+
+
+def find_images(table: pd.DataFrame, reader: Source, spec: DataSpec, workers: int = 1) -> pd.DataFrame:
+    """The rows of the needed splits whose image is there (``data.on_missing``), with ``path``;
+    with ``data.verify_images``, only the readable ones."""
+    needed = table["split"].isin(needed_splits(spec))
+    if not needed.all():
+        log.info(
+            "Only the %s split(s) are needed: %d row(s) of other splits are not looked for",
+            "/".join(needed_splits(spec)),
+            int((~needed).sum()),
+        )
+        attrs = dict(table.attrs)
+        table = table.loc[needed]
+        table.attrs.update(attrs)
+    if table.empty:
+        raise DataError(
+            f"{reader.root}: no row in the {'/'.join(needed_splits(spec))} split(s); check data.root "
+            "and the split files."
+        )
+    found = reader.attach_paths(table, spec.on_missing).reset_index(drop=True)
+    if spec.verify_images:
+        found = _drop_unreadable(found, spec.on_missing, workers, spec.max_pixels)
+    return found
+
+
+def pool(parts: Sequence[SourceTables], pooled: bool) -> pd.DataFrame:
+    """The sources' rows as one table; pooled, each patient ID is prefixed by its source's name
+    (``nih:17``, ``chexpert:64541``), so no two sources' patients ever collide."""
+    frames = []
+    for p in parts:
+        frame = p.table
+        if pooled:
+            frame = frame.assign(**{nih.PATIENT: p.spec.name + ":" + frame[nih.PATIENT].astype(str)})
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    table.attrs["source"] = " + ".join(str(p.table.attrs.get("source", p.spec.name)) for p in parts)
+    return table
+
+
+def add_demographics(table: pd.DataFrame, spec: DataSpec, parts: Sequence[SourceTables]) -> tuple[pd.DataFrame, float]:
+    """``table`` with the demographic ``meta:`` columns; missing ages filled with the training
+    split's median (or ``spec.age_fill``), and a source's missing sexes and views flagged unknown
+    unless it is in NIH's layout (which records them all)."""
+    age_fill = spec.age_fill
     train = table[table["split"] == "train"]
+    native = all(p.spec.nih_layout for p in parts)
     if age_fill is None and not native and train[nih.AGE].isna().all():
         # A source without ages (MIMIC without MIMIC-IV's patients table): every age is flagged
         # missing, so the fill is a constant the model cannot tell from any other.
-        log.warning("%s gives no ages in its training split: all flagged missing (meta:age_missing=1)", source)
+        log.warning("%s gives no ages in its training split: all flagged missing (meta:age_missing=1)", spec.source)
         age_fill = 0.0
     if age_fill is None:
         _, age_fill = cohort.encode_demographics(train, missing_as_unknown=not native)
-    demographics, _ = cohort.encode_demographics(table, age_fill=age_fill, missing_as_unknown=not native)
+    blocks = []
+    for p in parts:
+        rows = table[SOURCE] == p.spec.name
+        demographics, _ = cohort.encode_demographics(
+            table[rows], age_fill=age_fill, missing_as_unknown=not p.spec.nih_layout
+        )
+        blocks.append(demographics)
+    demographics = pd.concat(blocks).loc[table.index]
+    table = table.copy()
     table[demographics.columns] = demographics
+    return table, float(age_fill)
 
+
+def split_tables(table: pd.DataFrame, spec: DataSpec) -> dict[str, pd.DataFrame]:
+    """One table per split; each needed split must hold images (a checkpoint's labels may leave
+    train empty: an external source scored only)."""
     tables = {s: table[table["split"] == s].reset_index(drop=True) for s in SPLITS}
-    fixed = label_names is not None
-    for split, part in tables.items():
-        if part.empty and not (fixed and split == "train"):
-            raise DataError(f"The {split} split of {root} is empty; check the split lists and fractions.")
+    fixed = spec.label_names is not None
+    for split in needed_splits(spec):
+        if tables[split].empty and not (fixed and split == "train"):
+            roots = ", ".join(str(s.root) for s in spec.sources)
+            raise DataError(f"The {split} split of {roots} is empty; check the split lists and fractions.")
     log.info(
         "Splits: %s images; %s patients",
         {s: len(t) for s, t in tables.items()},
         {s: t[nih.PATIENT].nunique() for s, t in tables.items()},
     )
-    stats_rows = tables["train"] if len(tables["train"]) else table
-    return SplitTables(
-        tables=tables,
-        label_names=names,
-        meta_names=meta_names(names, prior_labels),
-        age_fill=float(age_fill),
-        label_stats=cohort.label_statistics(stats_rows[label_cols].to_numpy(dtype=float), names),
-        bbox_table=bbox_table,
-        label_table=data.label_table,
-        label_table_digest=file_digest(data.label_table),
-        source=source,
-        unavailable_labels=unavailable,
-        left_out=left_out,
-        box_protocol=box_protocol,
-    )
+    return tables
 
 
-def encode_findings(table: pd.DataFrame, names: Sequence[str], uncertain: str) -> np.ndarray:
-    """``(N, L)`` labels from the standard table's ``finding:`` codes under the uncertainty policy:
-    0/1, NaN where the image does not count (uncertain under ``ignore``; a label the source lacks)."""
-    out = np.full((len(table), len(names)), np.nan)
-    for j, name in enumerate(names):
-        col = FINDING_PREFIX + name
-        if col not in table.columns:
-            continue  # unavailable in this source
-        values = table[col].to_numpy(dtype=float)
-        replacement = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertain]
-        out[:, j] = np.where(values == UNCERTAIN, replacement, values)
-    return out
+# --- helpers ---------------------------------------------------------------------------------------
+def _root(spec: DataSpec, s: SourceSpec) -> Path | None:
+    if s.root is None and s.source == "demo":
+        from cxr_lightning.data.demo import demo_dir
+
+        return demo_dir(spec.cache_dir, **dict(spec.demo))
+    return s.root
 
 
-def _fold_split(table: pd.DataFrame, fold: int | None, folds: int, seed: int) -> pd.Series:
-    trainval = table["split"] != "test"
-    fold_ids = cohort.patient_folds(table[trainval], folds, seed)
-    split = table["split"].copy()
-    split[trainval] = np.where(fold_ids == fold, "val", "train")
-    return split
+def _digest(paths: Sequence[Path]) -> str:
+    digests = [file_digest(p) for p in paths]
+    return digests[0] if len(digests) == 1 else "+".join(digests)
 
 
 def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int, max_pixels: int | None = None) -> pd.DataFrame:
@@ -245,4 +381,4 @@ def _drop_unreadable(table: pd.DataFrame, on_missing: str, workers: int, max_pix
             f"data.on_missing=skip to leave them out of the run."
         )
     log.warning("Leaving out %d unreadable image(s) (data.on_missing=skip), e.g. %s", len(bad), bad[:5])
-    return table[~table["path"].isin(set(bad))]
+    return table[~table["path"].isin(set(bad))].reset_index(drop=True)

@@ -302,6 +302,18 @@ def _headline(metrics: Mapping[str, Any], ex_metrics: Mapping[str, Any], demo: b
     undefined = metrics.get("undefined_labels") or []
     extra = (f"<p>Labels without a defined AUROC in this split (left out of the means): "
              f"{esc(', '.join(undefined))}.</p>" if undefined else "")
+    headline = metrics.get("competition") or {}
+    if headline:
+        extra += (f"<p>CheXpert's five competition labels ({esc(', '.join(headline['labels']))}): mean AUROC "
+                  f"{esc(interval(headline['auroc_mean'], headline['lower'], headline['upper']))}.</p>")
+    per_source = metrics.get("per_source") or {}
+    if per_source:
+        frame = pd.DataFrame([
+            {"source": name, "images": s["n_images"], "patients": s["n_patients"],
+             "mean AUROC": interval(s["auroc_mean"], s["lower"], s["upper"]), "labels scored": ", ".join(s["labels"])}
+            for name, s in per_source.items()])
+        extra += ("<h3>Per source</h3><p>Each source's test images alone, over the labels that source scores; two "
+                  "sources' means compare only over the labels both score.</p>" + table(frame))
     return note + cards(items) + extra
 
 

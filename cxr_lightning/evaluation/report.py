@@ -90,6 +90,28 @@ def interval(estimate: float, lower: float, upper: float, digits: int = 3) -> st
     return f"{estimate:.{digits}f} ({lower:.{digits}f}–{upper:.{digits}f})"
 
 
+def per_source_lines(summary: Mapping[str, Any], level: int) -> list[str]:
+    """The competition headline and a pooled run's per-source figures, as markdown lines."""
+    lines: list[str] = []
+    headline = summary.get("competition") or {}
+    if headline:
+        lines += [f"CheXpert's five competition labels ({', '.join(headline['labels'])}): mean AUROC "
+                  f"{interval(headline['auroc_mean'], headline['lower'], headline['upper'])}.", ""]
+    per_source = summary.get("per_source") or {}
+    if per_source:
+        frame = pd.DataFrame([
+            {"source": name, "images": s["n_images"], "patients": s["n_patients"],
+             "mean AUROC": interval(s["auroc_mean"], s["lower"], s["upper"]), "labels scored": ", ".join(s["labels"])}
+            for name, s in per_source.items()])
+        lines += [
+            "## Per source",
+            "",
+            f"Each source's test images alone: mean AUROC with {level}% patient-bootstrap intervals over the labels "
+            "that source scores. Two sources' means compare only over the labels both score.",
+            "",
+            markdown_table(frame, index=False),
+        ]
+    return lines
 def _settings_table(config: Mapping[str, Any]) -> str:
     settings = pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]})
     return markdown_table(settings, index=False)
@@ -144,6 +166,7 @@ def render_report(
         "",
         markdown_table(_subgroup_display(subgroups), index=False),
     ]
+    lines += per_source_lines(summary, level)
     unavailable = summary.get("unavailable_labels") or []
     if unavailable:
         lines += [f"Labels of the checkpoint without a counterpart in {summary.get('data_source')} (unavailable, not "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -491,7 +491,8 @@ def underdiagnosis(
     """Underdiagnosis per subgroup at the chosen thresholds (positive if ``p >= t``), as
     CheXclusion (Seyyed-Kalantari et al. 2021) audited it on this dataset.
 
-    ``underdiagnosis``: among the images with at least one finding, the share called "No Finding"
+    ``underdiagnosis``: among the images with at least one finding (``No Finding`` negative where the
+    labels include it, else any label positive; a NaN label counts for neither), the share called "No Finding"
     (the ``No Finding`` label called positive when the model predicts it, else no finding called
     at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
     has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
@@ -511,7 +512,12 @@ def underdiagnosis(
     _patient_codes(patients, len(y), where)
     called = p >= t
     findings = [j for j, n in enumerate(names) if n != NO_FINDING]
-    has_finding = y[:, findings].max(axis=1) == 1
+    if NO_FINDING in names:
+        # The source gives No Finding: an image has a finding where No Finding is negative, whether
+        # its findings are in the label space, outside it, or uncertain.
+        has_finding = y[:, names.index(NO_FINDING)] == 0
+    else:
+        has_finding = (y[:, findings] == 1).any(axis=1)
     if NO_FINDING in names:
         called_normal = called[:, names.index(NO_FINDING)]
     else:
@@ -548,3 +554,41 @@ def underdiagnosis(
             row |= {name: estimate[k], f"{name}_lower": lower[k], f"{name}_upper": upper[k]}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def per_source_auroc(
+    y_true: Any,
+    y_prob: Any,
+    patient_ids: Any,
+    sources: Any,
+    scored: Mapping[str, Sequence[str]],
+    label_names: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, dict[str, Any]]:
+    """A pooled run's test figures per source: mean AUROC with a patient-bootstrap interval over
+    the labels that source scores (``scored[source]``), on that source's images only.
+
+    Returns ``{source: {n_images, n_patients, labels, auroc_mean, lower, upper}}``; a source's mean
+    is comparable to another's only over the labels both score (listed in ``labels``)."""
+    y, p, names = _check_predictions(y_true, y_prob, label_names, "per_source_auroc")
+    sources = np.asarray(sources).astype(str)
+    patients = np.asarray(patient_ids)
+    out: dict[str, dict[str, Any]] = {}
+    for source, labels in scored.items():
+        rows = sources == source
+        columns = [names.index(n) for n in labels if n in names]
+        if not rows.any() or not columns:
+            continue
+        ci = bootstrap_ci(y[rows][:, columns], p[rows][:, columns], patients[rows], "auroc", n_boot, alpha, seed,
+                          [names[j] for j in columns])
+        out[source] = {
+            "n_images": int(rows.sum()),
+            "n_patients": int(ci.attrs["n_patients"]),
+            "labels": [names[j] for j in columns],
+            "auroc_mean": float(ci.at["mean", "estimate"]),
+            "lower": float(ci.at["mean", "lower"]),
+            "upper": float(ci.at["mean", "upper"]),
+        }
+    return out

@@ -51,6 +51,7 @@ class CXRClassifier(pl.LightningModule):
         label_names: Sequence[str],
         meta_names: Sequence[str],
         image_size: int,
+        label_space: str = "nih14",
         mean: float = DEFAULT_MEAN,
         std: float = DEFAULT_STD,
         input_range: Sequence[float] = UNIT_RANGE,
@@ -249,7 +250,7 @@ class CXRClassifier(pl.LightningModule):
 
     def _scored(self, batch: dict, stage: str, logits: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         check_finite_loss(self, batch, stage, loss, logits)
-        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"].int())
+        getattr(self, f"{stage}_metrics").update(logits.detach().float(), batch["labels"])
         getattr(self, f"{stage}_loss").update(loss.detach().float(), weight=len(logits))
         return loss
 

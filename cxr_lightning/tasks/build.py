@@ -7,7 +7,7 @@ takes plain values and callables, and never imports Hydra.
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,14 +16,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cxr_lightning.data import sources
 from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.selection import selection_mode
+from cxr_lightning.data.spec import DataSpec
+from cxr_lightning.data.tables import meta_names, output_labels
 from cxr_lightning.errors import CheckpointError, ConfigError, CXRError
 from cxr_lightning.models.backbones import cam_layer_of
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.param_groups import GROUP_KEYS
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE
-from cxr_lightning.data.tables import meta_names, output_labels
+from cxr_lightning.selection import selection_mode
 
 
 def instantiate(cfg, **kwargs):
@@ -36,11 +38,18 @@ def instantiate(cfg, **kwargs):
         raise
 
 
+def data_spec(data: Mapping[str, Any] | DictConfig, **changes: Any) -> DataSpec:
+    """The :class:`DataSpec` of a ``data`` config (its keys, without ``_target_``), validated once."""
+    options = _plain(data) if isinstance(data, DictConfig) else dict(data)
+    options.pop("_target_", None)
+    return DataSpec.from_options(**{**options, **changes})
+
+
 def build_datamodule(cfg: DictConfig) -> CXRDataModule:
     """The data module of ``cfg.data``, not set up: ``Trainer.fit`` runs its ``prepare_data`` (demo
     generation, image cache) on one process per node and then ``setup`` on every rank. Training
     samples carry their boxes when the loss is box-guided (``loss.box_weight > 0``)."""
-    return instantiate(cfg.data, _convert_="all", train_boxes=box_weight(cfg) > 0)
+    return CXRDataModule(data_spec(cfg.data, train_boxes=box_weight(cfg) > 0))
 
 
 def box_weight(cfg: DictConfig) -> float:
@@ -68,6 +77,7 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
         optimizer=_plain(cfg.optimizer),
         scheduler=_plain(cfg.get("scheduler")),
         label_names=labels,
+        label_space=str(cfg.data.get("label_space") or "nih14"),
         meta_names=expected_meta_names(cfg.data),
         image_size=int(cfg.data.image_size),
         **preprocessing(backbone),
@@ -111,11 +121,9 @@ def preprocessing(backbone: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def expected_label_names(data: DictConfig) -> list[str]:
-    """The labels a data module built from ``data`` produces, from the config alone."""
-    labels = data.get("labels")
-    return output_labels(
-        bool(data.get("drop_no_finding", False)), str(data.get("source", "demo")), list(labels) if labels else None
-    )
+    """The labels a data module built from ``data`` produces, from the config (and at most a lab's
+    label table, for ``labels=union`` over its own names)."""
+    return output_labels(data_spec(data))
 
 
 def expected_meta_names(data: DictConfig) -> list[str]:
@@ -180,15 +188,23 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 # The data a checkpoint was trained on, or an external source it is scored on
 # Always as trained: these define the split, the labels or the model's inputs.
 SPLIT_DEFINING = frozenset(
-    {"source", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
-     "prior_labels", "drop_no_finding", "labels", "age_fill", "boxes"}
+    {"source", "sources", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
+     "prior_labels", "drop_no_finding", "labels", "label_space", "age_fill", "only_splits", "boxes"}
 )
 # An external source's data config: what its own conf/data/<source>.yaml says (where the files
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
 EXTERNAL_KEYS = frozenset(
     {"source", "root", "label_table", "uncertain", "val_fraction", "test_fraction", "split_seed", "on_missing",
-     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "max_pixels"}
+     "verify_images", "batch_size", "num_workers", "cache", "cache_dir", "max_pixels", "table", "columns", "label_map"}
 )
+# Every data.* key a config may give: DataSpec's fields and the keys of one source.
+DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataSpec)) | {
+    "source", "root", "label_table", "uncertain", "labels", "table", "columns", "label_map"}
+
+
+def external_choices() -> str:
+    """``data=a|b|...``: the registered sources a checkpoint can be scored on besides its own."""
+    return "data=" + "|".join(n for n in sources.names() if n not in ("demo", "nih"))
 
 
 def data_overrides(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
@@ -201,12 +217,12 @@ def data_overrides(data: Mapping[str, Any] | DictConfig | None) -> dict[str, Any
         raise ConfigError(
             f"data override(s) {fixed} would change the split or the model's inputs; they always come from "
             "the checkpoint's training config. Only where and how to load the data can change; to score the "
-            "checkpoint on another dataset, name it: data=chexpert|mimic_cxr|padchest|nih_google data.root=DIR."
+            f"checkpoint on another dataset, name it: {external_choices()} data.root=DIR."
         )
-    allowed = set(inspect.signature(CXRDataModule).parameters) - SPLIT_DEFINING
+    allowed = DATA_KEYS - SPLIT_DEFINING
     unknown = sorted(set(chosen) - allowed)
     if unknown:
-        raise ConfigError(f"Unknown data override(s) {unknown}; CXRDataModule takes {sorted(allowed)}.")
+        raise ConfigError(f"Unknown data override(s) {unknown}; the data options are {sorted(allowed)}.")
     return chosen
 
 
@@ -226,14 +242,18 @@ def external_source(model: CXRClassifier, data: Mapping[str, Any] | DictConfig |
 
 
 def datamodule_for(
-    model: CXRClassifier, data: Mapping[str, Any] | DictConfig | None = None, cache_dir: str | None = None
+    model: CXRClassifier,
+    data: Mapping[str, Any] | DictConfig | None = None,
+    cache_dir: str | None = None,
+    splits: tuple[str, ...] | None = None,
 ) -> CXRDataModule:
     """The data module the checkpoint was trained on (its composed config) with the checked
     :func:`data_overrides` applied, prepared, set up and checked to give the model's inputs.
 
     With ``data=<source>`` naming another dataset (:func:`external_source`), that source as its
-    config says instead, with the checkpoint's labels (those the source lacks are unavailable, NaN),
-    metadata layout, image size and age imputation.
+    config says instead, with the checkpoint's labels and label space (those the source lacks are
+    unavailable, NaN), metadata layout, image size and age imputation. ``splits``: only those
+    splits' rows and images must be on disk (evaluate; None: all).
 
     Where generated data (the demo) and image caches are written is this command's choice
     (``data.cache_dir=``, else ``cache_dir``, the command's ``paths.cache_dir``), never the folder
@@ -242,22 +262,25 @@ def datamodule_for(
     # Where to write and how much to decode are this command's, never the file's to say.
     trained.pop("cache_dir", None)
     trained.pop("max_pixels", None)
+    fixed = {"labels": list(model.hparams.label_names),
+             "label_space": str(model.hparams.get("label_space") or trained.get("label_space") or "nih14")}
+    if model.hparams.get("age_fill") is not None:
+        fixed["age_fill"] = float(model.hparams.age_fill)
     if external_source(model, data) is not None:
         given = _given(data)
         cfg = {k: v for k, v in given.items() if k in EXTERNAL_KEYS and v is not None}
         cfg.update(
-            labels=list(model.hparams.label_names),
-            age_fill=float(model.hparams.age_fill),
+            fixed,
             prior_labels=bool(trained.get("prior_labels", True)),
             drop_no_finding=bool(trained.get("drop_no_finding", False)),
         )
     else:
-        cfg = {**trained, **data_overrides(data)}
-        cfg.pop("_target_", None)
+        cfg = {**trained, **data_overrides(data), **fixed}
     if cache_dir is not None:
         cfg.setdefault("cache_dir", cache_dir)
     cfg["image_size"] = model.hparams.image_size
-    dm = CXRDataModule(**cfg)
+    cfg["only_splits"] = tuple(splits) if splits is not None else None
+    dm = CXRDataModule(data_spec(cfg))
     dm.prepare_data()
     dm.setup("test")
     check_compatible(model, dm)
@@ -278,7 +301,8 @@ def check_compatible(model: CXRClassifier, dm: CXRDataModule) -> None:
     if list(dm.label_names) != list(model.hparams.label_names):
         raise CheckpointError(
             f"The checkpoint predicts {len(model.hparams.label_names)} labels {list(model.hparams.label_names)}, "
-            f"the data gives {len(dm.label_names)} {list(dm.label_names)}; set data.drop_no_finding to match the checkpoint."
+            f"the data gives {len(dm.label_names)} {list(dm.label_names)}; set data.drop_no_finding and labels= to match "
+            "the checkpoint."
         )
     if list(dm.meta_names) != list(model.hparams.meta_names):
         raise CheckpointError(

@@ -70,6 +70,8 @@ SUMMARY_METRICS: dict[str, str] = {
 # The jobs run on a finished run whose metrics.json a comparison reads too, under their prefix.
 RUN_JOBS: dict[str, str] = {"evaluation": EVALUATION, "explain": EXPLAIN}
 AUROC_PREFIX = "test.auroc."
+# A pooled run's test mean AUROC per source (over the labels that source scores).
+SOURCE_PREFIX = "test.source_auroc."
 UNSET = "?"  # group value of a run whose config lacks the key or cannot resolve it
 
 
@@ -160,6 +162,9 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
             except DataError as exc:
                 log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
+    per_source = metrics.get("per_source") if isinstance(metrics.get("per_source"), dict) else {}
+    numeric |= {f"{SOURCE_PREFIX}{name}": _number(v.get("auroc_mean")) for name, v in per_source.items()
+                if isinstance(v, dict)}
     selection = metrics.get("selection") or {"metric": "val/loss"}  # runs before selection.metric chose by loss
     metric = selection.get("metric") if isinstance(selection, dict) else None
     return {**row, "status": "ok", "reason": "", "loss_name": _group_value(cfg, "loss"),
@@ -232,7 +237,7 @@ def _number(value: Any) -> float:
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     """The metric columns of a run table in report order: summary metrics, then per-finding AUROC."""
     summary = [c for c in SUMMARY_METRICS if c in runs.columns]
-    return summary + [c for c in runs.columns if c.startswith(AUROC_PREFIX)]
+    return summary + [c for c in runs.columns if c.startswith((AUROC_PREFIX, SOURCE_PREFIX))]
 
 
 def summarize(runs: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
@@ -350,6 +355,15 @@ def report_tables(
         ]
         tables.append(("Test AUROC per finding", ["finding", *group_names], per_label,
                        "NaN: the test split has no positive (or no negative) case of the finding."))
+    by_source = [c for c in metric_columns(runs) if c.startswith(SOURCE_PREFIX)]
+    if by_source:
+        group_names = [_group_label(row, by) for _, row in summary.iterrows()]
+        per_source = [
+            [m.removeprefix(SOURCE_PREFIX), *(_cell(row, m) for _, row in summary.iterrows())] for m in by_source
+        ]
+        tables.append(("Test mean AUROC per source (pooled runs)", ["source", *group_names], per_source,
+                       "Each source's mean is over the labels it scores (metrics.json lists them): two sources' "
+                       "means compare only over the labels both score."))
 
     run_rows = [
         [

@@ -11,7 +11,7 @@ labels, metadata layout); ``data.*`` overrides only say where the files are and 
 External validation: ``data=<source> data.root=DIR`` (chexpert, mimic_cxr, padchest, nih_google)
 scores the checkpoint on another dataset, read as its publisher ships it. The checkpoint keeps
 its labels, metadata layout and preprocessing; only the labels the source maps to
-(:mod:`cxr_lightning.data.harmonise`) are scored, the others are listed as unavailable. The
+(the harmonisation of its module in :mod:`cxr_lightning.data.sources`) are scored, the others are listed as unavailable. The
 thresholds are the ones chosen on the checkpoint's own validation split (saved beside it by an
 earlier evaluate), so the report shows how they transfer; ``refit_thresholds=true`` chooses
 them on the source's validation split instead (and saves nothing).
@@ -46,8 +46,9 @@ from cxr_lightning.checkpoints import (
     save_thresholds,
 )
 from cxr_lightning.data import nih
+from cxr_lightning.data.label_spaces import COMPETITION
 from cxr_lightning.data.nih import PATIENT
-from cxr_lightning.data.tables import SPLITS
+from cxr_lightning.data.tables import SOURCE, SPLITS
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation import html, report
 from cxr_lightning.evaluation.statistics import (
@@ -56,6 +57,7 @@ from cxr_lightning.evaluation.statistics import (
     choose_thresholds,
     expected_calibration_error,
     operating_point_metrics,
+    per_source_auroc,
     subgroup_auroc,
     underdiagnosis,
 )
@@ -100,7 +102,9 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                           "data the thresholds are always chosen on its val split.")
     if split != "test" and (external is None or refit):
         log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", split)
-    dm = datamodule_for(model, cfg.get("data"), cache_dir=_cache_dir(cfg))
+    # Only what this job reads must be on disk: the split, and val where thresholds are chosen on it.
+    needed = (split, "val") if external is None or refit else (split,)
+    dm = datamodule_for(model, cfg.get("data"), cache_dir=_cache_dir(cfg), splits=tuple(dict.fromkeys(needed)))
     device = inference.default_device() if cfg.device == "auto" else cfg.device
     log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
 
@@ -166,6 +170,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     per_class = _per_class_table(auroc, auprc, operating, ece, ece_raw)
     subgroups = _subgroup_table(table, y, probs, scored, cfg, boot)
     audit = _underdiagnosis_table(table, y, probs, thresholds, scored, cfg, boot)
+    per_source = _per_source(dm, table, y, probs, scored, cfg) if dm.spec.pooled else {}
+    headline = _competition(dm, y, probs, patients, scored, boot)
 
     config = config_summary(model)
     summary = {
@@ -181,8 +187,11 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "n_patients": int(table[PATIENT].nunique()),
         "n_images_val": n_val,
         "n_patients_val": n_patients_val,
-        "uncertain": dm.split_options["uncertain"],
+        "uncertain": dm.uncertain,
+        "label_space": dm.tables.label_space,
         "scored_labels": scored,
+        "per_source": per_source,
+        "competition": headline,
         "unavailable_labels": unavailable,
         "left_out": dict(dm.tables.left_out),
         "threshold_method": method,
@@ -233,6 +242,26 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         page,
     )
     return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file, audit)
+
+
+def _per_source(dm, table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, scored: list[str], cfg: DictConfig) -> dict:
+    """A pooled run's figures per source, over the labels each source scores."""
+    by_source = {name: [n for n in dm.tables.scored_labels(name) if n in scored] for name in dm.tables.per_source}
+    return per_source_auroc(y, probs, table[PATIENT].to_numpy(), table[SOURCE].to_numpy(), by_source, scored,
+                            n_boot=int(cfg.n_boot), seed=int(cfg.seed), alpha=float(cfg.alpha))
+
+
+def _competition(dm, y: np.ndarray, probs: np.ndarray, patients: np.ndarray, scored: list[str], boot: dict) -> dict:
+    """CheXpert's five competition labels as a headline subset, where all five are scored."""
+    labels = dm.space.competition_labels()
+    if len(labels) < len(COMPETITION) or not set(labels) <= set(scored):
+        return {}
+    columns = [scored.index(n) for n in labels]
+    ci = bootstrap_ci(y[:, columns], probs[:, columns], patients, "auroc", **{**boot, "label_names": labels})
+    if ci.loc[labels, "estimate"].isna().any():
+        return {}  # a label without positives or negatives here: not the five-label mean
+    return {"labels": labels, "auroc_mean": float(ci.at["mean", "estimate"]),
+            "lower": float(ci.at["mean", "lower"]), "upper": float(ci.at["mean", "upper"])}
 
 
 def predict_split(model: CXRClassifier, dm, split: str, device: str = "cpu") -> tuple[np.ndarray, pd.DataFrame]:

@@ -238,6 +238,8 @@ def export_metadata(model: CXRClassifier, ckpt: str | os.PathLike) -> dict[str, 
     thresholds, thresholds_file = load_thresholds(ckpt, labels)
     return {
         "label_names": json.dumps(list(hp.label_names)),
+        # nih14 for checkpoints from before label spaces (their labels are NIH's).
+        "label_space": str(hp.get("label_space") or "nih14"),
         "meta_names": json.dumps(list(hp.meta_names)),
         "image_size": str(int(hp.image_size)),
         "mean": repr(model.preprocess.mean),

@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test_after_fit", True):
         results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
         test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+    per_source = pooled_test_figures(model, dm, cfg) if test_metrics and dm.spec.pooled else {}
 
     metrics = {
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
@@ -86,7 +87,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "label_table": dm.label_table_name,
         "label_names": dm.label_names,
+        "label_space": dm.space.name,
         "meta_names": dm.meta_names,
+        # A pooled run's test figures per source, over the labels each one scores.
+        "per_source": per_source,
         "n_images": {s: len(dm.split_table(s)) for s in ("train", "val", "test")},
         "n_patients": {s: int(dm.split_table(s)[nih.PATIENT].nunique()) for s in ("train", "val", "test")},
         "backbone": cfg.backbone.name,
@@ -115,6 +119,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("  TensorBoard: tensorboard --logdir %s", out)
     return metrics
 
+
+
+def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Each source's test mean AUROC with patient-bootstrap intervals (``n_boot``, default 200), for
+    the weights ``trainer.test`` restored (the best checkpoint's)."""
+    from cxr_lightning import inference
+    from cxr_lightning.data.tables import SOURCE
+    from cxr_lightning.evaluation.statistics import per_source_auroc
+
+    table = dm.split_table("test")
+    probs = inference.predict_probabilities(model, dm.loader("test", shuffle=False), inference.default_device())
+    scored = {name: dm.tables.scored_labels(name) for name in dm.tables.per_source}
+    return per_source_auroc(table[dm.label_cols].to_numpy(dtype=float), probs, table[nih.PATIENT].to_numpy(),
+                            table[SOURCE].to_numpy(), scored, dm.label_names, n_boot=int(cfg.get("n_boot", 200)),
+                            seed=int(cfg.seed))
 
 
 def _best_val_loss(checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str) -> float | None:

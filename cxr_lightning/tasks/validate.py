@@ -12,8 +12,6 @@ import inspect
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +20,13 @@ from cxr_lightning.errors import CheckpointError, ConfigError, DataError
 from cxr_lightning.models.heads import head_class
 from cxr_lightning.models.param_groups import GROUP_KEYS
 from cxr_lightning.selection import selection_mode
-from cxr_lightning.tasks.build import expected_label_names, expected_meta_names, optimizer_factory, scheduler_factory
+from cxr_lightning.tasks.build import (
+    data_spec,
+    expected_label_names,
+    expected_meta_names,
+    optimizer_factory,
+    scheduler_factory,
+)
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -33,7 +37,6 @@ def validate_config(cfg: DictConfig, ckpt_path: str | os.PathLike | None = None)
     checkpoint a fit will continue from (see :func:`cxr_lightning.faults.resolve_resume`)."""
     check_instantiated_keys(cfg)
     check_data_root(cfg.data)
-    check_training_labels(cfg.data)
     check_backbone(cfg.backbone, int(cfg.data.image_size))
     check_head(cfg.head.name)
     check_loss(cfg.loss.name)
@@ -86,6 +89,12 @@ def _arguments(target: str) -> set[str] | None:
         signature = inspect.signature(obj)
     except Exception:  # noqa: BLE001 -- a missing module or an unreadable signature: instantiation reports it
         return None
+    from cxr_lightning.data.datamodule import CXRDataModule
+
+    if obj is CXRDataModule:  # takes the data options as **options: DataSpec's keys
+        from cxr_lightning.tasks.build import DATA_KEYS
+
+        return set(DATA_KEYS)
     params = signature.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
@@ -123,52 +132,31 @@ def check_finetuning(backbone: DictConfig) -> None:
         raise ConfigError(f"backbone.finetune_lr_scale={scale!r}: expected a positive number (the backbone's lr / lr).")
 
 
-def check_training_labels(data: DictConfig) -> None:
-    """Training needs a label for every image and output: ``data.uncertain=ignore`` (an uncertain
-    label does not count) is for evaluation. The losses (BCE, focal, ASL) average over every
-    element, and torchmetrics' training AUROC takes no mask, so rather than weighting each loss by
-    hand, a training run must say what an uncertain label is."""
-    from cxr_lightning.data.harmonise import NATIVE_SOURCES
-
-    source = data.get("source", "demo")
-    if source not in NATIVE_SOURCES and data.get("uncertain", "ignore") == "ignore":
-        raise ConfigError(
-            f"data={source} data.uncertain=ignore is for evaluation only: training needs every label. Pass "
-            "data.uncertain=ones (an uncertain finding counts as present, CheXpert's U-Ones) or "
-            "data.uncertain=zeros (as absent, U-Zeros)."
-        )
-
-
 def check_data_root(data: DictConfig) -> None:
-    """The data root exists and holds the label table (a demo without a root is generated later)."""
+    """The data options make a :class:`~cxr_lightning.data.spec.DataSpec`, and every source's root
+    exists (NIH's holds its label table; a demo without a root is generated later)."""
     from cxr_lightning.data import nih
-    from cxr_lightning.data.harmonise import NATIVE_SOURCES
 
-    # data/nih.yaml says root: ???, which its demo defaults turn into null when composed.
-    root = None if OmegaConf.is_missing(data, "root") else data.get("root")
-    source = data.get("source", "demo")
-    if source not in NATIVE_SOURCES:
-        if not root or not Path(str(root)).expanduser().is_dir():
-            raise ConfigError(f"data={source} needs data.root=DIR, an existing folder holding the {source} download "
-                              f"(got {root!r}); see the README's external datasets section.")
-        return
-    if not root:
-        if data.get("source") == "nih":
-            raise ConfigError(
-                f"data=nih needs data.root=DIR: the folder holding the NIH download ({nih.LABEL_TABLE}, "
-                f"{nih.TRAIN_VAL_LIST}, {nih.TEST_LIST}, {nih.BBOX_TABLE}, images_001/ ... images_012/)."
+    if OmegaConf.is_missing(data, "root"):  # data/nih.yaml says root: ???
+        data = OmegaConf.merge(data, {"root": None})
+    for s in data_spec(data).sources:
+        where = f"data.sources.{s.name}.root" if s.name != s.source else "data.root"
+        if not s.nih_layout:
+            if not s.root or not s.root.is_dir():
+                raise ConfigError(f"data={s.source} needs {where}=DIR, an existing folder holding the {s.source} "
+                                  f"download (got {str(s.root) if s.root else None!r}); see the README's datasets sections.")
+            continue
+        if not s.root:
+            continue  # the demo, generated on first use
+        if s.label_table == "auto":
+            nih.find_label_table(s.root)  # DataError: which files NIH provides, where they go
+            continue
+        path = s.root / s.label_table
+        if not path.is_file():
+            raise DataError(
+                f"data.label_table={s.label_table}: {path} does not exist. Put the table in {where} or pass "
+                f"data.label_table=auto to use the first of {list(nih.LABEL_TABLES)} found there."
             )
-        return
-    table = data.get("label_table", "auto")
-    if table == "auto":
-        nih.find_label_table(Path(root).expanduser())  # DataError: which files NIH provides, where they go
-        return
-    path = Path(root).expanduser() / str(table)
-    if not path.is_file():
-        raise DataError(
-            f"data.label_table={table}: {path} does not exist. Put the table in data.root or pass "
-            f"data.label_table=auto to use the first of {list(nih.LABEL_TABLES)} found there."
-        )
 
 
 def check_backbone(backbone: DictConfig, image_size: int) -> None:

@@ -10,10 +10,15 @@ import pandas as pd
 import pytest
 from fixtures import make_external as mx
 
-from cxr_lightning.data import harmonise, images
-from cxr_lightning.data.sources import get, padchest
+from cxr_lightning.data import images, label_spaces, sources
+from cxr_lightning.data.sources import chexpert, get, padchest
+from cxr_lightning.data.spec import DataSpec
 from cxr_lightning.data.tables import build_tables
 from cxr_lightning.errors import ConfigError, DataError
+
+
+def tables_of(root, label_names=None, **options):
+    return build_tables(DataSpec.from_options(root=root, labels=label_names, **options))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def _code(rows, key, observation):
 
 # --- CheXpert ------------------------------------------------------------------------------------
 def test_chexpert_frontal_only_laterals_counted(chexpert_root):
-    tables = build_tables(chexpert_root, source="chexpert", test_fraction=0.2)
+    tables = tables_of(chexpert_root, source="chexpert", test_fraction=0.2)
     laterals = sum(r[5] == "Lateral" for r in mx.CHEXPERT_TRAIN + mx.CHEXPERT_VALID)
     assert tables.left_out == {"view LATERAL": laterals}
     table = _all(tables)
@@ -56,7 +61,7 @@ def test_chexpert_frontal_only_laterals_counted(chexpert_root):
 
 @pytest.mark.parametrize("policy, uncertain_value", [("ignore", np.nan), ("ones", 1.0), ("zeros", 0.0)])
 def test_chexpert_uncertain_and_blank_labels_under_each_policy(chexpert_root, policy, uncertain_value):
-    table = _all(build_tables(chexpert_root, source="chexpert", test_fraction=0.2, uncertain=policy))
+    table = _all(tables_of(chexpert_root, source="chexpert", test_fraction=0.2, uncertain=policy))
     for observation, nih_name in (("Cardiomegaly", "Cardiomegaly"), ("Pleural Effusion", "Effusion"), ("Atelectasis", "Atelectasis")):
         for row in mx.CHEXPERT_TRAIN:
             if row[5] != "Frontal":
@@ -72,8 +77,8 @@ def test_chexpert_uncertain_and_blank_labels_under_each_policy(chexpert_root, po
 
 def test_chexpert_paths_with_and_without_prefix_give_the_same_table(tmp_path, chexpert_root):
     plain = mx.write_chexpert(tmp_path / "plain", prefix=None, valid_prefix=None)
-    a = _all(build_tables(chexpert_root, source="chexpert", test_fraction=0.2))
-    b = _all(build_tables(plain, source="chexpert", test_fraction=0.2))
+    a = _all(tables_of(chexpert_root, source="chexpert", test_fraction=0.2))
+    b = _all(tables_of(plain, source="chexpert", test_fraction=0.2))
     assert list(a.index) == list(b.index)
     assert all(p.startswith(str(chexpert_root)) for p in a["path"])
     assert all(p.startswith(str(plain)) for p in b["path"])
@@ -82,7 +87,7 @@ def test_chexpert_paths_with_and_without_prefix_give_the_same_table(tmp_path, ch
 
 
 def test_chexpert_missing_age_and_unknown_sex_are_flagged(chexpert_root):
-    table = _all(build_tables(chexpert_root, source="chexpert", test_fraction=0.2))
+    table = _all(tables_of(chexpert_root, source="chexpert", test_fraction=0.2))
     no_age = mx.chexpert_row("train", mx.CHEXPERT_TRAIN[3], None)[0]  # Age blank
     assert np.isnan(table.at[no_age, "Patient Age"]) and table.at[no_age, "meta:age_missing"] == 1.0
     unknown_sex = mx.chexpert_row("train", mx.CHEXPERT_TRAIN[5], None)[0]  # Sex "Unknown"
@@ -91,7 +96,7 @@ def test_chexpert_missing_age_and_unknown_sex_are_flagged(chexpert_root):
 
 
 def test_chexpert_unmapped_labels_are_unavailable_and_prior_study_counts(chexpert_root):
-    tables = build_tables(chexpert_root, source="chexpert", test_fraction=0.2, label_names=["Effusion", "Mass"], age_fill=50.0)
+    tables = tables_of(chexpert_root, source="chexpert", test_fraction=0.2, label_names=["Effusion", "Mass"], age_fill=50.0)
     assert tables.unavailable_labels == ["Mass"]
     table = _all(tables)
     assert table["label:Mass"].isna().all()
@@ -110,7 +115,7 @@ def test_chexpert_bad_code_names_file_row_and_column(tmp_path):
     text[2] = ",".join(cells)
     (root / "valid.csv").write_text("\n".join(text) + "\n")
     with pytest.raises(DataError, match=r"valid\.csv: 1 row\(s\) with a 'Cardiomegaly' that is not 1\.0.*line 3"):
-        build_tables(root, source="chexpert")
+        tables_of(root, source="chexpert")
 
 
 def test_chexpert_missing_image_is_a_named_error_or_skipped(tmp_path):
@@ -118,21 +123,21 @@ def test_chexpert_missing_image_is_a_named_error_or_skipped(tmp_path):
     victim = root / "train/patient00005/study1/view1_frontal.jpg"
     victim.unlink()
     with pytest.raises(DataError, match="1 of .* images listed .* not found.*patient00005.*on_missing=skip"):
-        build_tables(root, source="chexpert", test_fraction=0.2)
-    tables = build_tables(root, source="chexpert", test_fraction=0.2, on_missing="skip")
+        tables_of(root, source="chexpert", test_fraction=0.2)
+    tables = tables_of(root, source="chexpert", test_fraction=0.2, on_missing="skip")
     assert str(victim) not in set(_all(tables)["path"])
 
 
 def test_missing_label_files_and_unknown_source(tmp_path):
     with pytest.raises(DataError, match="no CheXpert label table"):
-        build_tables(tmp_path, source="chexpert")
+        tables_of(tmp_path, source="chexpert")
     with pytest.raises(ConfigError, match="expected one of"):
         get("chexpert5")
 
 
 # --- MIMIC-CXR-JPG -------------------------------------------------------------------------------
 def test_mimic_official_split_views_and_labels(mimic_root):
-    tables = build_tables(mimic_root, source="mimic_cxr")
+    tables = tables_of(mimic_root, source="mimic_cxr")
     non_frontal = [r for r in mx.MIMIC_IMAGES if r[3] not in ("PA", "AP")]
     assert sum(tables.left_out.values()) == len(non_frontal)
     assert tables.left_out["view LATERAL"] == 1 and tables.left_out["view AP AXIAL"] == 1
@@ -147,7 +152,7 @@ def test_mimic_official_split_views_and_labels(mimic_root):
 
 
 def test_mimic_studies_out_of_date_order(mimic_root):
-    table = _all(build_tables(mimic_root, source="mimic_cxr"))
+    table = _all(tables_of(mimic_root, source="mimic_cxr"))
     # subject 10000032: s53911762 (2180) < s50414267 (2181, two images) < s56699142 (2182)
     assert [table.at[d, "Follow-up #"] for d in ("d2-ap", "d1-pa", "d3-ap")] == [0, 1, 2]
     assert table.at["d2-ap", "meta:has_prior"] == 0.0
@@ -160,7 +165,7 @@ def test_mimic_studies_out_of_date_order(mimic_root):
 
 def test_mimic_without_patients_table_flags_age_and_sex_missing(tmp_path):
     root = mx.write_mimic(tmp_path / "m", patients=False, gz=False)
-    table = _all(build_tables(root, source="mimic_cxr", label_table="mimic-cxr-2.0.0-negbio.csv"))
+    table = _all(tables_of(root, source="mimic_cxr", label_table="mimic-cxr-2.0.0-negbio.csv"))
     assert table["Patient Age"].isna().all() and (table["meta:age_missing"] == 1.0).all()
     assert (table["meta:sex_male"] == 0.5).all()
 
@@ -169,13 +174,13 @@ def test_mimic_corrupt_gzip_is_a_named_error(tmp_path):
     root = mx.write_mimic(tmp_path / "m")
     (root / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(gzip.compress(b"dicom_id,study_id\n")[:12])
     with pytest.raises(DataError, match="split.csv.gz"):
-        build_tables(root, source="mimic_cxr")
+        tables_of(root, source="mimic_cxr")
 
 
 # --- PadChest ------------------------------------------------------------------------------------
 def test_padchest_labels_views_ages(padchest_root):
     root, _ = padchest_root
-    tables = build_tables(root, source="padchest", val_fraction=0.2, test_fraction=0.2)
+    tables = tables_of(root, source="padchest", val_fraction=0.2, test_fraction=0.2)
     assert tables.left_out == {"no Labels": 1, "view LATERAL": 1, "view COSTAL": 1}
     table = _all(tables)
     assert table.at["p1_c.png", "label:Effusion"] == 1.0 and table.at["p1_c.png", "label:Cardiomegaly"] == 1.0
@@ -191,7 +196,7 @@ def test_padchest_labels_views_ages(padchest_root):
 
 def test_padchest_16_bit_png_decodes_by_bit_depth(padchest_root):
     root, raw = padchest_root
-    table = _all(build_tables(root, source="padchest", val_fraction=0.2, test_fraction=0.2))
+    table = _all(tables_of(root, source="padchest", val_fraction=0.2, test_fraction=0.2))
     decoded = images.read_image(table.at["p4_a.png", "path"])
     expected = np.round(raw["p4_a.png"].astype(np.float64) * 255 / 65535).astype(np.uint8)
     np.testing.assert_array_equal(decoded, expected)
@@ -210,7 +215,7 @@ def test_padchest_bad_labels_cell_is_named(tmp_path):
     csv_path = root / padchest.LABEL_TABLE
     csv_path.write_text(csv_path.read_text().replace("['rib fracture']", "open('x')"))
     with pytest.raises(DataError, match=r"Labels value that is not a list.*line 8 \(p5_a.png\)"):
-        build_tables(root, source="padchest", val_fraction=0.2, test_fraction=0.2)
+        tables_of(root, source="padchest", val_fraction=0.2, test_fraction=0.2)
 
 
 # --- NIH-Google ----------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def test_nih_google_reads_googles_files_beside_nih(tiny_demo, tmp_path):
     nih_table = pd.read_csv(root / "Data_Entry_2017_v2020.csv")
     chosen = nih_table.iloc[::3]
     mx.write_nih_google(root, chosen["Image Index"].tolist(), chosen["Patient ID"].tolist())
-    tables = build_tables(root, source="nih_google", label_names=["Pneumothorax", "Nodule", "Mass"], age_fill=40.0)
+    tables = tables_of(root, source="nih_google", label_names=["Pneumothorax", "Nodule", "Mass"], age_fill=40.0)
     assert tables.unavailable_labels == ["Nodule", "Mass"]
     assert len(tables.tables["train"]) == 0
     google = pd.concat([pd.read_csv(root / n) for n in (
@@ -234,9 +239,23 @@ def test_nih_google_reads_googles_files_beside_nih(tiny_demo, tmp_path):
 
 
 def test_harmonisation_table_is_what_the_readers_use():
-    assert harmonise.mapping("chexpert")["Pleural Effusion"] == "Effusion"
-    assert "Lung Opacity" not in harmonise.mapping("chexpert")
-    assert harmonise.unavailable_labels("nih_google", ["Pneumothorax", "Nodule", "Mass"]) == ["Nodule", "Mass"]
-    table = harmonise.markdown_table()
-    assert '| Effusion | "Pleural Effusion" | "Pleural Effusion" | "pleural effusion", ' in table
-    assert "| Mass | unavailable | unavailable | " in table
+    assert chexpert.HARMONISATION["Pleural Effusion"] == ("Effusion",)
+    assert chexpert.HARMONISATION["Lung Opacity"] == ("Lung Opacity",)  # its own concept, not an NIH label
+    assert padchest.HARMONISATION["hydropneumothorax"] == ("Pneumothorax", "Effusion")
+    assert "Nodule" not in sources.create("nih_google", "/nonexistent").concepts()
+    table = label_spaces.markdown_table(sources.harmonisations())
+    assert '| Effusion / Pleural Effusion | "Pleural Effusion" | "Pleural Effusion" | unavailable | "pleural effusion", ' in table
+    assert '"hydropneumothorax"' in table.split('| Effusion /')[1].split('\n')[0]
+    assert "| Mass / - | unavailable | unavailable | unavailable | " in table
+
+
+def test_hydropneumothorax_counts_for_pneumothorax_and_effusion(tmp_path):
+    root = tmp_path / "padchest"
+    mx.write_padchest(root)
+    path = root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[frame["ImageID"] == "p8_a.png", "Labels"] = "['hydropneumothorax']"
+    frame.to_csv(path, index=False)
+    table = _all(tables_of(root, source="padchest", val_fraction=0.2, test_fraction=0.2))
+    assert table.at["p8_a.png", "label:Pneumothorax"] == 1.0 and table.at["p8_a.png", "label:Effusion"] == 1.0
+    assert table.at["p8_a.png", "label:Pneumonia"] == 0.0

@@ -15,13 +15,14 @@ from fixtures.make_external import nih_as_chexpert
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
-from cxr_lightning.data import harmonise
+from cxr_lightning.data.sources.chexpert import HARMONISATION
+from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.tasks.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 N_BOOT = 30
-NIH_OF = harmonise.mapping("chexpert")  # CheXpert observation -> NIH label
+NIH_OF = {o: c[0] for o, c in HARMONISATION.items() if c[0] in ALL_LABELS}  # CheXpert observation -> NIH label
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +132,34 @@ def chexpert_training_overrides(root: Path, out: Path) -> list[str]:
     return ["data=chexpert" if o == "data=nih" else o for o in tiny_overrides(root, out)] + ["data.test_fraction=0.2"]
 
 
-def test_training_on_chexpert_needs_ones_or_zeros(tmp_path):
-    from fixtures.make_external import write_chexpert
+def test_training_on_chexpert_with_uncertain_ignored(tmp_path):
+    """U-Ignore: an uncertain label is masked in the loss, the class weights and the metrics."""
+    from fixtures.make_external import CHEXPERT_TRAIN, write_chexpert
 
+    from cxr_lightning.checkpoints import checkpoint_hparams
+    from cxr_lightning.tasks.train import train
     from cxr_lightning.tasks.validate import validate_config
 
     root = write_chexpert(tmp_path / "CheXpert-v1.0-small")
-    with pytest.raises(ConfigError, match="data.uncertain=ones"):
-        validate_config(compose_config(chexpert_training_overrides(root, tmp_path / "run")))
+    cfg = compose_config(chexpert_training_overrides(root, tmp_path / "run")
+                         + ["data.uncertain=ignore", "data.image_size=32", "head=fusion", "test_after_fit=false",
+                            "trainer.limit_train_batches=1"])
+    validate_config(cfg)
+    metrics = train(cfg)
+    hparams = checkpoint_hparams(metrics["best_checkpoint"])
+    assert hparams["label_space"] == "nih14"
+    # The class weights count only the training images whose label is certain (recounted from the
+    # fixture's rows: a -1 code does not count, a blank is a negative).
+    from cxr_lightning.data.spec import DataSpec
+    from cxr_lightning.data.tables import build_tables
+
+    train_patients = set(build_tables(DataSpec.from_options(source="chexpert", root=root, test_fraction=0.2))
+                         .tables["train"]["Patient ID"])
+    pos_frac = dict(zip(hparams["label_names"], hparams["pos_frac"]))
+    for observation, label in (("Cardiomegaly", "Cardiomegaly"), ("Atelectasis", "Atelectasis"), ("Edema", "Edema")):
+        codes = [r[7].get(observation, "") for r in CHEXPERT_TRAIN if r[5] == "Frontal" and r[0] in train_patients]
+        certain = [c for c in codes if c != "-1.0"]
+        assert pos_frac[label] == pytest.approx(certain.count("1.0") / len(certain)), label
 
 
 def test_training_on_chexpert_with_its_official_split(tmp_path):
@@ -151,7 +172,7 @@ def test_training_on_chexpert_with_its_official_split(tmp_path):
     metrics = train(compose_config(chexpert_training_overrides(root, tmp_path / "run")
                                    + ["data.uncertain=ones", "head=fusion_residual", "test_after_fit=false"]))
     hparams = checkpoint_hparams(metrics["best_checkpoint"])
-    assert hparams["label_names"] == harmonise.available_labels("chexpert")
+    assert hparams["label_names"] == [n for n in ALL_LABELS if n in set(NIH_OF.values())]
     val = (tmp_path / "run" / "val_patients.txt").read_text().split()
     assert sorted(map(int, val)) == sorted({r[0] for r in CHEXPERT_VALID})
 
@@ -172,3 +193,31 @@ def test_nih_google_scores_pneumothorax_only_on_googles_test_set(both, fitted, t
     assert result.metrics["n_images"] == len(google_test)
     assert result.metrics["n_pos.Pneumothorax"] == int((google_test["Pneumothorax"] == "YES").sum())
     assert "Nodule" in result.metrics["unavailable_labels"] and "Mass" in result.metrics["unavailable_labels"]
+
+
+def test_underdiagnosis_denominator_on_chexpert_is_no_finding_negative(both):
+    _, external, chexpert = both
+    valid = pd.read_csv(chexpert / "valid.csv")
+    audit = external.underdiagnosis
+    assert audit.loc[audit["attribute"] == "sex", "n_with_finding"].sum() == int((valid["No Finding"] == 0).sum())
+
+
+def test_external_valid_split_needs_only_its_own_rows_and_images(both, fitted, tmp_path):
+    """The 234-image CheXpert validation set alone: no training image on disk, then no train.csv."""
+    nih, external, chexpert = both
+    _, ckpt = fitted
+    root = tmp_path / "CheXpert-v1.0-small"
+    shutil.copytree(chexpert, root)
+    shutil.rmtree(root / "train")
+    n_valid = len(pd.read_csv(root / "valid.csv"))
+
+    def score(out: str):
+        return evaluate(compose_config(
+            [f"ckpt_path={ckpt}", "data=chexpert", f"data.root={root}", "split=valid", "data.num_workers=0",
+             "n_boot=10", f"output_dir={tmp_path}/{out}", f"paths.cache_dir={tmp_path}/cache"], "evaluate"))
+
+    assert score("without_train_images").metrics["n_images"] == n_valid
+    (root / "train.csv").unlink()
+    result = score("valid_csv_alone")
+    assert result.metrics["n_images"] == n_valid
+    assert result.metrics["auroc_mean"] == pytest.approx(external.metrics["auroc_mean"])

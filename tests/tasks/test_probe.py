@@ -183,9 +183,8 @@ def test_probe_command_line_refuses_a_foundation_backbone_without_weights(tmp_pa
 @pytest.mark.slow
 def test_probe_of_a_foundation_backbone_folder(tiny_demo, tmp_path):
     pytest.importorskip("transformers")
-    from tests.models.test_foundation_backbones import DINO_SIZE, write_dinov2
-
     from cxr_lightning.tasks.probe import probe
+    from tests.models.test_foundation_backbones import DINO_SIZE, write_dinov2
 
     folder = tmp_path / "rad-dino"
     write_dinov2(folder)

@@ -16,43 +16,56 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_lightning.data import harmonise
+from cxr_lightning.data.label_spaces import CHEXPERT_OBSERVATIONS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import ConfigError
 
 NAME = "chexpert"
 TRAIN, VALID, TEST = "train.csv", "valid.csv", "test_labels.csv"
 PATH, SEX, AGE, FRONTAL_LATERAL, AP_PA = "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"
-HEADER = (PATH, SEX, AGE, FRONTAL_LATERAL, AP_PA) + harmonise.CHEXPERT_OBSERVATIONS
+HEADER = (PATH, SEX, AGE, FRONTAL_LATERAL, AP_PA) + CHEXPERT_OBSERVATIONS
+# Each observation is its own concept; "Pleural Effusion" is what NIH calls "Effusion".
+HARMONISATION = {o: ("Effusion",) if o == "Pleural Effusion" else (o,) for o in CHEXPERT_OBSERVATIONS}
 SPLIT_FOLDERS = ("train", "valid", "test")
 URL = "https://stanfordmlgroup.github.io/competitions/chexpert/"
 _PATH_PATTERN = r"(?:^|/)patient(\d+)/study(\d+)/"
 _SEXES = {"Male": "M", "Female": "F"}  # and "Unknown"
 
 
+@register
+class CheXpert(Source):
+    name = NAME
+    title = "CheXpert"
+    harmonisation = HARMONISATION
+    hint = "Unpack CheXpert so that data.root holds train.csv, valid.csv and the train/ and valid/ folders."
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
+
+
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
-    """Read ``train.csv``, ``valid.csv`` and, if present, ``test_labels.csv`` at ``root``."""
+    """Read ``train.csv``, ``valid.csv`` (each possibly ``.gz``) and, if present, ``test_labels.csv`` at ``root``."""
     if label_table != "auto":
         raise ConfigError(f"data.label_table={label_table!r}: CheXpert always reads {TRAIN}, {VALID} and {TEST}; "
                           "leave it at auto.")
     root = common.existing_dir(root, "CheXpert")
-    files = {"val": root / VALID, None: root / TRAIN}
-    if not any(p.is_file() for p in files.values()):
+    files = {split: common.find_file(root, (name,), "", required=False) for split, name in (("val", VALID), (None, TRAIN))}
+    if not any(files.values()):
         common.find_file(root, (TRAIN, VALID), "CheXpert label table (train.csv, valid.csv)")
     test = common.find_file(root, (TEST,), "CheXpert test labels", required=False)
-    parts = [_read_one(path, split, root) for split, path in files.items() if path.is_file()]
+    parts = [_read_one(path, split, root) for split, path in files.items() if path is not None]
     if test is not None:
         parts.append(_read_one(test, "test", root))
     table = pd.concat(parts, ignore_index=True)
     common.unique_names(table, "Image Index", root / "train.csv + valid.csv")
     table.attrs["source"] = " + ".join(p.attrs["source"] for p in parts)
-    label_table = files[None] if files[None].is_file() else files["val"]
-    return common.SourceData(table, label_table, harmonise.available_labels(NAME))
+    return common.SourceData(table, files[None] or files["val"], list(HARMONISATION))
 
 
 def _read_one(path: Path, split: str | None, root: Path) -> pd.DataFrame:
     # The test labels carry no demographics or view columns; they are then missing (views from the file name).
-    required = (PATH,) + harmonise.CHEXPERT_OBSERVATIONS if split == "test" else HEADER
+    required = (PATH,) + CHEXPERT_OBSERVATIONS if split == "test" else HEADER
     raw = common.read_csv(path, required, "CheXpert label table")
     raw[PATH] = raw[PATH].str.strip()
     common.reject(raw, raw[PATH].isna() | (raw[PATH] == ""), path, "an empty Path", PATH, "Every row names its image.")
@@ -70,9 +83,7 @@ def _read_one(path: Path, split: str | None, root: Path) -> pd.DataFrame:
     lateral = _lateral(raw)
     view = raw[AP_PA].astype("string").str.strip().str.upper().where(~lateral, "LATERAL")
     view = view.where(~view.isin(["LL", "RL"]), "LATERAL")  # a few "Frontal" rows are lateral decubitus views
-    findings = common.label_codes(raw, harmonise.CHEXPERT_OBSERVATIONS, path, PATH)
-    mapped = harmonise.mapping(NAME)
-    findings = findings[list(mapped)].rename(columns=mapped)
+    findings = common.label_codes(raw, CHEXPERT_OBSERVATIONS, path, PATH)
     table = common.standard_table(
         raw,
         image=relative,

@@ -7,8 +7,8 @@ Labels, Follow-up #, Patient ID, Patient Age, Patient Gender, View Position) plu
 - ``path``: the image file (absolute), built from the publisher's path convention;
 - ``frontal``: True for frontal (PA/AP) images, whose view may still be unknown (NaN); the others
   are left out of a run and counted;
-- ``finding:<NIH label>``: 1.0 positive, 0.0 negative, -1.0 uncertain (CheXpert labeller), one
-  column per NIH label the source gives (see :mod:`cxr_lightning.data.harmonise`);
+- ``finding:<finding>``: 1.0 positive, 0.0 negative, -1.0 uncertain (CheXpert labeller), one
+  column per finding of the source's harmonisation (see :mod:`cxr_lightning.data.label_spaces`);
 - ``official_split``: ``train``/``val``/``test`` where the publisher assigns one, else NaN.
 
 Missing ages, sexes and views are NaN (flagged as missing in the metadata, never imputed here).

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.data import harmonise
+from cxr_lightning.data.label_spaces import CHEXPERT_OBSERVATIONS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
+from cxr_lightning.data.sources.chexpert import HARMONISATION as CHEXPERT_HARMONISATION
 from cxr_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,23 @@ METADATA_COLUMNS = (
     "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 )
-LABEL_COLUMNS = ("subject_id", "study_id") + harmonise.CHEXPERT_OBSERVATIONS
+LABEL_COLUMNS = ("subject_id", "study_id") + CHEXPERT_OBSERVATIONS
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 PATIENT_COLUMNS = ("subject_id", "gender", "anchor_age", "anchor_year")
 URL = "https://physionet.org/content/mimic-cxr-jpg/"
 _SPLITS = {"train": "train", "validate": "val", "test": "test"}
 _SEXES = {"M": "M", "F": "F"}
+
+
+@register
+class MimicCXR(Source):
+    name = NAME
+    title = "MIMIC-CXR-JPG"
+    harmonisation = CHEXPERT_HARMONISATION  # the same labeller as CheXpert's
+    hint = "Download MIMIC-CXR-JPG's files/ folder into data.root (files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg)."
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
 
 
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
@@ -65,9 +78,8 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         raw_labels[col] = _integers(raw_labels, col, labels_path)
     raw_labels["name"] = "s" + raw_labels["study_id"].astype(str)
     common.unique_names(raw_labels, "study_id", labels_path)
-    codes = common.label_codes(raw_labels, harmonise.CHEXPERT_OBSERVATIONS, labels_path, "name")
-    mapped = harmonise.mapping(NAME)
-    findings = codes[list(mapped)].rename(columns=mapped).set_axis(raw_labels["study_id"].to_numpy())
+    codes = common.label_codes(raw_labels, CHEXPERT_OBSERVATIONS, labels_path, "name")
+    findings = codes.set_axis(raw_labels["study_id"].to_numpy())
 
     split = common.read_csv(split_path, SPLIT_COLUMNS, "MIMIC-CXR-JPG split")
     split_of = split.assign(dicom_id=split["dicom_id"].str.strip()).set_index("dicom_id")["split"].str.strip()
@@ -109,7 +121,7 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
     if unsplit.any():
         raise DataError(f"{split_path}: {int(unsplit.sum())} image(s) of {meta_path.name} have no split, e.g. "
                         f"{table.loc[unsplit, 'Image Index'].head(5).tolist()}; use the two files of one release.")
-    return common.SourceData(table, labels_path, harmonise.available_labels(NAME), left_out)
+    return common.SourceData(table, labels_path, list(CHEXPERT_OBSERVATIONS), left_out)
 
 
 def _integers(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:

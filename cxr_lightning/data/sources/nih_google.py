@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxr_lightning.data import harmonise, nih
+from cxr_lightning.data import nih
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import DataError
 
 NAME = "nih_google"
@@ -28,9 +29,28 @@ TEST = "four_findings_expert_labels_test_labels.csv"
 TORCHXRAYVISION_COPY = "google2019_nih-chest-xray-labels.csv"
 SET_ID = "Set Id"
 URL = "https://cloud.google.com/healthcare/docs/resources/public-datasets/nih-chest"
-GOOGLE_COLUMNS = harmonise.GOOGLE_FINDINGS
+GOOGLE_COLUMNS = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")
+HARMONISATION: dict[str, tuple[str, ...]] = {
+    "Fracture": ("Fracture",),
+    "Pneumothorax": ("Pneumothorax",),
+    "Airspace opacity": (),  # any airspace opacity: broader than Consolidation, Infiltration or Pneumonia
+    "Nodule or mass": (),  # the union of two NIH labels: a positive is not known to be either
+}
 _CODES = {"YES": 1.0, "NO": 0.0}
 _SETS = {"val": "val", "validation": "val", "test": "test"}
+
+
+@register
+class NIHGoogle(Source):
+    name = NAME
+    title = "NIH ChestX-ray14 with Google's expert labels"
+    harmonisation = HARMONISATION
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
+
+    def attach_paths(self, table: pd.DataFrame, on_missing: str) -> pd.DataFrame:
+        return nih.attach_paths(table, self.root, on_missing)
 
 
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
@@ -62,8 +82,6 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         table = nih_table.loc[google[nih.IMAGE]].reset_index()
         split, findings_source = google[SET_ID], google.reset_index(drop=True)
     findings = _codes(findings_source, labels_path)
-    mapped = harmonise.mapping(NAME)
-    findings = findings[list(mapped)].rename(columns=mapped)
     unsplit = split.isna()
     common.reject(table, unsplit, labels_path, f"a {SET_ID} other than val or test", nih.IMAGE, "Use the file as published.")
     out = common.standard_table(
@@ -80,7 +98,7 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         official_split=split.set_axis(table.index),
         source=labels_path.name,
     )
-    return common.SourceData(out, labels_path, harmonise.available_labels(NAME))
+    return common.SourceData(out, labels_path, list(GOOGLE_COLUMNS))
 
 
 def _require(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.data import harmonise
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,41 @@ URL = "https://bimcv.cipf.es/bimcv-projects/padchest/"
 # Projection -> view; "L" is lateral; COSTAL, EXCLUDE and UNK are neither PA nor AP.
 _VIEWS = {"PA": "PA", "AP": "AP", "AP_horizontal": "AP", "L": "LATERAL"}
 _SEXES = {"M": "M", "F": "F"}  # and "O", blank
+
+# PadChest's findings are lower-case strings in a list; each names the concepts it counts for:
+# the concept itself and PadChest's subtypes of it. "hydropneumothorax" is air and fluid in the
+# pleural space: a pneumothorax and an effusion. A finding absent from the list is a negative.
+HARMONISATION: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("atelectasis", "laminar atelectasis", "lobar atelectasis", "segmental atelectasis",
+                     "round atelectasis", "total atelectasis", "atelectasis basal"), ("Atelectasis",)),
+    "cardiomegaly": ("Cardiomegaly",),
+    **dict.fromkeys(("pleural effusion", "loculated pleural effusion", "loculated fissural effusion"), ("Effusion",)),
+    "infiltrates": ("Infiltration",),
+    **dict.fromkeys(("mass", "pulmonary mass"), ("Mass",)),  # not breast, mediastinal, pleural or soft-tissue masses
+    **dict.fromkeys(("nodule", "multiple nodules"), ("Nodule",)),  # not pseudonodule, nor calcified granuloma
+    **dict.fromkeys(("pneumonia", "atypical pneumonia"), ("Pneumonia",)),
+    "pneumothorax": ("Pneumothorax",),
+    "hydropneumothorax": ("Pneumothorax", "Effusion"),
+    "consolidation": ("Consolidation",),
+    "pulmonary edema": ("Edema",),
+    "emphysema": ("Emphysema",),  # not subcutaneous emphysema
+    "pulmonary fibrosis": ("Fibrosis",),
+    **dict.fromkeys(("pleural thickening", "apical pleural thickening", "calcified pleural thickening"),
+                    ("Pleural_Thickening",)),
+    "hiatal hernia": ("Hernia",),
+    "normal": ("No Finding",),
+}
+
+
+@register
+class PadChest(Source):
+    name = NAME
+    title = "PadChest"
+    harmonisation = HARMONISATION
+    hint = "Unzip PadChest's numbered image folders into data.root (data.root/<ImageDir>/<ImageID>)."
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
 
 
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
@@ -69,7 +104,7 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         official_split=None,
         source=path.name,
     )
-    return common.SourceData(table, path, harmonise.available_labels(NAME), left_out)
+    return common.SourceData(table, path, list(HARMONISATION), left_out)
 
 
 def parse_labels(text: str) -> list[str]:
@@ -81,8 +116,8 @@ def parse_labels(text: str) -> list[str]:
 
 
 def _findings(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
-    mapping = harmonise.mapping(NAME)
-    names = harmonise.available_labels(NAME)
+    names = list(HARMONISATION)
+    column = {finding: j for j, finding in enumerate(names)}
     codes, uniques = pd.factorize(raw["Labels"])  # a few thousand distinct lists for 160k rows
     rows = np.zeros((len(uniques), len(names)))
     bad = []
@@ -93,8 +128,8 @@ def _findings(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
             bad.append(i)
             continue
         for finding in found:
-            if finding in mapping:
-                rows[i, names.index(mapping[finding])] = 1.0
+            if finding in column:
+                rows[i, column[finding]] = 1.0
     if bad:
         mask = pd.Series(np.isin(codes, bad), index=raw.index)
         common.reject(raw, mask, path, "a Labels value that is not a list of strings such as ['normal']", "ImageID",
