@@ -201,7 +201,7 @@ def test_data_and_models_import_no_hydra():
 
 def test_predict_export_and_training_share_one_preprocessing(tiny_demo, tmp_path):
     """The same image reaches the network as the same tensor in training, inference and export."""
-    from conftest import fit_tiny
+    from helpers import fit_tiny
 
     from cxr_lightning import inference
     from cxr_lightning.checkpoints import load_model

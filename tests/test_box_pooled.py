@@ -28,8 +28,11 @@ def box_demo(tiny_demo, tmp_path_factory):
 
 
 def sources(root, rsna_root=None) -> dict:
-    return {"nih": {"source": "nih", "root": str(root)}, "vindr": {"source": "vindr_cxr", "root": str(root / "vindr_cxr")},
-            "rsna": {"source": "rsna_pneumonia", "root": str(rsna_root or root / "rsna_pneumonia")}}
+    return {
+        "nih": {"source": "nih", "root": str(root)},
+        "vindr": {"source": "vindr_cxr", "root": str(root / "vindr_cxr")},
+        "rsna": {"source": "rsna_pneumonia", "root": str(rsna_root or root / "rsna_pneumonia")},
+    }
 
 
 def test_pooled_training_uses_every_box_sources_training_boxes_and_leaves_twins_out(box_demo):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_dicom
+from helpers import write_dicom
 from PIL import Image
 
 from cxr_lightning.errors import DataError

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CONFIGS = {"train": "train", "evaluate": "evaluate", "explain": "explain", "predict": "predict",

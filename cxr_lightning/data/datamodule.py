@@ -245,12 +245,8 @@ class CXRDataModule(pl.LightningDataModule):
 
     @property
     def box_protocol(self) -> dict | None:
-        """NIH's boxed-image protocol as applied to this run's split (``data.boxes.folds``), else None."""
-        return self._tables().box_protocol
-
-    @property
-    def box_protocol(self) -> dict | None:
-        """NIH's boxed-image protocol as applied to this split (``data.boxes.folds``), else None."""
+        """NIH's boxed-image protocol as applied to this run's split (``data.boxes.folds``), per source
+        that has NIH's layout, else None."""
         return self._tables().box_protocol
 
     @property

@@ -85,6 +85,7 @@ class DataSpec:
     # NIH's boxed-image protocol: {folds, fold, trained} (cxr_lightning.data.boxes.check_box_folds).
     boxes: Mapping[str, Any] | None = None
     max_pixels: int = MAX_PIXELS  # the decoder's pixel budget per image (data/images.py)
+    boxes: Mapping[str, Any] | None = None  # data.boxes: NIH's boxed-image protocol (data/boxes.py)
 
     # --------------------------------------------------------------------------------------------
     @property

@@ -152,6 +152,9 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
     mappings = leakage.check_pooling(kinds, {s.name: _root(spec, s) for s in spec.sources},
                                      {s.name: s.options for s in spec.sources})
     readers = [s.create(_root(spec, s)) for s in spec.sources]
+    if check_box_folds(spec.boxes) is not None and not any(r.nih_layout for r in readers):
+        names = ", ".join(s.source for s in spec.sources)
+        raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={names} has no NIH box list.")
     space = label_space(spec, readers)
     parts = [source_table(spec, s, reader, space, workers) for s, reader in zip(spec.sources, readers)]
     table = pool(parts, spec.pooled)

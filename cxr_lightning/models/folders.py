@@ -269,7 +269,10 @@ def check_input_size(backbone: Mapping[str, Any], image_size: int) -> None:
     fmt = backbone.get("format", "timm")
     if fmt not in FOLDER_FORMATS or backbone.get("patch_size") is None:
         return
-    patch, native = int(backbone["patch_size"]), int(backbone["native_input_size"])
+    # Checked like the folder's own values: a checkpoint's hyperparameters are files from elsewhere too.
+    where = f"backbone config of {backbone.get('name')}"
+    patch = max(1, _bounded_int(backbone, "patch_size", "patch", where))
+    native = _bounded_int(backbone, "native_input_size", "image", where)
     if fmt == "open_clip" and image_size != native:
         raise ConfigError(
             f"data.image_size={image_size}: the open_clip image tower of {backbone.get('weights')} is built for "

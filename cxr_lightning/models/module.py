@@ -23,15 +23,15 @@ from torchmetrics import MeanMetric
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
-from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
-from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models import finetune
+from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
 from cxr_lightning.models.box_guidance import FUSIONS, box_attention_loss, box_targets, capture_output, warmup_factor
 from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models.heads import create_head, head_uses_image
-from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE, Preprocess
+from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -147,7 +147,8 @@ class CXRClassifier(pl.LightningModule):
                 "This model has no class weights yet: fit it with a CXRDataModule (trainer.fit(model, datamodule=dm)), "
                 "or build it with pos_frac=... ."
             )
-        for what, mine, theirs in (("labels", self.label_names, dm.label_names), ("metadata", self.meta_names, dm.meta_names)):
+        pairs = (("labels", self.label_names, dm.label_names), ("metadata", self.meta_names, dm.meta_names))
+        for what, mine, theirs in pairs:
             if list(theirs) != list(mine):
                 raise DataError(f"The data module gives {what} {list(theirs)}, the model was built for {list(mine)}.")
         self.hparams.pos_frac = [float(v) for v in dm.label_stats["pos_frac"]]
@@ -321,7 +322,8 @@ class CXRClassifier(pl.LightningModule):
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
         backbone = self.backbone.model if self.backbone is not None else None
-        optimizer = self.optimizer_factory(param_groups(backbone, self.head, self.hparams.optimizer, self.hparams.backbone))
+        groups = param_groups(backbone, self.head, self.hparams.optimizer, self.hparams.backbone)
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         interval = (self.hparams.scheduler or {}).get("interval", "epoch")

@@ -89,6 +89,12 @@ def _arguments(target: str) -> set[str] | None:
         signature = inspect.signature(obj)
     except Exception:  # noqa: BLE001 -- a missing module or an unreadable signature: instantiation reports it
         return None
+    from cxr_lightning.data.datamodule import CXRDataModule
+
+    if obj is CXRDataModule:  # takes the data options as **options: DataSpec's keys
+        from cxr_lightning.tasks.build import DATA_KEYS
+
+        return set(DATA_KEYS)
     params = signature.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None

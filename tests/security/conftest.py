@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit_tiny
+from helpers import fit_tiny
 
 from security.hostile import Sentinel
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from cxr_lightning import checkpoints
 from cxr_lightning.errors import CheckpointError

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from conftest import compose_config, tiny_overrides, write_dicom
+from helpers import compose_config, tiny_overrides, write_dicom
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import compose_config, tiny_overrides
+from helpers import compose_config, tiny_overrides
 
 from cxr_lightning import checkpoints
 from security.hostile import edited_checkpoint

@@ -95,7 +95,10 @@ def read(root: Path, label_table: str = "auto", headers: bool = True) -> common.
                             "(Lung Opacity is Target 1). Use the files as published.")
         findings[NORMAL] = (cls == NORMAL).astype(float)
     image_paths = str(root) + "/" + IMAGES + "/" + ids + ".dcm"
-    demo = common.dicom_demographics(image_paths, NAME) if headers else pd.DataFrame(index=ids.index, columns=["age", "sex", "view"])
+    if headers:
+        demo = common.dicom_demographics(image_paths, NAME)
+    else:
+        demo = pd.DataFrame(index=ids.index, columns=["age", "sex", "view"])
     view = demo["view"]
     table = common.standard_table(
         pd.DataFrame(index=ids.index),
@@ -141,7 +144,9 @@ def read_mapping(path: Path) -> pd.Series:
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; download {MAPPING} from {MAPPING_URL}.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not RSNA's JSON mapping file ({exc}); download it again from {MAPPING_URL}.") from None
+        raise DataError(
+            f"{path} is not RSNA's JSON mapping file ({exc}); download it again from {MAPPING_URL}."
+        ) from None
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of {{subset_img_id, img_id, ...}} objects as RSNA publishes it.")
     rsna, nih = [], []

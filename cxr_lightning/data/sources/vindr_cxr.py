@@ -129,7 +129,9 @@ class VinDrCXR(Source):
 
 
 # --------------------------------------------------------------------------------------------------
-def read(root: Path, label_table: str = "auto", reader_vote: str = "majority", headers: bool = True) -> common.SourceData:
+def read(
+    root: Path, label_table: str = "auto", reader_vote: str = "majority", headers: bool = True
+) -> common.SourceData:
     """Read VinDr-CXR at ``root`` (either layout) into the standard table, one row per image."""
     check_vote(reader_vote)
     if label_table != "auto":
@@ -140,7 +142,10 @@ def read(root: Path, label_table: str = "auto", reader_vote: str = "majority", h
     split = votes["split"]
     ids = votes.index.to_series(index=votes.index)
     path = str(root) + "/" + split.map({"train": "train", "test": "test"}) + "/" + ids + ".dicom"
-    demo = common.dicom_demographics(path, NAME) if headers else pd.DataFrame(index=votes.index, columns=["age", "sex", "view"])
+    if headers:
+        demo = common.dicom_demographics(path, NAME)
+    else:
+        demo = pd.DataFrame(index=votes.index, columns=["age", "sex", "view"])
     view = demo["view"]
     frame = pd.DataFrame(index=votes.index)
     table = common.standard_table(
@@ -172,11 +177,14 @@ def read_boxes(root: Path, reader_vote: str = "majority") -> pd.DataFrame:
     if layout(root) == "kaggle":
         parts.append(_box_rows(_kaggle_table(root / KAGGLE_TABLE), root / KAGGLE_TABLE))
     else:
-        for split, name in PHYSIONET_BOXES.items():
+        for name in PHYSIONET_BOXES.values():
             if (root / name).is_file():
                 raw = common.read_csv(root / name, (IMAGE_ID, CLASS_NAME) + BOX, "VinDr-CXR box table")
                 parts.append(_box_rows(_spelled(raw), root / name))
-    boxes = pd.concat(parts, ignore_index=True) if parts else _box_rows(pd.DataFrame(columns=[IMAGE_ID, CLASS_NAME]), root)
+    if parts:
+        boxes = pd.concat(parts, ignore_index=True)
+    else:
+        boxes = _box_rows(pd.DataFrame(columns=[IMAGE_ID, CLASS_NAME]), root)
     # Only where the image label is positive: a box of a finding the readers voted down guides nothing.
     positive = np.array([
         finding in votes.columns and image in votes.index and votes.at[image, finding] == 1.0
