@@ -497,7 +497,8 @@ def underdiagnosis(
     at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
     has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
     of :func:`bootstrap_ci`) drawn within the group; a rate without images to count is NaN.
-    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_with_finding``.
+    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_patients``,
+    ``n_with_finding``.
     """
     where = "underdiagnosis"
     y, p, names = _check_predictions(y_true, y_prob, label_names, where)
@@ -549,7 +550,8 @@ def underdiagnosis(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a rate never defined in resamples -> NaN
             lower, upper = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
-        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_with_finding": int(has_finding[mask].sum())}
+        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_patients": int(n_patients),
+                               "n_with_finding": int(has_finding[mask].sum())}
         for k, name in enumerate(rates):
             row |= {name: estimate[k], f"{name}_lower": lower[k], f"{name}_upper": upper[k]}
         rows.append(row)
