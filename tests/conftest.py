@@ -2,6 +2,7 @@
 tests/helpers (re-exported here for modules that import them from conftest)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def tiny_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "nih"
     demo.generate(out, patients=40, image_size=64, seed=0)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers():
+    """A command's main may call logging.basicConfig, which attaches a handler to pytest's captured
+    stderr of that test; left in place it writes into a closed stream in every later test."""
+    before = list(logging.getLogger().handlers)
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)

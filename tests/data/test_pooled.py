@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_config, tiny_overrides
+from helpers import compose_config, tiny_overrides
 from fixtures import make_external as mx
 
 from cxr_lightning.checkpoints import checkpoint_hparams

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_config, tiny_overrides
+from helpers import compose_config, tiny_overrides
 
 from cxr_lightning.data import sources
 from cxr_lightning.data.sources import common
