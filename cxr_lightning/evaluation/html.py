@@ -271,13 +271,14 @@ def render_report(
     config_file: str | Path | None = None,
     out: str | Path | None = None,
     history: str | Path | None = None,
-    min_patients: int = DEFAULT_MIN_PATIENTS,
+    min_patients: int | None = None,
 ) -> Path:
     """Write the report page of one evaluation (and its explain outputs, when given) to ``out``
     (default ``evaluation_dir/report.html``); returns its path.
 
     ``history`` is the training run's ``history.csv`` (drawn as training curves); subgroups of
-    fewer than ``min_patients`` patients show ``too few`` in place of their interval."""
+    fewer than ``min_patients`` patients (default: the evaluation's own ``min_patients`` setting,
+    else DEFAULT_MIN_PATIENTS) show ``too few`` in place of their interval."""
     ev = Path(evaluation_dir)
     metrics = _read_json(EvaluationDir(ev).metrics)
     per_class = pd.read_csv(EvaluationDir(ev).per_class, index_col=0)
@@ -285,6 +286,11 @@ def render_report(
     ex_metrics = _read_json(ExplainDir(explain).metrics) if explain else {}
     config = metrics.get("config") or {}
     demo = config.get("data_source") == "demo"
+    if min_patients is None:
+        # explain re-renders the page without evaluate's config: the evaluation's metrics keep it
+        written = metrics.get("min_patients", DEFAULT_MIN_PATIENTS)
+        valid = isinstance(written, int) and not isinstance(written, bool) and written >= 0
+        min_patients = written if valid else DEFAULT_MIN_PATIENTS
 
     sections = [
         ("headline", "Headline", _headline(metrics, ex_metrics, demo)),

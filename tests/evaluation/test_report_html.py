@@ -176,6 +176,15 @@ def test_page_is_one_self_contained_file_with_every_part(tmp_path: Path) -> None
     assert "applied no post-hoc calibration" in text
 
 
+def test_min_patients_comes_from_the_evaluation(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "run", underdiagnosis=True)
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    (run / "evaluation" / "metrics.json").write_text(json.dumps({**metrics, "min_patients": 3}))
+    text = html.run_report(run).read_text()
+    assert "0.250 (0.250–0.250)" in text and "0.250 (too few)" not in text
+    assert "fewer than 3 patients" in text
+
+
 def test_calibrated_evaluation_shows_reliability_before_and_after(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run", calibrated=True)
     text = html.run_report(run).read_text()
