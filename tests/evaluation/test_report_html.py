@@ -376,6 +376,9 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     page = run / "report.html"
     before = page.read_text()
     assert 'id="per-label"' in before and 'id="cam-grid"' not in before
+    # the run's own history.csv drawn as curves, and evaluate's model card on the page
+    assert (run / run_dir.HISTORY).is_file() and 'id="training-curves"' in before and "<svg" in before
+    assert 'id="model-card"' in before and "fnr." not in before
 
     # predictions.csv holds the split's labels and the model's calibrated probabilities, computed again here
     from cxr_lightning.checkpoints import load_calibration
