@@ -14,7 +14,6 @@ from torchmetrics.functional.classification import (
 )
 
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.evaluation.statistics import (
     _resample_indices,
     age_bands,
@@ -25,6 +24,7 @@ from cxr_lightning.evaluation.statistics import (
     reliability_curve,
     subgroup_auroc,
 )
+from cxr_lightning.metrics import LabelMetrics
 
 # ---------------------------------------------------------------- independent reference answers
 

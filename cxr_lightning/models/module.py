@@ -23,15 +23,15 @@ from torchmetrics import MeanMetric
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.losses import create_loss
 from cxr_lightning.metrics import LabelMetrics
-from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
-from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models import finetune
+from cxr_lightning.models.backbones import backbone_from_config, cam_layer_of
 from cxr_lightning.models.box_guidance import FUSIONS, box_attention_loss, box_targets, capture_output, warmup_factor
 from cxr_lightning.models.divergence import check_finite_loss
+from cxr_lightning.models.folders import resolve as resolve_backbone
 from cxr_lightning.models.heads import create_head, head_uses_image
-from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 from cxr_lightning.models.param_groups import param_groups
 from cxr_lightning.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, UNIT_RANGE, Preprocess
+from cxr_lightning.models.reshape import ReshapeTransform, cam_reshape_transform
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,9 +38,9 @@ from rich.table import Table
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from cxr_lightning import files
-from cxr_lightning.tasks.build import build_model, instantiate
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_model, instantiate
 
 log = logging.getLogger(__name__)
 

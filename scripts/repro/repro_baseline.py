@@ -1,7 +1,12 @@
 """Random-heatmap baseline: border share of maxima, and pointing game vs box share on the NIH boxes."""
-import numpy as np, pandas as pd, warnings
-from cxr_lightning.explain.localization import random_heatmaps, localization_scores
+import warnings
+
+import numpy as np
+import pandas as pd
+
 from cxr_lightning.data.nih import read_bbox_table
+from cxr_lightning.explain.localization import localization_scores, random_heatmaps
+
 size = 224
 h = random_heatmaps(4000, (size, size), seed=0)
 idx = h.reshape(len(h), -1).argmax(1); r, c = np.divmod(idx, size)

@@ -1,8 +1,12 @@
 """Constructed miscalibrated scores (probabilities pushed up like a class-weighted loss does)."""
-import numpy as np, torch, warnings
+
+import numpy as np
+import torch
 from torchmetrics.functional.classification import binary_auroc
+
 from cxr_lightning.calibration import fit_calibration
 from cxr_lightning.evaluation.statistics import expected_calibration_error
+
 rng = np.random.default_rng(0)
 n, L = 4000, 3
 y = (rng.random((n, L)) < [0.05, 0.2, 0.4]).astype(float)

@@ -1,8 +1,11 @@
 """Old choose_thresholds vs an exact reference: how often the float32 curves break the documented rule."""
-import sys, warnings
-import numpy as np
+import warnings
 from fractions import Fraction
+
+import numpy as np
+
 from cxr_lightning.evaluation.statistics import choose_thresholds
+
 
 def reference(y, p, method):
     best, best_t = None, None

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from helpers import compose_config, tiny_overrides
 
-from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_datamodule
 
 FOLDS = 3
 

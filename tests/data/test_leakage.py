@@ -3,7 +3,6 @@ file, or by name) belongs to a validation or test patient of the run is left out
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest

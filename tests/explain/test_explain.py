@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import timm
 import torch
+from helpers import REPO
 from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from helpers import REPO
 from torch import nn
 
 from cxr_lightning.errors import ConfigError, DataError

@@ -8,6 +8,7 @@ import pytest
 import timm
 import timm.models._builder as timm_builder
 import torch
+from helpers import REPO
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -15,7 +16,6 @@ from torch import nn
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.backbones import BACKBONE_NAMES, cam_layer_of, create_backbone
 from cxr_lightning.models.reshape import cam_reshape_transform
-from helpers import REPO
 
 CONF_BACKBONE = REPO / "conf" / "backbone"
 FEATURE_WIDTH = {

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from omegaconf import OmegaConf
 
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.explain.cams import CamWarning, compute_cams
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.reshape import channels_last_to_map, vit_tokens_to_map
-from helpers import REPO
 
 CONF_BACKBONE = REPO / "conf" / "backbone"
 NEW = ("vit_small_patch16_224", "vit_base_patch16_224", "convnext_tiny", "swin_tiny_patch4_window7_224",

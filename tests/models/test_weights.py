@@ -196,9 +196,9 @@ def test_folders_of_another_model_or_layout_are_refused(tmp_path):
 @pytest.mark.slow
 def test_backbone_preprocessing_travels_through_the_checkpoint_to_predict_and_export(tiny_demo, tmp_path):
     import numpy as np
+    from helpers import compose_config, tiny_overrides
     from PIL import Image
 
-    from helpers import compose_config, tiny_overrides
     from cxr_lightning.checkpoints import load_model
     from cxr_lightning.models.preprocess import Preprocess
     from cxr_lightning.tasks.export import export_metadata

@@ -2,15 +2,14 @@
 its header, quickly and with a named error; predict warns about inputs that look wrongly scaled."""
 from __future__ import annotations
 
+import struct
 import time
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import write_dicom
-from PIL import Image
 
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
-from helpers import CONF_DIR, tiny_overrides
+from helpers import tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from cxr_lightning.tasks.build import build_datamodule
-from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.errors import ConfigError
 from cxr_lightning.checkpoints import load_model
 from cxr_lightning.cli.sweep import CompareOnMultirunEnd, check_multirun_strategy
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_datamodule
 
 
 @pytest.fixture(scope="module")

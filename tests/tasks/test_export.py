@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import compose_config, fit_tiny
 
-from cxr_lightning.tasks import export as export_module
-from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
 from cxr_lightning.calibration import Calibration
 from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration
+from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.tasks import export as export_module
+from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow

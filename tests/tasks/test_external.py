@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import compose_config, tiny_overrides
 from fixtures.make_external import nih_as_chexpert
+from helpers import compose_config, tiny_overrides
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
 from cxr_lightning.data.sources.chexpert import HARMONISATION
-from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.tasks.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
