@@ -80,7 +80,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "selection": {
             "metric": cfg.selection.metric,
             "mode": selection_mode(cfg.selection.metric),
-            "best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
+            "best": (
+                float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None
+            ),
         },
         "best_val_loss": _best_val_loss(checkpoint, fit_metrics, cfg.selection.metric),
         **throughput.summary(trainer),
@@ -136,7 +138,9 @@ def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> 
                             seed=int(cfg.seed))
 
 
-def _best_val_loss(checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str) -> float | None:
+def _best_val_loss(
+    checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str,
+) -> float | None:
     """The best checkpoint's val/loss when it selects by loss; otherwise the last epoch's."""
     if metric == "val/loss":
         return float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None
