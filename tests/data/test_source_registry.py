@@ -28,7 +28,9 @@ class ToySource(Source):
         path = self.root / TABLE
         raw = common.read_csv(path, ("scan", "person", "words"), "toy table")
         words = raw["words"].fillna("").str.split(";")
-        findings = pd.DataFrame({f: words.map(lambda w, f=f: float(f in w)) for f in self.harmonisation}, index=raw.index)
+        findings = pd.DataFrame(
+            {f: words.map(lambda w, f=f: float(f in w)) for f in self.harmonisation}, index=raw.index
+        )
         table = common.standard_table(
             raw, image=raw["scan"], patient=raw["person"].astype(int), visit=raw.groupby("person").cumcount(),
             age=pd.Series(np.nan, index=raw.index), sex=pd.Series(np.nan, index=raw.index, dtype=object),

@@ -146,7 +146,12 @@ def test_cam_layers_are_spatial_maps_at_their_stride(built, yaml_path, stride):
 
 def test_cam_stride_picks_the_coarsest_map_at_least_that_fine():
     resnet = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "resnet18.yaml"))
-    assert [cam_layer_of({**resnet, "cam_stride": s}) for s in (16, 24, 32, 64)] == ["layer3", "layer3", "layer4", "layer4"]
+    assert [cam_layer_of({**resnet, "cam_stride": s}) for s in (16, 24, 32, 64)] == [
+        "layer3",
+        "layer3",
+        "layer4",
+        "layer4",
+    ]
     vit = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "vit_small_patch16_224.yaml"))
     assert cam_layer_of({**vit, "cam_stride": 32}) == "blocks.11.norm1"  # its one map
     with pytest.raises(ConfigError, match=r"^backbone.cam_stride=8: backbone 'vit_small_patch16_224' has no CAM layer "

@@ -123,7 +123,9 @@ def test_validate_refuses_sizes_the_patch_grid_does_not_cover(stem, size, ok):
     if ok:
         check_backbone(cfg, size)
     else:
-        with pytest.raises(ConfigError, match=rf"data.image_size={size} is not a multiple of \d+.*pass data.image_size="):
+        with pytest.raises(
+            ConfigError, match=rf"data.image_size={size} is not a multiple of \d+.*pass data.image_size="
+        ):
             check_backbone(cfg, size)
 
 
@@ -179,7 +181,9 @@ def test_vit_trains_and_is_explained_end_to_end(tiny_demo, tmp_path):
 def test_weights_sources_that_need_a_file_say_so():
     from cxr_lightning.tasks.validate import check_backbone
 
-    with pytest.raises(ConfigError, match=r"weights_source=torchxrayvision needs its weights: pass backbone.weights=PATH"):
+    with pytest.raises(
+        ConfigError, match=r"weights_source=torchxrayvision needs its weights: pass backbone.weights=PATH"
+    ):
         check_backbone(OmegaConf.load(CONF_BACKBONE / "densenet121_xrv.yaml"), 224)
     with pytest.raises(ConfigError, match=r"weights_source='hub' is unknown"):
         check_backbone(OmegaConf.create(backbone_cfg("convnext_tiny", weights_source="hub")), 64)

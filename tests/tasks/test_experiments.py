@@ -20,7 +20,9 @@ from cxr_lightning.tasks.validate import check_finetuning, validate_config
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-PLUGIN_CONFIGS = sorted((CONF / "hydra" / "launcher").glob("*.yaml")) + sorted((CONF / "hydra" / "sweeper").glob("*.yaml"))
+PLUGIN_CONFIGS = sorted((CONF / "hydra" / "launcher").glob("*.yaml")) + sorted(
+    (CONF / "hydra" / "sweeper").glob("*.yaml")
+)
 # The plugin (and its module) that provides the config each of ours extends.
 PLUGINS = {
     "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
