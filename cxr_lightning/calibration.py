@@ -128,7 +128,9 @@ def fit_calibration(y_true: Any, y_prob: Any, method: str, label_names: Sequence
     p = np.asarray(y_prob, dtype=np.float64)
     names = [str(n) for n in label_names]
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(names):
-        raise DataError(f"fit_calibration: labels {y.shape} and probabilities {p.shape} must both be (images, {len(names)}).")
+        raise DataError(
+            f"fit_calibration: labels {y.shape} and probabilities {p.shape} must both be (images, {len(names)})."
+        )
     params: dict[str, dict[str, Any]] = {}
     unfitted: list[str] = []
     for j, name in enumerate(names):

@@ -346,7 +346,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None,
+    ) -> dict[str, Any]:
         if "://" in str(path):  # remote storage: Lightning's reader, weights_only unless trusted
             return super().load_checkpoint(path, map_location=map_location, weights_only=not self.trust)
         checkpoint = read_checkpoint(path, map_location=map_location or "cpu", trust=self.trust)
@@ -532,7 +534,9 @@ def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> 
     return write_json(calibration_path(ckpt), {**calibration.to_dict(), **_fingerprint(ckpt)})
 
 
-def load_calibration(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -> tuple[Calibration | None, Path | None]:
+def load_calibration(
+    ckpt_path: str | os.PathLike, label_names: Sequence[str],
+) -> tuple[Calibration | None, Path | None]:
     """The calibration ``evaluate`` fitted for this checkpoint and its file.
 
     Without a file: ``(None, None)`` and a warning that probabilities stay raw. A file written for

@@ -46,7 +46,8 @@ class LabelMetrics(WrapperMetric):
     rule would treat a batch of small logits as probabilities.
 
     ``compute()`` returns ``auroc/<Name>`` for every label, ``auroc_mean``, ``f1_macro`` (F1 of the calls
-    ``p >= threshold``, the rule of every operating point in the framework) and ``auprc_mean``. A label without positives or without
+    ``p >= threshold``, the rule of every operating point in the framework) and ``auprc_mean``.
+    A label without positives or without
     negatives in the data seen has AUROC NaN and is left out of ``auroc_mean``; a label without
     positives is also left out of ``f1_macro`` and ``auprc_mean`` (recall is undefined there).
     :meth:`skipped_labels` names the labels left out of ``auroc_mean``.
@@ -68,9 +69,13 @@ class LabelMetrics(WrapperMetric):
             raise ConfigError("LabelMetrics: label_names is empty; pass the data module's label_names.")
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ConfigError(f"LabelMetrics: duplicated label names {duplicated}; every output label needs its own name.")
+            raise ConfigError(
+                f"LabelMetrics: duplicated label names {duplicated}; every output label needs its own name."
+            )
         if not 0.0 < threshold < 1.0:
-            raise ConfigError(f"LabelMetrics: threshold must lie strictly between 0 and 1 (a probability), got {threshold}.")
+            raise ConfigError(
+                f"LabelMetrics: threshold must lie strictly between 0 and 1 (a probability), got {threshold}."
+            )
         self.label_names = names
         self.threshold = float(threshold)
         n = len(names)

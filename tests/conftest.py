@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import (  # noqa: F401
     CONF_DIR,
     FIXTURES,

@@ -237,7 +237,9 @@ def source_copy(dest: Path) -> Path:
     for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy2(REPO / name, dest / name)
     for folder in ("cxr_lightning", "conf"):
-        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "conf"), symlinks=False)
+        shutil.copytree(
+            REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "conf"), symlinks=False
+        )
     return dest
 
 
@@ -247,8 +249,21 @@ def installed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     source = source_copy(tmp_path_factory.mktemp("source"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out / "dist"), str(source)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (out / "dist").glob("cxr_lightning-*.whl")
@@ -278,11 +293,27 @@ def test_the_source_distribution_installs_every_config(tmp_path):
     (archive,) = (tmp_path / "dist").glob("cxr_lightning-*.tar.gz")
     site = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site), str(archive)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--target",
+            str(site),
+            str(archive),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert install.returncode == 0, install.stderr[-3000:]
-    installed = {p.relative_to(site / "cxr_lightning" / "conf").as_posix() for p in (site / "cxr_lightning" / "conf").rglob("*.yaml")}
+    installed = {
+        p.relative_to(site / "cxr_lightning" / "conf").as_posix()
+        for p in (site / "cxr_lightning" / "conf").rglob("*.yaml")
+    }
     assert installed == {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
 
 
@@ -323,7 +354,9 @@ def test_installed_package_composes_trains_and_predicts_from_another_directory(i
 
 
 def test_a_framework_error_is_one_line_and_exit_status_2(installed, tmp_path):
-    done = _run_installed(installed, tmp_path, "-m", "cxr_lightning.evaluate", "ckpt_path=missing.ckpt", "output_dir=out")
+    done = _run_installed(
+        installed, tmp_path, "-m", "cxr_lightning.evaluate", "ckpt_path=missing.ckpt", "output_dir=out"
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: CheckpointError: Checkpoint missing.ckpt does not exist."]
 

@@ -14,7 +14,6 @@ from torchmetrics.functional.classification import (
 )
 
 from cxr_lightning.errors import ConfigError, DataError
-from cxr_lightning.metrics import LabelMetrics
 from cxr_lightning.evaluation.statistics import (
     _resample_indices,
     age_bands,
@@ -25,6 +24,7 @@ from cxr_lightning.evaluation.statistics import (
     reliability_curve,
     subgroup_auroc,
 )
+from cxr_lightning.metrics import LabelMetrics
 
 # ---------------------------------------------------------------- independent reference answers
 
@@ -333,7 +333,9 @@ def exact_best_threshold(y: np.ndarray, p: np.ndarray, method: str) -> float:
     for cut in sorted(set(p.tolist()), reverse=True):  # highest first, so the first maximum wins
         called = p >= cut
         tp, fp = int((called & (y == 1)).sum()), int((called & (y == 0)).sum())
-        value = Fraction(2 * tp, 2 * tp + fp + n_pos - tp) if method == "f1" else Fraction(tp, n_pos) - Fraction(fp, n_neg)
+        value = (
+            Fraction(2 * tp, 2 * tp + fp + n_pos - tp) if method == "f1" else Fraction(tp, n_pos) - Fraction(fp, n_neg)
+        )
         if best is None or value > best:
             best, best_cut = value, cut
     return best_cut
@@ -488,7 +490,15 @@ def test_underdiagnosis_rates_on_a_constructed_case():
     # group M: 2 patients with Nodule, both found, none called No Finding; 1 healthy image
     y = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
     p = np.array(
-        [[0.9, 0.1, 0.1], [0.2, 0.1, 0.7], [0.3, 0.2, 0.1], [0.8, 0.1, 0.2], [0.1, 0.6, 0.1], [0.1, 0.9, 0.2], [0.1, 0.1, 0.9]]
+        [
+            [0.9, 0.1, 0.1],
+            [0.2, 0.1, 0.7],
+            [0.3, 0.2, 0.1],
+            [0.8, 0.1, 0.2],
+            [0.1, 0.6, 0.1],
+            [0.1, 0.9, 0.2],
+            [0.1, 0.1, 0.9],
+        ]
     )
     sex = pd.Series(["F", "F", "F", "F", "M", "M", "M"])
     patients = np.array([1, 2, 3, 4, 5, 6, 7])
@@ -498,6 +508,9 @@ def test_underdiagnosis_rates_on_a_constructed_case():
     assert f["underdiagnosis"] == pytest.approx(1 / 4) and m["underdiagnosis"] == 0.0
     assert f["fnr.Mass"] == pytest.approx(2 / 4) and f["fnr.Nodule"] == 1.0
     assert m["fnr.Nodule"] == 0.0 and math.isnan(m["fnr.Mass"])  # no Mass in M: undefined, not 0
-    assert f["underdiagnosis_lower"] <= 0.25 <= f["underdiagnosis_upper"] and f["underdiagnosis_upper"] > f["underdiagnosis_lower"]
+    assert (
+        f["underdiagnosis_lower"] <= 0.25 <= f["underdiagnosis_upper"]
+        and f["underdiagnosis_upper"] > f["underdiagnosis_lower"]
+    )
     assert m["fnr.Nodule_lower"] == m["fnr.Nodule_upper"] == 0.0
     assert "fnr.No Finding" not in table.columns

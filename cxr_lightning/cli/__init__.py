@@ -301,7 +301,9 @@ def compare_command(argv: Sequence[str] | None = None) -> Any:
     )
     parser.add_argument("--datasets", action="store_true",
                         help="one row per backbone, dataset and label over evaluations (NIH test, CheXpert, MIMIC...)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: the first directory)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the files (default: the first directory)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.datasets:
@@ -320,7 +322,9 @@ def compare_command(argv: Sequence[str] | None = None) -> Any:
 def summary_main(argv: Sequence[str] | None = None) -> int:
     from cxr_lightning.tasks.summary import print_summary
 
-    parser = argparse.ArgumentParser(prog="python -m cxr_lightning.summary", description="Print a run's headline figures.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr_lightning.summary", description="Print a run's headline figures."
+    )
     parser.add_argument("run_dir", type=Path)
     return run_task(print_summary, parser.parse_args(argv).run_dir)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class BatchAugment(nn.Module):
     """Random per-sample affine transform and brightness/contrast for a ``(B, 1, H, W)`` float
     batch in ``[0, 1]``; the identity in eval mode.

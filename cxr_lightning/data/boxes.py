@@ -164,7 +164,8 @@ def check_box_folds(options: Mapping | None) -> dict | None:
                           "with folds >= 2 and 0 <= fold < folds (one run per fold; compare aggregates them).")
     if trained not in BOX_TRAINED:
         raise ConfigError(f"data.boxes.trained={trained!r}: expected fold (fold k's boxed patients train) or "
-                          "others (the other folds' boxed patients train, fold k's stay in test: Li et al.'s 80/20 with folds=5).")
+                          "others (the other folds' boxed patients train, fold k's stay in test: "
+                          "Li et al.'s 80/20 with folds=5).")
     return {"folds": int(folds), "fold": int(fold), "trained": trained}
 
 
@@ -178,12 +179,16 @@ def box_fold_split(
     fold ``fold`` (``"others"``: of every other fold) leave the test split for the training split with
     all their images, so their boxes are trained on. The test split is the official one minus them."""
     if bbox_table is None or bbox_table.empty:
-        raise ConfigError(f"data.boxes.folds: the data has no {nih.BBOX_TABLE}, so there are no boxed patients to fold.")
+        raise ConfigError(
+            f"data.boxes.folds: the data has no {nih.BBOX_TABLE}, so there are no boxed patients to fold."
+        )
     in_test = split == "test"
     fold_of = box_fold_of(table, bbox_table, split, folds, seed)
     patients = fold_of.index
     if len(patients) < folds:
-        raise DataError(f"data.boxes.folds={folds}: only {len(patients)} boxed test patient(s) to fold; lower the fold count.")
+        raise DataError(
+            f"data.boxes.folds={folds}: only {len(patients)} boxed test patient(s) to fold; lower the fold count."
+        )
     chosen = fold_of.index[(fold_of == fold) if trained == "fold" else (fold_of != fold)]
     moved = in_test & table[nih.PATIENT].isin(chosen)
     out = split.copy()

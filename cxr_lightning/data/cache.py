@@ -337,7 +337,9 @@ class SourceCaches:
     def __init__(self, caches: dict[str, ImageCache]) -> None:
         sizes = {c.size for c in caches.values()}
         if len(sizes) != 1:
-            raise DataError(f"Pooled image caches of different sizes {sorted(sizes)}; rebuild them at one data.image_size.")
+            raise DataError(
+                f"Pooled image caches of different sizes {sorted(sizes)}; rebuild them at one data.image_size."
+            )
         self.caches = dict(caches)
         self._order = list(self.caches)
         self.size = sizes.pop()

@@ -181,7 +181,9 @@ def complete_split(
     official = pd.Series(official, index=df.index).astype(object)
     unknown = official.notna() & ~official.isin(SPLITS)
     if unknown.any():
-        raise DataError(f"{_source(df)}: official split values {sorted(official[unknown].unique())} not in {list(SPLITS)}.")
+        raise DataError(
+            f"{_source(df)}: official split values {sorted(official[unknown].unique())} not in {list(SPLITS)}."
+        )
     split = official.copy()
     pool_rows = split.isna()
     rng = np.random.default_rng(seed)
@@ -333,7 +335,9 @@ def _name_rows(df: pd.DataFrame, mask: pd.Series) -> str:
     return ", ".join(map(str, names.iloc[:_SHOW])) + more
 
 
-def _encode_category(df: pd.DataFrame, col: str, codes: dict[str, float], missing_as_unknown: bool = False) -> pd.Series:
+def _encode_category(
+    df: pd.DataFrame, col: str, codes: dict[str, float], missing_as_unknown: bool = False,
+) -> pd.Series:
     text = df[col].astype("string").str.strip().str.upper()
     encoded = text.map(codes).astype(float)
     if missing_as_unknown:

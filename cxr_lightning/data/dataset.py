@@ -144,7 +144,12 @@ def find_unreadable(paths: Sequence[str], workers: int = 1, max_pixels: int | No
     paths = [str(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(
-            track(pool.map(_unreadable_reason, paths, [max_pixels] * len(paths)), total=len(paths), description="Checking images", transient=True)
+            track(
+                pool.map(_unreadable_reason, paths, [max_pixels] * len(paths)),
+                total=len(paths),
+                description="Checking images",
+                transient=True,
+            )
         )
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     for _, reason in bad[:20]:

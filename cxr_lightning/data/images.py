@@ -142,7 +142,10 @@ def scaling_problem(pixels: np.ndarray) -> str | None:
     counts = np.bincount(values.astype(np.int64), minlength=256)
     top_two = float(np.sort(counts)[-2:].sum()) / values.size
     if top_two >= _NEAR_BINARY:
-        return f"it is nearly binary ({top_two:.0%} of its pixels take two gray values): a mask or a thresholded export?"
+        return (
+            f"it is nearly binary ({top_two:.0%} of its pixels take two gray values): "
+            "a mask or a thresholded export?"
+        )
     p1, p99 = np.percentile(values, [1, 99])
     if p99 - p1 < _NARROW_RANGE:
         return (

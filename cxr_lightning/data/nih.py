@@ -128,7 +128,9 @@ def read_label_table(path: str | os.PathLike) -> pd.DataFrame:
             "each image must have exactly one row."
         )
     df[FINDING_LABELS] = df[FINDING_LABELS].str.strip()
-    _reject(df, df[FINDING_LABELS].isna() | (df[FINDING_LABELS] == ""), path, f"empty {FINDING_LABELS} (write 'No Finding')")
+    _reject(
+        df, df[FINDING_LABELS].isna() | (df[FINDING_LABELS] == ""), path, f"empty {FINDING_LABELS} (write 'No Finding')"
+    )
     # Validates every finding name (DataError naming the images with unknown ones).
     encode_labels(df.set_index(IMAGE)[FINDING_LABELS], source=str(path))
     for col in (FOLLOW_UP, PATIENT):

@@ -65,7 +65,9 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def sampling_weights(name: str, labels: np.ndarray, label_names: Sequence[str], no_finding_keep: float = 1.0) -> np.ndarray:
+def sampling_weights(
+    name: str, labels: np.ndarray, label_names: Sequence[str], no_finding_keep: float = 1.0,
+) -> np.ndarray:
     """Each training image's expected number of draws per epoch under sampler ``name``."""
     check_sampler(name, no_finding_keep)
     n = len(labels)
@@ -156,7 +158,9 @@ class WeightedDraw(_EpochDraw):
     def __init__(self, weights: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.ndim != 1 or len(weights) == 0 or not np.isfinite(weights).all() or weights.sum() <= 0:
-            raise DataError(f"data.sampler: need one finite, non-negative weight per training image, got {weights.shape}.")
+            raise DataError(
+                f"data.sampler: need one finite, non-negative weight per training image, got {weights.shape}."
+            )
         self.weights = torch.from_numpy(weights / weights.sum())
         super().__init__(len(weights), len(weights), seed, num_replicas, rank)
 

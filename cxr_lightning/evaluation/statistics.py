@@ -60,7 +60,9 @@ def _check_predictions(
     if y.ndim != 2 or p.ndim != 2:
         raise DataError(f"{where}: y_true and y_prob must be 2-D (images, labels), got shapes {y.shape} and {p.shape}.")
     if y.shape != p.shape:
-        raise DataError(f"{where}: y_true has shape {y.shape} but y_prob {p.shape}; they must describe the same images and labels.")
+        raise DataError(
+            f"{where}: y_true has shape {y.shape} but y_prob {p.shape}; they must describe the same images and labels."
+        )
     if y.shape[0] == 0:
         raise DataError(f"{where}: no images to score (0 rows).")
     names = [str(n) for n in label_names] if label_names is not None else [f"label_{i}" for i in range(y.shape[1])]
@@ -70,7 +72,8 @@ def _check_predictions(
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(
-            f"{where}: y_true must hold only 0/1 (or NaN: not counted); row {row}, label '{names[col]}' is {y[row, col]!r} "
+            f"{where}: y_true must hold only 0/1 (or NaN: not counted); "
+            f"row {row}, label '{names[col]}' is {y[row, col]!r} "
             f"({int(bad.sum())} bad values in all)."
         )
     bad = ~(np.isfinite(p) & (p >= 0.0) & (p <= 1.0))
@@ -91,7 +94,8 @@ def _patient_codes(patient_ids: Any, n_images: int, where: str) -> tuple[np.ndar
     missing = ids.isna().to_numpy()
     if missing.any():
         raise DataError(
-            f"{where}: patient id missing for {int(missing.sum())} image(s) (first row {int(np.flatnonzero(missing)[0])}); "
+            f"{where}: patient id missing for {int(missing.sum())} image(s) "
+            f"(first row {int(np.flatnonzero(missing)[0])}); "
             "every image must belong to a patient for a patient-level bootstrap."
         )
     codes, uniques = pd.factorize(ids, sort=False)
@@ -119,7 +123,9 @@ def _resample_indices(patient_ids: Any, n_boot: int, seed: int = 0) -> list[np.n
     """
     codes, n_patients = _patient_codes(patient_ids, len(np.asarray(patient_ids)), "_resample_indices")
     rows = np.arange(len(codes))
-    return [np.repeat(rows, counts[codes]) for chunk in _iter_patient_counts(n_patients, n_boot, seed) for counts in chunk]
+    return [
+        np.repeat(rows, counts[codes]) for chunk in _iter_patient_counts(n_patients, n_boot, seed) for counts in chunk
+    ]
 
 
 class _SortedLabel:
@@ -184,7 +190,8 @@ def bootstrap_ci(
 
     Returns a DataFrame indexed by label name plus ``"mean"`` with columns ``estimate`` (on all
     data), ``lower``/``upper`` (the ``alpha/2`` and ``1-alpha/2`` quantiles over resamples),
-    ``n_pos`` (positive images; for the mean, positive labels over all labels), ``n_resamples`` (resamples where the metric was defined) and ``n_skipped``
+    ``n_pos`` (positive images; for the mean, positive labels over all labels), ``n_resamples``
+    (resamples where the metric was defined) and ``n_skipped``
     (resamples without positives, or for AUROC without negatives, for that label). The mean of a
     resample averages the labels defined in it; ``estimate`` of the mean averages the labels
     defined on all data. A label undefined on all data has NaN everywhere.
@@ -370,7 +377,10 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 15) -> np
     _check_n_bins(n_bins, where)
     y, p, _ = _check_predictions(y_true, y_prob, None, where)
     return np.array(
-        [float(binary_calibration_error(*_column_tensors(y, p, j), n_bins=n_bins, norm="l1")) for j in range(y.shape[1])]
+        [
+            float(binary_calibration_error(*_column_tensors(y, p, j), n_bins=n_bins, norm="l1"))
+            for j in range(y.shape[1])
+        ]
     )
 
 
@@ -497,7 +507,8 @@ def underdiagnosis(
     at all). ``fnr.<label>``: among the label's positives, the share called negative. Every rate
     has a ``_lower``/``_upper`` percentile interval over patient-bootstrap resamples (the resamples
     of :func:`bootstrap_ci`) drawn within the group; a rate without images to count is NaN.
-    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_with_finding``.
+    Returns one row per group value (missing -> ``"unknown"``) with ``n_images``, ``n_patients``,
+    ``n_with_finding``.
     """
     where = "underdiagnosis"
     y, p, names = _check_predictions(y_true, y_prob, label_names, where)
@@ -549,7 +560,8 @@ def underdiagnosis(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a rate never defined in resamples -> NaN
             lower, upper = np.nanquantile(boot, [alpha / 2, 1 - alpha / 2], axis=0)
-        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_with_finding": int(has_finding[mask].sum())}
+        row: dict[str, Any] = {"group": str(value), "n_images": int(mask.sum()), "n_patients": int(n_patients),
+                               "n_with_finding": int(has_finding[mask].sum())}
         for k, name in enumerate(rates):
             row |= {name: estimate[k], f"{name}_lower": lower[k], f"{name}_upper": upper[k]}
         rows.append(row)

@@ -138,7 +138,9 @@ def attention_loss(z: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (total - inside).mean()
 
 
-def box_attention_loss(activations: torch.Tensor, logits: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def box_attention_loss(
+    activations: torch.Tensor, logits: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor,
+) -> torch.Tensor:
     """:func:`attention_loss` of the :func:`cell_logits` of ``pairs``."""
     if len(pairs) == 0:
         return logits.sum() * 0.0

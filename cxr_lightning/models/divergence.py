@@ -81,6 +81,10 @@ def _image_names(trainer: pl.Trainer | None, stage: str, rows: list[int]) -> lis
 
 def _last_checkpoint(trainer: pl.Trainer | None) -> str:
     for callback in getattr(trainer, "checkpoint_callbacks", None) or ():
-        if isinstance(callback, ModelCheckpoint) and callback.last_model_path and Path(callback.last_model_path).is_file():
+        if (
+            isinstance(callback, ModelCheckpoint)
+            and callback.last_model_path
+            and Path(callback.last_model_path).is_file()
+        ):
             return f"the last good checkpoint is {callback.last_model_path}"
     return "no checkpoint was written before it"

@@ -147,8 +147,10 @@ class CXRClassifier(pl.LightningModule):
                 "This model has no class weights yet: fit it with a CXRDataModule (trainer.fit(model, datamodule=dm)), "
                 "or build it with pos_frac=... ."
             )
-        pairs = (("labels", self.label_names, dm.label_names), ("metadata", self.meta_names, dm.meta_names))
-        for what, mine, theirs in pairs:
+        for what, mine, theirs in (
+            ("labels", self.label_names, dm.label_names),
+            ("metadata", self.meta_names, dm.meta_names),
+        ):
             if list(theirs) != list(mine):
                 raise DataError(f"The data module gives {what} {list(theirs)}, the model was built for {list(mine)}.")
         self.hparams.pos_frac = [float(v) for v in dm.label_stats["pos_frac"]]
@@ -322,8 +324,9 @@ class CXRClassifier(pl.LightningModule):
                 "one from the optimizer config (optimizer=adam|adamw|sgd)."
             )
         backbone = self.backbone.model if self.backbone is not None else None
-        groups = param_groups(backbone, self.head, self.hparams.optimizer, self.hparams.backbone)
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(
+            param_groups(backbone, self.head, self.hparams.optimizer, self.hparams.backbone)
+        )
         if self.scheduler_factory is None:
             return optimizer
         interval = (self.hparams.scheduler or {}).get("interval", "epoch")

@@ -59,7 +59,9 @@ class Preprocess(nn.Module):
             raise ValueError(f"input_range={list(input_range)}: needs [low, high] with high > low.")
         self.mean, self.std, self.input_range = float(mean), float(std), (low, high)
 
-    def forward(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         unit = to_unit(images)
         if augment is not None:
             unit = augment(unit)

@@ -145,7 +145,8 @@ def _folder_weights(folder: Path, timm_name: str | None) -> Path:
         raise CheckpointError(
             f"{folder} is a Hugging Face transformers folder (model_type={config['model_type']!r}); its tensors "
             "are named for transformers, not timm. Load it with backbone.format=transformers (e.g. backbone=rad_dino), "
-            "or use the timm copy of the model (hub id timm/<name>, saved with timm's save_for_hf or a hub cache of it)."
+            "or use the timm copy of the model (hub id timm/<name>, saved with timm's save_for_hf "
+            "or a hub cache of it)."
         )
     architecture = config.get("architecture")
     if timm_name is not None and architecture is not None and architecture.split(".")[0] != timm_name:
@@ -199,7 +200,11 @@ def _mae(model: nn.Module, state_dict: StateDict, report: WeightsReport) -> tupl
     if not hasattr(model, "patch_embed") or "pos_embed" not in state_dict:
         raise CheckpointError(
             "backbone.weights_source=mae reads a ViT encoder (pos_embed, patch_embed, blocks) into a ViT backbone; "
-            + (f"{report.path} has no pos_embed." if "pos_embed" not in state_dict else f"{type(model).__name__} is no ViT.")
+            + (
+                f"{report.path} has no pos_embed."
+                if "pos_embed" not in state_dict
+                else f"{type(model).__name__} is no ViT."
+            )
         )
     dropped = [k for k in state_dict if k.startswith(_MAE_PRETRAIN_ONLY)]
     report.dropped += dropped
@@ -251,13 +256,16 @@ def _drop_classifier(model: nn.Module, state_dict: StateDict, report: WeightsRep
     report.dropped += dropped
 
 
-def _load(model: nn.Module, state_dict: StateDict, report: WeightsReport, expected_missing: set[str], strict: bool) -> None:
+def _load(
+    model: nn.Module, state_dict: StateDict, report: WeightsReport, expected_missing: set[str], strict: bool,
+) -> None:
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches: the file is for another architecture or width
         detail = " ".join(str(err).split())  # torch lists one mismatch per line
         raise CheckpointError(
-            f"backbone weights file {report.path} does not fit {arch(model)} (is it for another architecture?): {detail}"
+            f"backbone weights file {report.path} does not fit {arch(model)} "
+            f"(is it for another architecture?): {detail}"
         ) from err
     # BatchNorm's step counter is no learned weight: old torchvision files lack it, and timm's key
     # conversions of old layouts leave it under the old name.

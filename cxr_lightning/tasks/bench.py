@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,9 +38,9 @@ from rich.table import Table
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from cxr_lightning import files
-from cxr_lightning.tasks.build import build_model, instantiate
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_model, instantiate
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +355,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         loader = [row for size in sizes for row in loader_figures(cfg, size)]
         console.print(_loader_table(loader, cfg))
         figures: list[StepFigure] = []
-        for name, backbone in backbones.items():
+        for _name, backbone in backbones.items():
             size = input_size(cfg, backbone)
             dm = datamodule(cfg, size, cache=True, batch_size=int(schedule.batch_size))
             timed = [(mode, "synthetic", "train") for mode in modes]
@@ -415,7 +414,8 @@ def _quiet() -> Iterator[None]:
 # Printing
 def _machine_line(m: Mapping[str, Any], device: str) -> str:
     gpu = f"GPU {m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if m["gpu"] else "no GPU"
-    return (f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable, torch threads {m['torch_threads']}), "
+    return (f"Machine: {m['cpu']}, {m['cores']} cores "
+            f"({m['usable_cores']} usable, torch threads {m['torch_threads']}), "
             f"{gpu}; torch {m['torch']}; timing on {device}")
 
 
@@ -453,9 +453,15 @@ def _step_table(figures: list[StepFigure], device: str, schedule: DictConfig) ->
 
 
 def _estimate_table(rows: list[dict[str, Any]], est: Mapping[str, Any], device: str, workers: int) -> Table:
-    table = Table(title=(f"Estimated comparison on {device}: {est['epochs']} epochs of {est['train_val_images']:,} "
-                         f"train+val images (val {est['val_fraction']:.0%}) + {est['test_images']:,} test, per backbone"))
-    for col in ("backbone", "px", "mode", "train img/s", "eval img/s", "hours (cache)", f"hours (PNG, {workers} workers)"):
+    table = Table(
+        title=(
+            f"Estimated comparison on {device}: {est['epochs']} epochs of {est['train_val_images']:,} "
+            f"train+val images (val {est['val_fraction']:.0%}) + {est['test_images']:,} test, per backbone"
+        )
+    )
+    for col in (
+        "backbone", "px", "mode", "train img/s", "eval img/s", "hours (cache)", f"hours (PNG, {workers} workers)"
+    ):
         table.add_column(col, justify="left" if col in ("backbone", "mode") else "right")
     for r in rows:
         table.add_row(r["backbone"], str(r["image_size"]), r["mode"], _rate(r["train_images_per_second"]),

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ from cxr_lightning.evaluation.report import md
 from cxr_lightning.files import atomic_path, write_csv, write_text
 from cxr_lightning.run_dir import EVALUATION, EXPLAIN, HYDRA_CONFIG, METRICS, RUN_CONFIG, RunDir
 from cxr_lightning.selection import LOSS_SCALED
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +300,14 @@ def write_comparison(
 
 
 def render_markdown(runs: pd.DataFrame, summary: pd.DataFrame, by: Sequence[str], sweep_dir: Path, figure: str) -> str:
-    lines = [f"# Comparison of {sweep_dir.name or sweep_dir}", "", _intro(runs, by, sweep_dir), "", f"![comparison]({figure})", ""]
+    lines = [
+        f"# Comparison of {sweep_dir.name or sweep_dir}",
+        "",
+        _intro(runs, by, sweep_dir),
+        "",
+        f"![comparison]({figure})",
+        "",
+    ]
     for heading, headers, rows, note in report_tables(runs, summary, by):
         lines += ([f"## {heading}", ""] if heading else []) + _markdown_table(headers, rows) + [""]
         lines += [note, ""] if note else []

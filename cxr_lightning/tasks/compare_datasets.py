@@ -47,7 +47,9 @@ def find_evaluations(dirs: Sequence[str | Path]) -> list[Path]:
             raise DataError(f"{d} is not a directory; pass evaluation output directories (each with {METRICS}).")
         found += sorted(p for p in d.rglob(METRICS) if _is_evaluation(p))
     if not found:
-        raise DataError(f"no evaluation {METRICS} under {[str(d) for d in dirs]}; run python -m cxr_lightning.evaluate first.")
+        raise DataError(
+            f"no evaluation {METRICS} under {[str(d) for d in dirs]}; run python -m cxr_lightning.evaluate first."
+        )
     return found
 
 

@@ -11,15 +11,16 @@ labels, metadata layout); ``data.*`` overrides only say where the files are and 
 External validation: ``data=<source> data.root=DIR`` (chexpert, mimic_cxr, padchest, nih_google)
 scores the checkpoint on another dataset, read as its publisher ships it. The checkpoint keeps
 its labels, metadata layout and preprocessing; only the labels the source maps to
-(the harmonisation of its module in :mod:`cxr_lightning.data.sources`) are scored, the others are listed as unavailable. The
-thresholds are the ones chosen on the checkpoint's own validation split (saved beside it by an
-earlier evaluate), so the report shows how they transfer; ``refit_thresholds=true`` chooses
-them on the source's validation split instead (and saves nothing).
+(the harmonisation of its module in :mod:`cxr_lightning.data.sources`) are scored, the others
+are listed as unavailable. The thresholds are the ones chosen on the checkpoint's own validation
+split (saved beside it by an earlier evaluate), so the report shows how they transfer;
+``refit_thresholds=true`` chooses them on the source's validation split instead (and saves nothing).
 
 Outputs in the output directory: ``report.md``, ``model_card.md``, ``metrics.json``,
-``per_class.csv``, ``subgroups.csv``, ``underdiagnosis.csv``, ``predictions.csv`` (each image's labels and probabilities), ``roc.png``,
-``pr.png``, ``reliability.png``; and the browser page ``report.html``: ``<run_dir>/report.html``
-with ``run_dir=`` (explain adds its gallery to it later), else beside ``report.md``.
+``per_class.csv``, ``subgroups.csv``, ``underdiagnosis.csv``, ``predictions.csv`` (each image's
+labels and probabilities), ``roc.png``, ``pr.png``, ``reliability.png``; and the browser page
+``report.html``: ``<run_dir>/report.html`` with ``run_dir=`` (explain adds its gallery to it later),
+else beside ``report.md``.
 """
 from __future__ import annotations
 
@@ -202,6 +203,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         "n_boot": int(cfg.n_boot),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),
+        "min_patients": int(cfg.get("min_patients", html.DEFAULT_MIN_PATIENTS)),
         "calibration_bins": bins,
         "calibration_method": calibration.method if calibration else "none",
         "calibration_file": str(calibration_file) if calibration_file else None,
@@ -355,6 +357,9 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"n_boot={cfg.n_boot}: need at least 1 bootstrap resample (1000 for a report).")
     if not 0.0 < float(cfg.alpha) < 1.0:
         raise ConfigError(f"alpha={cfg.alpha}: must lie strictly between 0 and 1 (0.05 gives 95% intervals).")
+    min_patients = cfg.get("min_patients", html.DEFAULT_MIN_PATIENTS)
+    if isinstance(min_patients, bool) or not isinstance(min_patients, int) or min_patients < 0:
+        raise ConfigError(f"min_patients={min_patients!r}: must be a whole number of patients >= 0 (30 by default).")
 
 
 def _output_dir(cfg: DictConfig) -> Path:

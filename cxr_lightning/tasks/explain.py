@@ -71,7 +71,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     entries, split, method, top_k, batch_size = _checked_options(cfg)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
     out = job_output_dir(cfg.get("output_dir"), cfg.get("run_dir"), _hydra_run_dir())
-    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False))).to(default_device() if cfg.device == "auto" else str(cfg.device))
+    model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False))).to(
+        default_device() if cfg.device == "auto" else str(cfg.device)
+    )
     if model.backbone is None:
         raise ConfigError(
             f"{ckpt} was trained with head=metadata_only: it never sees the image, so there is nothing "
@@ -108,7 +110,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "split": split,
         "n_images": len(shown),
         "n_cams": len(result.pairs),
-        "probabilities": calibration.describe() if calibration is not None else "raw model outputs (no calibration file)",
+        "probabilities": (
+            calibration.describe() if calibration is not None else "raw model outputs (no calibration file)"
+        ),
         "cams.zero_gradient": result.n_zero_gradient,
         "cams.empty": result.n_empty,
         "overlays": str(ExplainDir(out).overlays),

@@ -124,7 +124,10 @@ def export(cfg: DictConfig) -> ExportResult:
             )
         metadata["parity"] = json.dumps(parity)
         _record_parity(fmt, tmp, metadata, extra if fmt == "bundle" else None, model)
-    log.info("Exported %s to %s (%s); parity on %s: max |logit diff| %.2g", ckpt, output, fmt, described, parity["max_abs_logit_diff"])
+    log.info(
+        "Exported %s to %s (%s); parity on %s: max |logit diff| %.2g",
+        ckpt, output, fmt, described, parity["max_abs_logit_diff"],
+    )
     return ExportResult(output, fmt, parity["max_abs_logit_diff"], metadata)
 
 
@@ -134,7 +137,9 @@ def parity_report(expected: np.ndarray, actual: Any, atol: float, rtol: float, i
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape:
-        raise CheckpointError(f"The exported model returns logits of shape {actual.shape}, the checkpoint {expected.shape}.")
+        raise CheckpointError(
+            f"The exported model returns logits of shape {actual.shape}, the checkpoint {expected.shape}."
+        )
     diff = np.abs(expected - actual)
     excess = diff / (atol + rtol * np.abs(expected)) if expected.size else np.zeros(1)
     sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
@@ -143,7 +148,9 @@ def parity_report(expected: np.ndarray, actual: Any, atol: float, rtol: float, i
         "inputs": inputs,
         "n": int(expected.shape[0]),
         "max_abs_logit_diff": float(np.max(diff)) if expected.size else 0.0,
-        "max_abs_probability_diff": float(np.max(np.abs(sigmoid(expected) - sigmoid(actual)))) if expected.size else 0.0,
+        "max_abs_probability_diff": (
+            float(np.max(np.abs(sigmoid(expected) - sigmoid(actual)))) if expected.size else 0.0
+        ),
         "max_abs_logit": float(np.max(np.abs(expected))) if expected.size else 0.0,
         "atol": atol,
         "rtol": rtol,
@@ -153,7 +160,9 @@ def parity_report(expected: np.ndarray, actual: Any, atol: float, rtol: float, i
     }
 
 
-def parity_inputs(model: CXRClassifier, how: str, n: int, seed: int, data: Any = None) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
+def parity_inputs(
+    model: CXRClassifier, how: str, n: int, seed: int, data: Any = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
     """``n`` ``(image, meta)`` rows for the parity check and a description of them (see the module
     docstring for ``how``)."""
     if how == "random":
@@ -165,9 +174,14 @@ def parity_inputs(model: CXRClassifier, how: str, n: int, seed: int, data: Any =
     layout = (bool(trained.get("prior_labels", True)), bool(trained.get("drop_no_finding", False)))
     pixels, meta, labels, meta_names = _demo_rows(int(model.hparams.image_size), n, seed, *layout)
     if labels != list(model.hparams.label_names) or meta_names != list(model.hparams.meta_names):
-        raise CheckpointError("The demo's labels or metadata layout differ from the checkpoint's; pass check_inputs=data.")
+        raise CheckpointError(
+            "The demo's labels or metadata layout differ from the checkpoint's; pass check_inputs=data."
+        )
     image = model.preprocess(pixels)
-    return (image, meta.clone()), f"{len(image)} generated demo X-rays (seed {seed}) with their metadata rows, through the model's preprocessing"
+    return (image, meta.clone()), (
+        f"{len(image)} generated demo X-rays (seed {seed}) with their metadata rows, "
+        "through the model's preprocessing"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -288,7 +302,9 @@ def read_torchscript_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-def _write_onnx(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, opset: int, metadata: dict[str, str]) -> None:
+def _write_onnx(
+    model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, opset: int, metadata: dict[str, str],
+) -> None:
     import onnx
 
     batch_axis = {0: "batch"}
@@ -324,7 +340,9 @@ def _to_onnx(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path,
         )
 
 
-def _write_torchscript(model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, metadata: dict[str, str]) -> None:
+def _write_torchscript(
+    model: CXRClassifier, sample: tuple[torch.Tensor, ...], path: Path, metadata: dict[str, str],
+) -> None:
     with warnings.catch_warnings():
         # Trace-time notes about Python values; the parity check on another batch size is the test.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

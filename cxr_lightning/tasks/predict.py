@@ -117,12 +117,16 @@ def predict(cfg: DictConfig) -> PredictionRun:
         if cfg.cam:
             names = [key_of[dataset.paths[i]] for i in index]
             on = read.to(batch["input"].device)
-            cam_files += _save_cams(model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir)
+            cam_files += _save_cams(
+                model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir
+            )
 
     predictions = _prediction_table(rows, labels, thresholds, kept, calibration, bool(cfg.raw_probabilities))
     write_csv(predictions, output, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
-    return PredictionRun(predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items())))
+    return PredictionRun(
+        predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items()))
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,9 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "metric": cfg.selection.metric,
             "mode": selection_mode(cfg.selection.metric),
             "best": (
-                float(checkpoint.best_model_score)
-                if checkpoint and checkpoint.best_model_score is not None
-                else None
+                float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None
             ),
         },
         "best_val_loss": _best_val_loss(checkpoint, fit_metrics, cfg.selection.metric),
@@ -148,7 +146,7 @@ def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> 
 
 
 def _best_val_loss(
-    checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str
+    checkpoint: pl.callbacks.ModelCheckpoint | None, fit_metrics: dict[str, float], metric: str,
 ) -> float | None:
     """The best checkpoint's val/loss when it selects by loss; otherwise the last epoch's."""
     if metric == "val/loss":

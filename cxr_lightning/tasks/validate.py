@@ -109,8 +109,10 @@ def check_selection(cfg: DictConfig) -> None:
     direction = HydraConfig.get().sweeper.get("direction") if HydraConfig.initialized() else None
     if direction is not None and str(direction).lower() != {"min": "minimize", "max": "maximize"}[mode]:
         raise ConfigError(
-            f"hydra.sweeper.direction={direction} but selection.metric={cfg.selection.metric} is best at its {mode}imum: "
-            f"set hydra.sweeper.direction={'minimize' if mode == 'min' else 'maximize'} or choose another selection.metric."
+            f"hydra.sweeper.direction={direction} but selection.metric={cfg.selection.metric} "
+            f"is best at its {mode}imum: "
+            f"set hydra.sweeper.direction={'minimize' if mode == 'min' else 'maximize'} "
+            "or choose another selection.metric."
         )
 
 
@@ -144,7 +146,8 @@ def check_data_root(data: DictConfig) -> None:
         if not s.nih_layout:
             if not s.root or not s.root.is_dir():
                 raise ConfigError(f"data={s.source} needs {where}=DIR, an existing folder holding the {s.source} "
-                                  f"download (got {str(s.root) if s.root else None!r}); see the README's datasets sections.")
+                                  f"download (got {str(s.root) if s.root else None!r}); "
+                                  "see the README's datasets sections.")
             continue
         if not s.root:
             continue  # the demo, generated on first use
@@ -199,7 +202,9 @@ def check_backbone(backbone: DictConfig, image_size: int) -> None:
     source = backbone.get("weights_source", "auto")
     if source not in WEIGHT_SOURCES:
         raise ConfigError(f"backbone.weights_source={source!r} is unknown; use one of {list(WEIGHT_SOURCES)}.")
-    if OmegaConf.is_missing(backbone, "weights") or (source not in ("auto", "timm") and backbone.get("weights") is None):
+    if OmegaConf.is_missing(backbone, "weights") or (
+        source not in ("auto", "timm") and backbone.get("weights") is None
+    ):
         raise ConfigError(
             f"backbone.weights_source={source} needs its weights: pass backbone.weights=PATH (a state dict file, "
             "or a timm / Hugging Face folder; see notes/backbones.md for the layouts)."
@@ -262,7 +267,9 @@ def check_optimizer(cfg: DictConfig) -> None:
 
     layer_decay = cfg.optimizer.get("layer_decay")
     if layer_decay is not None and not 0 < float(layer_decay) <= 1:
-        raise ConfigError(f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75), or null.")
+        raise ConfigError(
+            f"optimizer.layer_decay={layer_decay}: must be in (0, 1] (BEiT/MAE recipes: 0.65-0.75), or null."
+        )
     probe = [torch.nn.Parameter(torch.zeros(1))]
     try:
         optimizer = optimizer_factory(cfg)(probe)

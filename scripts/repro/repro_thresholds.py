@@ -1,8 +1,11 @@
 """Old choose_thresholds vs an exact reference: how often the float32 curves break the documented rule."""
-import sys, warnings
-import numpy as np
+import warnings
 from fractions import Fraction
+
+import numpy as np
+
 from cxr_lightning.evaluation.statistics import choose_thresholds
+
 
 def reference(y, p, method):
     best, best_t = None, None
@@ -31,5 +34,6 @@ for method in ("f1", "youden"):
         wrong += t != reference(y, p, method)
     print(method, "wrong", wrong, "of 3000")
 # J <= 0 case: all negatives score above all positives
-y = np.array([0, 0, 1, 1.0]); p = np.array([0.9, 0.8, 0.2, 0.1])
+y = np.array([0, 0, 1, 1.0])
+p = np.array([0.9, 0.8, 0.2, 0.1])
 print("J<=0 threshold:", choose_thresholds(y[:, None], p[:, None], "youden")[0], "observed:", p)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import FIXTURES
 
 from cxr_lightning.data import cohort, nih
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.labels import ALL_LABELS, FINDINGS, encode_labels, label_names
-from helpers import FIXTURES
 
 NIH = FIXTURES / "nih"
 V2020 = NIH / "Data_Entry_2017_v2020.csv"

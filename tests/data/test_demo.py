@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr_lightning.data import demo, nih
 from cxr_lightning.cli import demo_main as main
+from cxr_lightning.data import demo, nih
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.labels import FINDINGS, NO_FINDING, encode_labels
 

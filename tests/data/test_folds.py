@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from helpers import compose_config, tiny_overrides
 
-from cxr_lightning.tasks.build import build_datamodule
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_datamodule
 
 FOLDS = 3
 
@@ -17,7 +17,9 @@ def folds(tiny_demo, tmp_path_factory) -> list[CXRDataModule]:
     cache = tmp_path_factory.mktemp("folds")
     modules = []
     for k in range(FOLDS):
-        dm = CXRDataModule(source="nih", root=tiny_demo, cache_dir=cache, image_size=64, num_workers=0, fold=k, folds=FOLDS)
+        dm = CXRDataModule(
+            source="nih", root=tiny_demo, cache_dir=cache, image_size=64, num_workers=0, fold=k, folds=FOLDS
+        )
         dm.setup()
         modules.append(dm)
     return modules

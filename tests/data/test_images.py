@@ -113,7 +113,10 @@ def test_dicom_recognised_by_magic_without_suffix(tmp_path, raw12):
     [
         ({"PatientAge": "058Y", "PatientSex": "M", "ViewPosition": "PA"}, {"age": 58.0, "sex": "M", "view": "PA"}),
         ({"PatientAge": "011M", "PatientSex": "F", "ViewPosition": "AP"}, {"age": 11 / 12, "sex": "F", "view": "AP"}),
-        ({"PatientAge": "005D", "PatientSex": "O", "ViewPosition": "LL"}, {"age": 5 / 365.25, "sex": None, "view": "LL"}),
+        (
+            {"PatientAge": "005D", "PatientSex": "O", "ViewPosition": "LL"},
+            {"age": 5 / 365.25, "sex": None, "view": "LL"},
+        ),
         ({}, {"age": None, "sex": None, "view": None}),
     ],
 )

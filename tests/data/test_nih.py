@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import FIXTURES
 
 from cxr_lightning.data import nih
 from cxr_lightning.errors import ConfigError, DataError
-from helpers import FIXTURES
 
 NIH = FIXTURES / "nih"
 V2020 = NIH / "Data_Entry_2017_v2020.csv"

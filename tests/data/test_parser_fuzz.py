@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cxr_lightning.data import nih
 from cxr_lightning.errors import CXRError
 from cxr_lightning.labels import ALL_LABELS
-from helpers import FIXTURES
 
 SOURCE = FIXTURES / "nih" / "Data_Entry_2017_v2020.csv"
 # The fixture is unquoted CSV, so plain splitting on commas reads it (independently of the parser).

@@ -6,7 +6,6 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import pytorch_lightning as pl
 from torch.utils.data import DistributedSampler, SequentialSampler

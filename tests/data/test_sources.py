@@ -62,7 +62,11 @@ def test_chexpert_frontal_only_laterals_counted(chexpert_root):
 @pytest.mark.parametrize("policy, uncertain_value", [("ignore", np.nan), ("ones", 1.0), ("zeros", 0.0)])
 def test_chexpert_uncertain_and_blank_labels_under_each_policy(chexpert_root, policy, uncertain_value):
     table = _all(tables_of(chexpert_root, source="chexpert", test_fraction=0.2, uncertain=policy))
-    for observation, nih_name in (("Cardiomegaly", "Cardiomegaly"), ("Pleural Effusion", "Effusion"), ("Atelectasis", "Atelectasis")):
+    for observation, nih_name in (
+        ("Cardiomegaly", "Cardiomegaly"),
+        ("Pleural Effusion", "Effusion"),
+        ("Atelectasis", "Atelectasis"),
+    ):
         for row in mx.CHEXPERT_TRAIN:
             if row[5] != "Frontal":
                 continue
@@ -96,7 +100,9 @@ def test_chexpert_missing_age_and_unknown_sex_are_flagged(chexpert_root):
 
 
 def test_chexpert_unmapped_labels_are_unavailable_and_prior_study_counts(chexpert_root):
-    tables = tables_of(chexpert_root, source="chexpert", test_fraction=0.2, label_names=["Effusion", "Mass"], age_fill=50.0)
+    tables = tables_of(
+        chexpert_root, source="chexpert", test_fraction=0.2, label_names=["Effusion", "Mass"], age_fill=50.0
+    )
     assert tables.unavailable_labels == ["Mass"]
     table = _all(tables)
     assert table["label:Mass"].isna().all()
@@ -104,7 +110,9 @@ def test_chexpert_unmapped_labels_are_unavailable_and_prior_study_counts(chexper
     first = mx.chexpert_row("train", mx.CHEXPERT_TRAIN[0], None)[0]
     assert table.at[second, "meta:has_prior"] == 1.0 and table.at[first, "meta:has_prior"] == 0.0
     assert table.at[second, "meta:prior:Effusion"] == 0.0 and table.at[second, "label:Effusion"] == 1.0
-    assert tables.age_fill == 50.0 and table.at[mx.chexpert_row("train", mx.CHEXPERT_TRAIN[3], None)[0], "meta:age"] == 0.5
+    assert (
+        tables.age_fill == 50.0 and table.at[mx.chexpert_row("train", mx.CHEXPERT_TRAIN[3], None)[0], "meta:age"] == 0.5
+    )
 
 
 def test_chexpert_bad_code_names_file_row_and_column(tmp_path):
@@ -244,7 +252,10 @@ def test_harmonisation_table_is_what_the_readers_use():
     assert padchest.HARMONISATION["hydropneumothorax"] == ("Pneumothorax", "Effusion")
     assert "Nodule" not in sources.create("nih_google", "/nonexistent").concepts()
     table = label_spaces.markdown_table(sources.harmonisations())
-    assert '| Effusion / Pleural Effusion | "Pleural Effusion" | "Pleural Effusion" | unavailable | "pleural effusion", ' in table
+    assert (
+        '| Effusion / Pleural Effusion | "Pleural Effusion" | "Pleural Effusion" | unavailable | "pleural effusion", '
+        in table
+    )
     assert '"hydropneumothorax"' in table.split('| Effusion /')[1].split('\n')[0]
     assert "| Mass / - | unavailable | unavailable | unavailable | " in table
 

@@ -36,7 +36,9 @@ def test_auroc_auprc_and_counts_skip_masked_entries(masked):
         expected = float(binary_auroc(torch.from_numpy(p[keep, j]), torch.from_numpy(y[keep, j]).long()))
         assert ci.at[name, "estimate"] == pytest.approx(expected, abs=1e-6)  # torchmetrics computes in float32
         assert ci.at[name, "n_pos"] == int(y[keep, j].sum())
-        alone = bootstrap_ci(y[keep, j][:, None], p[keep, j][:, None], patients[keep], "auprc", n_boot=5, label_names=[name])
+        alone = bootstrap_ci(
+            y[keep, j][:, None], p[keep, j][:, None], patients[keep], "auprc", n_boot=5, label_names=[name]
+        )
         both = bootstrap_ci(y, p, patients, "auprc", n_boot=5, label_names=list("abc"))
         assert both.at[name, "estimate"] == pytest.approx(alone.at[name, "estimate"], abs=1e-9)
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -82,8 +83,16 @@ def _write_run(run: Path, calibrated: bool = False, underdiagnosis: bool = False
     for name in ("roc.png", "pr.png", run_dir.FIGURES["reliability"]):
         _png(ev / name, (400, 300), (90, 140, 200))
     if underdiagnosis:
-        pd.DataFrame({"attribute": ["sex"], "group": ["F"], "underdiagnosis_rate": [0.31]}).to_csv(
+        # the columns statistics.underdiagnosis writes: a big group and one too small for its interval
+        pd.DataFrame({"attribute": ["sex", "sex"], "group": ["F", "M"], "n_images": [80, 6], "n_patients": [40, 5],
+                      "n_with_finding": [50, 4], "underdiagnosis": [0.31, 0.25], "underdiagnosis_lower": [0.2, 0.25],
+                      "underdiagnosis_upper": [0.42, 0.25], "fnr.Atelectasis": [0.12, 0.5],
+                      "fnr.Atelectasis_lower": [0.05, 0.5], "fnr.Atelectasis_upper": [0.2, 0.5]}).to_csv(
             ev / run_dir.UNDERDIAGNOSIS, index=False)
+    (ev / run_dir.MODEL_CARD).write_text("# Model card\n\n## Intended use\nResearch only <not clinical>.\n")
+    pd.DataFrame({"epoch": [0, 1, 2], "step": [1, 2, 3], "train/loss": [0.9, 0.7, 0.6], "val/loss": [0.95, 0.8, 0.75],
+                  "val/auroc_mean": [0.55, 0.61, 0.66], "lr": [1e-3, 5e-4, 1e-4]}).to_csv(
+        run / run_dir.HISTORY, index=False)
     rows = []
     for k, ((image, finding, p, _), colour) in enumerate(zip(CAMS, OVERLAY_COLOURS)):
         overlay = f"overlays/{k:03d}_{Path(image).stem}_{finding}.png"
@@ -132,8 +141,8 @@ def test_outcome_of_each_overlay_from_truth_and_threshold(tmp_path: Path) -> Non
     assert list(table["rank"]) == [html.ERROR_ORDER.index(e) for e in EXPECTED]
     # an image the evaluated split does not hold has no label to compare with
     other = cams.assign(image="elsewhere.png")
-    assert set(html.gallery_table(other, pd.read_csv(run / "evaluation" / run_dir.PREDICTIONS), THRESHOLDS)["error"]) == {
-        html.UNKNOWN}
+    predictions = pd.read_csv(run / "evaluation" / run_dir.PREDICTIONS)
+    assert set(html.gallery_table(other, predictions, THRESHOLDS)["error"]) == {html.UNKNOWN}
 
 
 def test_page_is_one_self_contained_file_with_every_part(tmp_path: Path) -> None:
@@ -155,10 +164,25 @@ def test_page_is_one_self_contained_file_with_every_part(tmp_path: Path) -> None
     assert "0.800" in text and "0.710–0.880" in text  # headline AUROC with its interval
     for finding in FINDINGS:
         assert f"<td>{finding}</td>" in text
-    assert "underdiagnosis_rate" in text and "0.310" in text
+    # underdiagnosis: one readable cell per rate; the 5-patient group's interval is "too few"
+    assert "0.310 (0.200–0.420)" in text and "0.120 (0.050–0.200)" in text and "FNR Atelectasis" in text
+    assert "0.250 (too few)" in text and "0.250 (0.250–0.250)" not in text
+    assert "fnr." not in text and "_lower" not in text and "_upper" not in text
+    # the model card, escaped, and the training curves drawn inline
+    assert "model-card" in ids and "Research only &lt;not clinical&gt;." in text
+    assert "training-curves" in ids and text.count("<svg") == 1
     assert "name: fusion_residual" in text  # the config file itself
     assert html.DEMO_NOTE in text
     assert "applied no post-hoc calibration" in text
+
+
+def test_min_patients_comes_from_the_evaluation(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "run", underdiagnosis=True)
+    metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
+    (run / "evaluation" / "metrics.json").write_text(json.dumps({**metrics, "min_patients": 3}))
+    text = html.run_report(run).read_text()
+    assert "0.250 (0.250–0.250)" in text and "0.250 (too few)" not in text
+    assert "fewer than 3 patients" in text
 
 
 def test_calibrated_evaluation_shows_reliability_before_and_after(tmp_path: Path) -> None:
@@ -183,6 +207,55 @@ def test_missing_figure_is_said_on_the_page(tmp_path: Path) -> None:
     (run / "explain" / "overlays" / "000_00000001_000_Effusion.png").unlink()
     text = html.run_report(run).read_text()
     assert "pr.png was not written" in text and "overlay 000_00000001_000_Effusion.png is missing" in text
+
+
+def test_readable_tables_put_interval_and_patient_count_in_each_cell() -> None:
+    under = pd.DataFrame({"attribute": ["age_band", "age_band"], "group": ["20-39", "80+"], "n_images": [90, 9],
+                          "n_patients": [31, 29], "n_with_finding": [60, 7], "underdiagnosis": [0.2, float("nan")],
+                          "underdiagnosis_lower": [0.1, float("nan")], "underdiagnosis_upper": [0.3, float("nan")],
+                          "fnr.No Finding x": [0.4, 0.6], "fnr.No Finding x_lower": [0.35, 0.6],
+                          "fnr.No Finding x_upper": [0.45, 0.6]})
+    shown = html.underdiagnosis_table(under, min_patients=30)
+    assert list(shown.columns) == ["attribute", "group", "patients", "images", "with a finding", "underdiagnosis",
+                                   "FNR No Finding x"]
+    assert list(shown["patients"]) == [31, 29]
+    assert list(shown["underdiagnosis"]) == ["0.200 (0.100–0.300)", "n/a"]
+    assert list(shown["FNR No Finding x"]) == ["0.400 (0.350–0.450)", "0.600 (too few)"]
+    # the threshold is the caller's
+    assert html.underdiagnosis_table(under, min_patients=10)["FNR No Finding x"].iloc[1] == "0.600 (0.600–0.600)"
+    subgroups = pd.DataFrame({"attribute": ["sex"], "group": ["F"], "n_images": [8], "n_patients": [5], "n_labels": [3],
+                              "auroc_mean": [0.81], "lower": [0.7], "upper": [0.9]})
+    assert html.subgroup_table(subgroups).iloc[0].to_dict() == {
+        "attribute": "sex", "group": "F", "patients": 5, "images": 8, "labels scored": 3,
+        "mean AUROC (95% CI)": "0.810 (too few)"}
+
+
+def test_training_curves_from_history_and_one_line_when_it_is_missing_or_malformed(tmp_path: Path) -> None:
+    history = tmp_path / run_dir.HISTORY
+    pd.DataFrame({"epoch": [0, 1, 2], "train/loss": [0.9, "x", 0.6], "val/loss": [0.95, 0.8, 0.75],
+                  "val/auroc_mean": [0.55, 0.61, float("inf")], "lr": [1e-3, 5e-4, 1e-4]}).to_csv(history, index=False)
+    frame, note = html.read_history(history)
+    assert note == "" and list(frame.index) == [0.0, 1.0, 2.0]
+    assert frame["train/loss"].isna().tolist() == [False, True, False]  # a non-number is a gap, not a crash
+    assert frame["val/auroc_mean"].notna().tolist() == [True, True, False]
+    svg = html.training_curves(history)
+    assert svg.count("<svg") == 1 and "learning rate" in svg and "validation mean AUROC" in svg
+    assert 'id="training-curves"' in svg
+
+    notes = {}
+    notes["missing"] = html.training_curves(tmp_path / "absent.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage\x00")
+    notes["binary"] = html.training_curves(tmp_path / "binary.csv")
+    (tmp_path / "noepoch.csv").write_text("a,b\n1,2\n")
+    notes["no epoch"] = html.training_curves(tmp_path / "noepoch.csv")
+    (tmp_path / "empty.csv").write_text("")
+    notes["empty"] = html.training_curves(tmp_path / "empty.csv")
+    (tmp_path / "huge.csv").write_text("epoch,val/loss\n" + "0,1\n" * (html.HISTORY_MAX_BYTES // 4 + 1))
+    notes["huge"] = html.training_curves(tmp_path / "huge.csv")
+    for case, text in notes.items():
+        assert text.startswith('<p class="muted" id="no-curves">No training curves') and "<svg" not in text, case
+        assert text.count("\n") == 0, case
+    assert "more than" in notes["huge"] and "no epoch column" in notes["no epoch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +298,33 @@ def test_browser_shows_every_figure_and_sorts_false_negatives_first(tmp_path: Pa
                      "true negative"]
     assert [float(c["data-probability"]) for c in _cards(dom)][:2] == [0.4, 0.2]
     assert "6 of 6 overlays shown" in dom
+    assert "images</p>" not in dom  # no stray image counter when every figure loaded
+
+
+@needs_chromium
+def test_browser_page_fits_1280_px_with_curves_card_and_no_raw_columns(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "run", underdiagnosis=True)
+    # a wide underdiagnosis table (one FNR column per finding of NIH's fourteen) must scroll in its box
+    audit = pd.read_csv(run / "evaluation" / run_dir.UNDERDIAGNOSIS)
+    for k in range(14):
+        for suffix in ("", "_lower", "_upper"):
+            audit[f"fnr.Finding number {k}{suffix}"] = 0.5
+    audit.to_csv(run / "evaluation" / run_dir.UNDERDIAGNOSIS, index=False)
+    page = html.run_report(run)
+    probe = page.with_name("probe.html")
+    script = ("<script>window.addEventListener('load',function(){var b=document.body;"
+              "b.dataset.scrollWidth=document.documentElement.scrollWidth;"
+              "b.dataset.visible=encodeURIComponent(b.innerText);});</script></body>")
+    probe.write_text(page.read_text().replace("</body>", script))
+    dom = _chromium(tmp_path, probe.as_uri(), "--window-size=1280,900", "--dump-dom").stdout
+    body = dict(_elements(dom))["body"]
+    assert int(body["data-scrollwidth"]) <= 1280, body["data-scrollwidth"]
+    visible = unquote(body["data-visible"])
+    assert "Training curves" in visible and "Model card" in visible and "Research only <not clinical>." in visible
+    assert "FNR Finding number 13" in visible
+    for raw in ("fnr.", "_lower", "_upper"):
+        assert raw not in visible, raw
+    assert 'id="training-curves"' in dom and "<svg" in dom
 
 
 @needs_chromium
@@ -276,6 +376,9 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     page = run / "report.html"
     before = page.read_text()
     assert 'id="per-label"' in before and 'id="cam-grid"' not in before
+    # the run's own history.csv drawn as curves, and evaluate's model card on the page
+    assert (run / run_dir.HISTORY).is_file() and 'id="training-curves"' in before and "<svg" in before
+    assert 'id="model-card"' in before and "fnr." not in before
 
     # predictions.csv holds the split's labels and the model's calibrated probabilities, computed again here
     from cxr_lightning.checkpoints import load_calibration
@@ -288,7 +391,8 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     assert list(predictions["Image Index"]) == list(table["Image Index"])
     names = list(model.hparams.label_names)
     assert np.allclose(predictions[[f"prob:{n}" for n in names]].to_numpy(), probs, atol=1e-6)
-    assert (predictions[[f"label:{n}" for n in names]].to_numpy() == table[[f"label:{n}" for n in names]].to_numpy()).all()
+    labels = [f"label:{n}" for n in names]
+    assert (predictions[labels].to_numpy() == table[labels].to_numpy()).all()
 
     explain(compose_config([f"run_dir={run}", "split=test", "n=3", "top_k=2", "data.num_workers=0"],
                            config_name="explain"))

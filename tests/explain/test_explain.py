@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import timm
 import torch
+from helpers import REPO
 from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from helpers import REPO
 from torch import nn
 
 from cxr_lightning.errors import ConfigError, DataError
@@ -360,7 +359,11 @@ def test_iou_and_iobb_by_hand():
 
 
 def test_random_heatmaps_seeded_smooth_and_normalised():
-    a, b, c = random_heatmaps(3, (32, 48), seed=4), random_heatmaps(3, (32, 48), seed=4), random_heatmaps(3, (32, 48), seed=5)
+    a, b, c = (
+        random_heatmaps(3, (32, 48), seed=4),
+        random_heatmaps(3, (32, 48), seed=4),
+        random_heatmaps(3, (32, 48), seed=5),
+    )
     assert a.shape == (3, 32, 48) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
@@ -464,7 +467,14 @@ def test_random_baseline_points_like_a_uniform_point_on_random_boxes_of_known_ar
     names = [f"{i}.png" for i in range(n)]
     xy = rng.integers(0, size - side + 1, size=(n, 2)) * 16.0  # on the 1024-px original
     boxes = pd.DataFrame(
-        {"Image Index": names, "Finding Label": "Mass", "x": xy[:, 0], "y": xy[:, 1], "w": side * 16.0, "h": side * 16.0}
+        {
+            "Image Index": names,
+            "Finding Label": "Mass",
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "w": side * 16.0,
+            "h": side * 16.0,
+        }
     )
     pairs = np.column_stack([np.arange(n), np.ones(n, dtype=int)])
     table = localization_scores(np.zeros((n, size, size), np.float32), pairs, names, LABELS, boxes, size, seed=3)

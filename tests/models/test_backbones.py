@@ -8,6 +8,7 @@ import pytest
 import timm
 import timm.models._builder as timm_builder
 import torch
+from helpers import REPO
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -15,7 +16,6 @@ from torch import nn
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.backbones import BACKBONE_NAMES, cam_layer_of, create_backbone
 from cxr_lightning.models.reshape import cam_reshape_transform
-from helpers import REPO
 
 CONF_BACKBONE = REPO / "conf" / "backbone"
 FEATURE_WIDTH = {
@@ -146,7 +146,12 @@ def test_cam_layers_are_spatial_maps_at_their_stride(built, yaml_path, stride):
 
 def test_cam_stride_picks_the_coarsest_map_at_least_that_fine():
     resnet = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "resnet18.yaml"))
-    assert [cam_layer_of({**resnet, "cam_stride": s}) for s in (16, 24, 32, 64)] == ["layer3", "layer3", "layer4", "layer4"]
+    assert [cam_layer_of({**resnet, "cam_stride": s}) for s in (16, 24, 32, 64)] == [
+        "layer3",
+        "layer3",
+        "layer4",
+        "layer4",
+    ]
     vit = OmegaConf.to_container(OmegaConf.load(CONF_BACKBONE / "vit_small_patch16_224.yaml"))
     assert cam_layer_of({**vit, "cam_stride": 32}) == "blocks.11.norm1"  # its one map
     with pytest.raises(ConfigError, match=r"^backbone.cam_stride=8: backbone 'vit_small_patch16_224' has no CAM layer "

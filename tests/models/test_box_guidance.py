@@ -232,9 +232,8 @@ def test_box_loss_trains_the_backbone_of_a_real_timm_architecture():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["densenet121", "vgg19", "resnet50", "inception_v3", "mobilenetv2_100", "efficientnet_b3"])
 def test_every_studied_backbone_has_a_trainable_box_loss(name):
-    from omegaconf import OmegaConf
-
     from helpers import CONF_DIR
+    from omegaconf import OmegaConf
 
     from cxr_lightning.models.backbones import cam_layer_of
 

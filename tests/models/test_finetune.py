@@ -18,13 +18,18 @@ UNFREEZE, EPOCHS, LR, SCALE = 2, 4, 1e-3, 0.1
 
 
 def config(root, out, *extra: str):
-    return compose_config(tiny_overrides(root, out) + [f"trainer.max_epochs={EPOCHS}", f"optimizer.lr={LR}", f"backbone.finetune_lr_scale={SCALE}", *extra])
+    return compose_config(
+        tiny_overrides(root, out)
+        + [f"trainer.max_epochs={EPOCHS}", f"optimizer.lr={LR}", f"backbone.finetune_lr_scale={SCALE}", *extra]
+    )
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "mobilenetv2_100"])
 @pytest.mark.parametrize("unfreeze", ["null", "2"])
 def test_a_frozen_backbone_gives_the_same_features_in_train_and_eval_mode(tiny_demo, tmp_path, backbone, unfreeze):
-    cfg = config(tiny_demo, tmp_path, f"backbone={backbone}", "backbone.freeze=true", f"backbone.unfreeze_at_epoch={unfreeze}")
+    cfg = config(
+        tiny_demo, tmp_path, f"backbone={backbone}", "backbone.freeze=true", f"backbone.unfreeze_at_epoch={unfreeze}"
+    )
     model = build_model(cfg)
     image = torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     stats = {k: v.clone() for k, v in model.backbone.state_dict().items()}

@@ -35,7 +35,12 @@ def test_logits_shape_and_finite(name):
 
 @pytest.mark.parametrize(
     "name, uses_image, uses_meta",
-    [("baseline", True, False), ("metadata_only", False, True), ("fusion", True, True), ("fusion_residual", True, True)],
+    [
+        ("baseline", True, False),
+        ("metadata_only", False, True),
+        ("fusion", True, True),
+        ("fusion_residual", True, True),
+    ],
 )
 def test_declared_inputs_are_the_inputs_that_matter(name, uses_image, uses_meta):
     head = _head(name)

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from omegaconf import OmegaConf
 
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.explain.cams import CamWarning, compute_cams
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.models.reshape import channels_last_to_map, vit_tokens_to_map
-from helpers import REPO
 
 CONF_BACKBONE = REPO / "conf" / "backbone"
 NEW = ("vit_small_patch16_224", "vit_base_patch16_224", "convnext_tiny", "swin_tiny_patch4_window7_224",
@@ -124,7 +123,9 @@ def test_validate_refuses_sizes_the_patch_grid_does_not_cover(stem, size, ok):
     if ok:
         check_backbone(cfg, size)
     else:
-        with pytest.raises(ConfigError, match=rf"data.image_size={size} is not a multiple of \d+.*pass data.image_size="):
+        with pytest.raises(
+            ConfigError, match=rf"data.image_size={size} is not a multiple of \d+.*pass data.image_size="
+        ):
             check_backbone(cfg, size)
 
 
@@ -180,7 +181,9 @@ def test_vit_trains_and_is_explained_end_to_end(tiny_demo, tmp_path):
 def test_weights_sources_that_need_a_file_say_so():
     from cxr_lightning.tasks.validate import check_backbone
 
-    with pytest.raises(ConfigError, match=r"weights_source=torchxrayvision needs its weights: pass backbone.weights=PATH"):
+    with pytest.raises(
+        ConfigError, match=r"weights_source=torchxrayvision needs its weights: pass backbone.weights=PATH"
+    ):
         check_backbone(OmegaConf.load(CONF_BACKBONE / "densenet121_xrv.yaml"), 224)
     with pytest.raises(ConfigError, match=r"weights_source='hub' is unknown"):
         check_backbone(OmegaConf.create(backbone_cfg("convnext_tiny", weights_source="hub")), 64)

@@ -67,7 +67,9 @@ def test_key_mismatch_is_refused_with_the_keys_named(xrv_densenet, tmp_path, cap
 
     extra = {**source, "features.denseblock5.conv.weight": torch.zeros(3)}
     path = save_safetensors(extra, tmp_path / "extra.safetensors")
-    with pytest.raises(CheckpointError, match=r"1 tensors densenet121 has no place for: features\.denseblock5\.conv\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"1 tensors densenet121 has no place for: features\.denseblock5\.conv\.weight"
+    ):
         create_backbone("densenet121", weights=path, weights_source="torchxrayvision")
     with caplog.at_level(logging.WARNING):
         backbone = create_backbone("densenet121", weights=path, weights_source="torchxrayvision", weights_strict=False)
@@ -174,7 +176,9 @@ def test_timm_folder_and_hub_cache_load(tmp_path, weights_name):
         assert backbone.weights_report.path.endswith(weights_name)
         assert sorted(backbone.weights_report.dropped) == ["fc.bias", "fc.weight"]
         torch.testing.assert_close(backbone.model.conv1[0].weight, source["conv1.0.weight"].sum(1, keepdim=True))
-        torch.testing.assert_close(backbone.model.layer4[0].conv1.weight, source["layer4.0.conv1.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            backbone.model.layer4[0].conv1.weight, source["layer4.0.conv1.weight"], rtol=0, atol=0
+        )
 
 
 def test_folders_of_another_model_or_layout_are_refused(tmp_path):
@@ -196,9 +200,9 @@ def test_folders_of_another_model_or_layout_are_refused(tmp_path):
 @pytest.mark.slow
 def test_backbone_preprocessing_travels_through_the_checkpoint_to_predict_and_export(tiny_demo, tmp_path):
     import numpy as np
+    from helpers import compose_config, tiny_overrides
     from PIL import Image
 
-    from helpers import compose_config, tiny_overrides
     from cxr_lightning.checkpoints import load_model
     from cxr_lightning.models.preprocess import Preprocess
     from cxr_lightning.tasks.export import export_metadata

@@ -2,15 +2,14 @@
 its header, quickly and with a named error; predict warns about inputs that look wrongly scaled."""
 from __future__ import annotations
 
+import struct
 import time
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import write_dicom
-from PIL import Image
 
 from cxr_lightning.data import images
 from cxr_lightning.errors import DataError
@@ -29,7 +28,9 @@ def bomb_png(path: Path, side: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("side, size", [(11_000, r"11000 x 11000 pixels \(121 MP\)"), (20_000, r"Image size \(400000000 pixels\)")])
+@pytest.mark.parametrize(
+    "side, size", [(11_000, r"11000 x 11000 pixels \(121 MP\)"), (20_000, r"Image size \(400000000 pixels\)")]
+)
 def test_a_decompression_bomb_png_is_refused_before_decoding(tmp_path, side, size):
     # 121 MP passes PIL's own guard (it warns only); 400 MP is past it (PIL's error, renamed).
     bomb = bomb_png(tmp_path / "bomb.png", side)
@@ -68,8 +69,18 @@ def test_a_dicom_header_promising_gigapixels_is_refused_before_its_pixel_data(tm
     [
         ("constant", np.full((64, 64), 128, np.uint8), r"constant \(every pixel is 128\)"),
         ("binary", np.where(np.arange(64 * 64).reshape(64, 64) % 7 < 3, 0, 255).astype(np.uint8), "nearly binary"),
-        ("narrow", (100 + np.arange(64 * 64).reshape(64, 64) % 20).astype(np.uint8), r"gray levels 100\.\.119.*wrong window"),
-        ("clipped", np.concatenate([np.zeros((20, 64)), np.full((20, 64), 255), np.tile(np.linspace(0, 255, 64), (24, 1))]).astype(np.uint8), "clipped at 0 or 255"),
+        (
+            "narrow",
+            (100 + np.arange(64 * 64).reshape(64, 64) % 20).astype(np.uint8),
+            r"gray levels 100\.\.119.*wrong window",
+        ),
+        (
+            "clipped",
+            np.concatenate(
+                [np.zeros((20, 64)), np.full((20, 64), 255), np.tile(np.linspace(0, 255, 64), (24, 1))]
+            ).astype(np.uint8),
+            "clipped at 0 or 255",
+        ),
     ],
 )
 def test_wrongly_scaled_inputs_are_named(name, pixels, why):

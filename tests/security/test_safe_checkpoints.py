@@ -78,17 +78,33 @@ def test_every_command_refuses_a_code_running_checkpoint_and_never_runs_it(evil,
     path, marker = evil
     image = next((tiny_demo / "images_001" / "images").glob("*.png"))
     commands = {
-        "train ckpt_path=": lambda: train(compose_config(tiny_overrides(tiny_demo, tmp_path / "t") + [f"ckpt_path={path}"])),
-        "train resume=": lambda: train(compose_config(tiny_overrides(tiny_demo, tmp_path / "r") + [f"resume={path.parent.parent}"])),
-        "evaluate": lambda: evaluate(compose_config([f"ckpt_path={path}", f"output_dir={tmp_path / 'e'}"], config_name="evaluate")),
-        "explain": lambda: explain(compose_config([f"ckpt_path={path}", f"output_dir={tmp_path / 'x'}"], config_name="explain")),
-        "predict": lambda: predict(compose_config([f"ckpt_path={path}", f"input={image}", f"output={tmp_path / 'p.csv'}"], config_name="predict")),
-        "export": lambda: export(compose_config([f"ckpt_path={path}", f"output={tmp_path / 'm.onnx'}"], config_name="export")),
+        "train ckpt_path=": lambda: train(
+            compose_config(tiny_overrides(tiny_demo, tmp_path / "t") + [f"ckpt_path={path}"])
+        ),
+        "train resume=": lambda: train(
+            compose_config(tiny_overrides(tiny_demo, tmp_path / "r") + [f"resume={path.parent.parent}"])
+        ),
+        "evaluate": lambda: evaluate(
+            compose_config([f"ckpt_path={path}", f"output_dir={tmp_path / 'e'}"], config_name="evaluate")
+        ),
+        "explain": lambda: explain(
+            compose_config([f"ckpt_path={path}", f"output_dir={tmp_path / 'x'}"], config_name="explain")
+        ),
+        "predict": lambda: predict(
+            compose_config(
+                [f"ckpt_path={path}", f"input={image}", f"output={tmp_path / 'p.csv'}"], config_name="predict"
+            )
+        ),
+        "export": lambda: export(
+            compose_config([f"ckpt_path={path}", f"output={tmp_path / 'm.onnx'}"], config_name="export")
+        ),
         "Lightning resume (checkpoint IO)": lambda: AtomicCheckpointIO().load_checkpoint(path),
         "config checks": lambda: checkpoint_hparams(path),
     }
     for name, run in commands.items():
-        with pytest.raises(CheckpointError, match=r"Refusing to open checkpoint .*last\.ckpt.*posix\.system.*trust_checkpoint=true") as info:
+        with pytest.raises(
+            CheckpointError, match=r"Refusing to open checkpoint .*last\.ckpt.*posix\.system.*trust_checkpoint=true"
+        ) as info:
             run()
         assert not marker.exists(), f"{name} ran the payload"
         assert "Payload" not in str(info.value)  # the file's own classes are never imported

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import compose_config, tiny_overrides
 
-from cxr_lightning.tasks import bench
-from cxr_lightning.tasks.build import build_model, instantiate, use_channels_last
 from cxr_lightning.data import images
 from cxr_lightning.data.cache import ImageCache, cache_root
 from cxr_lightning.errors import ConfigError, DataError
+from cxr_lightning.tasks import bench
+from cxr_lightning.tasks.build import build_model, instantiate, use_channels_last
 
 SIZE = 32  # the demo's PNGs are 64 px: every path really resizes
 

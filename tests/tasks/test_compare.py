@@ -23,9 +23,16 @@ from cxr_lightning.tasks import compare
 FINDINGS = ("Atelectasis", "Hernia")
 
 
-def _write_run(run_dir: Path, backbone: str, head: str, seed: int, metrics: dict | None, history: list[float] | None) -> None:
+def _write_run(
+    run_dir: Path, backbone: str, head: str, seed: int, metrics: dict | None, history: list[float] | None
+) -> None:
     run_dir.mkdir(parents=True)
-    cfg = {"seed": seed, "backbone": {"name": backbone}, "head": {"name": head}, "data": {"fold": None, "image_size": 64}}
+    cfg = {
+        "seed": seed,
+        "backbone": {"name": backbone},
+        "head": {"name": head},
+        "data": {"fold": None, "image_size": 64},
+    }
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
     if metrics is not None:
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -55,7 +62,9 @@ def fake_sweep(tmp_path) -> tuple[Path, pd.DataFrame]:
                 "best_checkpoint": "/x.ckpt",
                 "n_images": {"train": 10},
             }
-            _write_run(tmp_path / f"{b}{seed}_{backbone}", backbone, "baseline", seed, m, [1.0, 0.9, m["best_val_loss"]])
+            _write_run(
+                tmp_path / f"{b}{seed}_{backbone}", backbone, "baseline", seed, m, [1.0, 0.9, m["best_val_loss"]]
+            )
             records.append({"backbone": backbone, "seed": seed, **m})
     _write_run(tmp_path / "9_vgg19_crashed", "vgg19", "baseline", 1, None, [1.2])
     hydra_only = tmp_path / "10_inception"
@@ -132,7 +141,12 @@ def test_a_sweep_whose_runs_all_failed_still_gets_a_report(tmp_path):
 
 def test_group_by_several_keys(tmp_path):
     for i, (backbone, head, auc) in enumerate(
-        [("resnet50", "baseline", 0.7), ("resnet50", "fusion", 0.8), ("resnet50", "fusion", 0.6), ("vgg19", "fusion", 0.5)]
+        [
+            ("resnet50", "baseline", 0.7),
+            ("resnet50", "fusion", 0.8),
+            ("resnet50", "fusion", 0.6),
+            ("vgg19", "fusion", 0.5),
+        ]
     ):
         _write_run(tmp_path / f"run{i}", backbone, head, i, {"test.auroc_mean": auc}, None)
     table = pd.read_csv(compare.write_comparison(tmp_path, by="backbone,head").csv).set_index(["backbone", "head"])
@@ -220,8 +234,10 @@ def test_evaluation_and_explain_metrics_of_a_run_join_its_row(tmp_path):
     for seed, (auroc, pointing, boxes) in enumerate([(0.7, 0.4, 12), (0.8, 0.6, 12)]):
         run = tmp_path / f"{seed}_run"
         _write_run(run, "resnet50", "baseline", seed, {"test.auroc_mean": auroc, "boxes_trained_on": boxes}, None)
-        for job, metrics in (("evaluation", {"auroc_mean": auroc, "auroc_mean_lower": auroc - 0.1, "auroc_mean_upper": auroc + 0.1}),
-                             ("explain", {"localization.pointing_game": pointing, "localization.random_pointing_game": 0.1})):
+        for job, metrics in (
+            ("evaluation", {"auroc_mean": auroc, "auroc_mean_lower": auroc - 0.1, "auroc_mean_upper": auroc + 0.1}),
+            ("explain", {"localization.pointing_game": pointing, "localization.random_pointing_game": 0.1}),
+        ):
             (run / job / ".hydra").mkdir(parents=True)
             OmegaConf.save(OmegaConf.create({"task_name": job}), run / job / ".hydra" / "config.yaml")
             (run / job / "metrics.json").write_text(json.dumps(metrics))

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
-from helpers import CONF_DIR, tiny_overrides
+from helpers import tiny_overrides
 from hydra import compose, initialize_config_module
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from cxr_lightning.tasks.build import build_datamodule
-from cxr_lightning.data.datamodule import CXRDataModule
-from cxr_lightning.errors import ConfigError
 from cxr_lightning.checkpoints import load_model
 from cxr_lightning.cli.sweep import CompareOnMultirunEnd, check_multirun_strategy
+from cxr_lightning.data.datamodule import CXRDataModule
+from cxr_lightning.errors import ConfigError
+from cxr_lightning.tasks.build import build_datamodule
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,17 @@ def test_ddp_test_metrics_equal_single_process_test(ddp_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     dm = build_datamodule(OmegaConf.load(run_dir / "config.yaml"))
     model = load_model(metrics["best_checkpoint"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
     single = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert single["test/auroc_mean"] == pytest.approx(metrics["test.auroc_mean"], abs=1e-6)
     assert single["test/loss"] == pytest.approx(metrics["test.loss"], rel=1e-5)
     for name in metrics["label_names"]:
         ddp_value, one_value = metrics[f"test.auroc.{name}"], single[f"test/auroc/{name}"]
-        assert (math.isnan(ddp_value) and math.isnan(one_value)) or one_value == pytest.approx(ddp_value, abs=1e-6), name
+        assert (math.isnan(ddp_value) and math.isnan(one_value)) or one_value == pytest.approx(ddp_value, abs=1e-6), (
+            name
+        )
 
 
 def test_eval_sampler_gives_each_image_to_one_rank(tiny_demo, tmp_path):
@@ -135,11 +139,19 @@ def test_ddp_head_then_backbone_fine_tuning_trains_one_backbone_on_both_ranks(ti
         "+callbacks.probe._target_=ddp_probe.BackboneProbe", f"+callbacks.probe.out={probes}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     done = subprocess.run([sys.executable, "-m", "cxr_lightning.train", *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    state = {(r, tag): torch.load(probes / f"rank{r}_{tag}.pt", weights_only=True) for r in (0, 1) for tag in ("start", "epoch0", "epoch1")}
+    state = {
+        (r, tag): torch.load(probes / f"rank{r}_{tag}.pt", weights_only=True)
+        for r in (0, 1)
+        for tag in ("start", "epoch0", "epoch1")
+    }
     for tag in ("start", "epoch0", "epoch1"):
         for key, value in state[0, tag].items():
             assert torch.equal(value, state[1, tag][key]), f"ranks differ in {key} at {tag}"

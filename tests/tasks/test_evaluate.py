@@ -151,7 +151,7 @@ def test_thresholds_saved_beside_checkpoint_are_f1_optimal_on_val(fitted, evalua
             assert t == 0.5 and name in saved["fallback_labels"]
             continue
 
-        def f1(cut: float) -> float:
+        def f1(cut: float, j: int = j) -> float:
             called = probs[:, j] >= cut
             tp = (called & (y[:, j] == 1)).sum()
             return 2 * tp / (called.sum() + y[:, j].sum())
@@ -227,6 +227,9 @@ def test_bad_settings_fail_before_any_work(fitted):
     cfg = compose_config([f"run_dir={run_dir}", "+data.colour=red", "output_dir=unused"], config_name="evaluate")
     with pytest.raises(ConfigError, match=r"Unknown data override\(s\) \['colour'\]"):
         evaluate(cfg)
+    cfg = compose_config([f"run_dir={run_dir}", "min_patients=-1"], config_name="evaluate")
+    with pytest.raises(ConfigError, match="min_patients=-1"):
+        evaluate(cfg)
 
 
 def test_model_card_and_underdiagnosis_carry_the_real_figures(evaluation, predictions):
@@ -246,7 +249,8 @@ def test_model_card_and_underdiagnosis_carry_the_real_figures(evaluation, predic
     sex = audit[audit["attribute"] == "sex"].set_index("group")
     assert sex["n_images"].to_dict() == test_table["Patient Gender"].value_counts().to_dict()
     group = sex.index[0]
-    assert written[f"underdiagnosis.sex.{group}.underdiagnosis"] == pytest.approx(sex.at[group, "underdiagnosis"], nan_ok=True)
+    assert written[f"underdiagnosis.sex.{group}.underdiagnosis"] == pytest.approx(
+        sex.at[group, "underdiagnosis"], nan_ok=True)
     # the rate by hand: images of the group with a finding, called No Finding at the saved thresholds
     t = json.loads(evaluation.thresholds_file.read_text())["thresholds"]
     probs = preds["test"][0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO, compose_config, tiny_overrides
+from helpers import compose_config, tiny_overrides
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

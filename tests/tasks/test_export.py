@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import compose_config, fit_tiny
 
-from cxr_lightning.tasks import export as export_module
-from cxr_lightning.errors import CheckpointError, ConfigError
-from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
 from cxr_lightning.calibration import Calibration
 from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration
+from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.tasks import export as export_module
+from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -117,7 +117,9 @@ def test_exported_files_say_how_they_were_checked(ckpt, tmp_path):
     result = run_export(ckpt, "onnx", output)
     parity = json.loads(read_onnx_metadata(output)["parity"])
     assert parity["passed"] and parity["n"] == 8 and "generated demo X-rays" in parity["inputs"]
-    assert parity["max_abs_logit_diff"] == result.max_abs_diff <= parity["atol"] + parity["rtol"] * parity["max_abs_logit"]
+    assert (
+        parity["max_abs_logit_diff"] == result.max_abs_diff <= parity["atol"] + parity["rtol"] * parity["max_abs_logit"]
+    )
     assert (parity["atol"], parity["rtol"]) == (1e-3, 1e-3) and parity["checkpoint_float32_vs_float64"] >= 0
 
 

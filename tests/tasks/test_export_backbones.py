@@ -22,7 +22,9 @@ SIZE = {"inception_v3": 75}  # its minimum input size; 64 px for the others
 def built_checkpoint(root: Path, out: Path, backbone: str, head: str) -> Path:
     """A checkpoint file as load_model reads it, of an untrained model with measured BN statistics."""
     size = SIZE.get(backbone, 64)
-    cfg = compose_config(tiny_overrides(root, out) + [f"backbone={backbone}", f"head={head}", f"data.image_size={size}"])
+    cfg = compose_config(
+        tiny_overrides(root, out) + [f"backbone={backbone}", f"head={head}", f"data.image_size={size}"]
+    )
     model = build_model(cfg)
     model.hparams.pos_frac, model.hparams.age_fill = [0.1] * len(model.label_names), 50.0
     model._build_criterion(model.hparams.pos_frac)
@@ -43,7 +45,9 @@ def built_checkpoint(root: Path, out: Path, backbone: str, head: str) -> Path:
 def check_both_formats(ckpt: Path, out: Path) -> None:
     for fmt, read in (("onnx", read_onnx_metadata), ("torchscript", read_torchscript_metadata)):
         output = out / f"{ckpt.stem}.{fmt}"
-        result = export(compose_config([f"ckpt_path={ckpt}", f"format={fmt}", f"output={output}"], config_name="export"))
+        result = export(
+            compose_config([f"ckpt_path={ckpt}", f"format={fmt}", f"output={output}"], config_name="export")
+        )
         parity = json.loads(read(output)["parity"])
         assert parity["passed"] and parity["n"] == 8 and "demo" in parity["inputs"], (fmt, parity)
         assert parity["max_abs_logit_diff"] == result.max_abs_diff

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import compose_config, tiny_overrides
 from fixtures.make_external import nih_as_chexpert
+from helpers import compose_config, tiny_overrides
 
 from cxr_lightning import files
 from cxr_lightning.checkpoints import thresholds_path
 from cxr_lightning.data.sources.chexpert import HARMONISATION
-from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.tasks.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,9 @@ def fitted(tiny_demo, tmp_path_factory) -> tuple[Path, Path]:
     from cxr_lightning.tasks.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_config(tiny_overrides(tiny_demo, out) + ["head=fusion", "data.prior_labels=false", "test_after_fit=false"])
+    cfg = compose_config(
+        tiny_overrides(tiny_demo, out) + ["head=fusion", "data.prior_labels=false", "test_after_fit=false"]
+    )
     return out, Path(train(cfg)["best_checkpoint"])
 
 
@@ -90,9 +92,22 @@ def test_refit_thresholds_on_the_external_val_split_leaves_the_source_file(both,
     _, _, chexpert = both
     _, ckpt = fitted
     before = files.file_digest(thresholds_path(ckpt))
-    refit = evaluate(compose_config(
-        [f"ckpt_path={ckpt}", "data=chexpert", f"data.root={chexpert}", "split=val", "data.num_workers=0",
-         "n_boot=5", "refit_thresholds=true", f"output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"], "evaluate"))
+    refit = evaluate(
+        compose_config(
+            [
+                f"ckpt_path={ckpt}",
+                "data=chexpert",
+                f"data.root={chexpert}",
+                "split=val",
+                "data.num_workers=0",
+                "n_boot=5",
+                "refit_thresholds=true",
+                f"output_dir={tmp_path}",
+                f"paths.cache_dir={tmp_path}/cache",
+            ],
+            "evaluate",
+        )
+    )
     assert refit.thresholds_file is None and "refitted" in refit.metrics["threshold_source"]
     assert files.file_digest(thresholds_path(ckpt)) == before
 
@@ -107,7 +122,9 @@ def test_external_needs_the_source_thresholds_or_refit(both, fitted, tmp_path):
     with pytest.raises(CheckpointError, match="refit_thresholds=true"):
         evaluate(compose_config(args, "evaluate"))
     with pytest.raises(ConfigError, match="refit_thresholds=true is for an external source"):
-        evaluate(compose_config([f"ckpt_path={copy}", "refit_thresholds=true", f"output_dir={tmp_path}/o2"], "evaluate"))
+        evaluate(
+            compose_config([f"ckpt_path={copy}", "refit_thresholds=true", f"output_dir={tmp_path}/o2"], "evaluate")
+        )
 
 
 def test_cross_dataset_table_one_row_per_dataset_and_label(both, tmp_path):

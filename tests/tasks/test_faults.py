@@ -18,9 +18,9 @@ from helpers import TESTS, compose_config, tiny_overrides
 from omegaconf import OmegaConf
 
 from cxr_lightning import checkpoints, cli, files
+from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.models import divergence
 from cxr_lightning.tasks import resume as resuming
-from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
 from cxr_lightning.tasks.train import train
 
 SIGNAL_ENV = "CXR_TEST_SIGNAL_AT"

@@ -176,7 +176,9 @@ def test_probability_columns_are_calibrated_and_raw_ones_come_on_request(fitted,
     labels = list(load_model(ckpt).hparams.label_names)
     Image.fromarray(gray).save(tmp_path / "x.png")
     with pytest.warns(UserWarning, match="No calibration file"):
-        raw = run_predict(ckpt, tmp_path / "x.png", tmp_path / "raw.csv").predictions.loc[0, labels].to_numpy(dtype=float)
+        raw = (
+            run_predict(ckpt, tmp_path / "x.png", tmp_path / "raw.csv").predictions.loc[0, labels].to_numpy(dtype=float)
+        )
     # a known Platt map per label: sigmoid(0.5 * logit(p) - 1), the identity for the first label
     params = {n: {"slope": 0.5, "intercept": -1.0} for n in labels[1:]} | {labels[0]: {}}
     calibration = Calibration("platt", labels, params, n_images=10, unfitted=[labels[0]])

@@ -44,9 +44,19 @@ def test_compare_warns_when_runs_of_different_losses_meet(tmp_path):
     for i, loss in enumerate(["weighted_bce", "asl"]):
         run = tmp_path / f"{i}_{loss}"
         run.mkdir()
-        cfg = {"seed": 0, "backbone": {"name": "tiny"}, "head": {"name": "baseline"}, "loss": {"name": loss}, "data": {"fold": None}}
+        cfg = {
+            "seed": 0,
+            "backbone": {"name": "tiny"},
+            "head": {"name": "baseline"},
+            "loss": {"name": loss},
+            "data": {"fold": None},
+        }
         OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
-        metrics = {"auroc_mean": 0.7 + i / 10, "best_val_loss": [1.475, 0.21][i], "selection": {"metric": "val/loss", "mode": "min", "best": 1.0}}
+        metrics = {
+            "auroc_mean": 0.7 + i / 10,
+            "best_val_loss": [1.475, 0.21][i],
+            "selection": {"metric": "val/loss", "mode": "min", "best": 1.0},
+        }
         (run / "metrics.json").write_text(json.dumps(metrics))
     text = compare.write_comparison(tmp_path, by="loss").markdown.read_text()
     assert "different losses (asl, weighted_bce)" in text and "chosen by val/loss" in text
@@ -56,7 +66,11 @@ def test_compare_warns_when_runs_of_different_losses_meet(tmp_path):
 def test_a_fit_selects_and_reports_by_the_selection_metric(tiny_demo, tmp_path):
     from cxr_lightning.tasks.train import train
 
-    metrics = train(compose_config(tiny_overrides(tiny_demo, tmp_path) + ["selection.metric=val/auroc_mean", "test_after_fit=false"]))
+    metrics = train(
+        compose_config(
+            tiny_overrides(tiny_demo, tmp_path) + ["selection.metric=val/auroc_mean", "test_after_fit=false"]
+        )
+    )
     written = json.loads((tmp_path / "metrics.json").read_text())
     history = pd.read_csv(tmp_path / "history.csv")
     assert written["selection"]["metric"] == "val/auroc_mean" and written["selection"]["mode"] == "max"

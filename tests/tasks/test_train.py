@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import compose_config, tiny_overrides
 
-from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.checkpoints import load_model
+from cxr_lightning.labels import ALL_LABELS
 from cxr_lightning.tasks.train import train
 
 pytestmark = pytest.mark.slow

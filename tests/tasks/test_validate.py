@@ -73,20 +73,40 @@ def fake_checkpoint(
             + r".*any other model name that timm.list_models\(\) prints also works",
         ),
         (["backbone.name=resnet5"], ConfigError, r"did you mean one of \[.*'resnet50'"),
-        (["backbone.global_pool=median"], ConfigError, r"backbone.global_pool='median'.*\['avg', 'max', 'avgmax', 'token'\]"),
+        (
+            ["backbone.global_pool=median"],
+            ConfigError,
+            r"backbone.global_pool='median'.*\['avg', 'max', 'avgmax', 'token'\]",
+        ),
         (["head.name=transformer"], ConfigError, r"head.name='transformer' is unknown; valid heads: \['baseline', "),
-        (["loss.name=dice"], ConfigError, r"loss.name='dice' is unknown; valid losses: \['asl', 'bce', 'focal', 'weighted_bce'"),
+        (
+            ["loss.name=dice"],
+            ConfigError,
+            r"loss.name='dice' is unknown; valid losses: \['asl', 'bce', 'focal', 'weighted_bce'",
+        ),
         (
             ["backbone=inception_v3", "data.image_size=64"],
             ConfigError,
             r"data.image_size=64 is below inception_v3's minimum input size of 75 px; pass data.image_size=75",
         ),
         (["data.root=/nonexistent/nih"], DataError, r"data root /nonexistent/nih does not exist; set data.root"),
-        (["data.label_table=Data_Entry_2016.csv"], DataError, r"label_table=Data_Entry_2016.csv: .*2016.csv does not exist"),
+        (
+            ["data.label_table=Data_Entry_2016.csv"],
+            DataError,
+            r"label_table=Data_Entry_2016.csv: .*2016.csv does not exist",
+        ),
         (["resume=/nonexistent/run"], CheckpointError, r"resume=/nonexistent/run does not exist"),
-        (["resume=auto", "ckpt_path=/some/file.ckpt"], ConfigError, r"resume=auto and ckpt_path=/some/file.ckpt both given"),
+        (
+            ["resume=auto", "ckpt_path=/some/file.ckpt"],
+            ConfigError,
+            r"resume=auto and ckpt_path=/some/file.ckpt both given",
+        ),
         (["ckpt_path=/nonexistent/last.ckpt"], CheckpointError, r"ckpt_path=/nonexistent/last.ckpt does not exist"),
-        (["backbone.freeze=true", "backbone.unfreeze_at_epoch=-1"], ConfigError, r"backbone.unfreeze_at_epoch=-1: expected an epoch"),
+        (
+            ["backbone.freeze=true", "backbone.unfreeze_at_epoch=-1"],
+            ConfigError,
+            r"backbone.unfreeze_at_epoch=-1: expected an epoch",
+        ),
         (["backbone.unfreeze_at_epoch=2"], ConfigError, r"backbone.unfreeze_at_epoch=2 without backbone.freeze=true"),
         (
             ["backbone.freeze=true", "backbone.unfreeze_at_epoch=1", "backbone.finetune_lr_scale=0"],
@@ -144,7 +164,9 @@ def test_unreadable_checkpoint_is_a_checkpoint_error(tmp_path, no_data_loading):
     ckpt = tmp_path / "truncated.ckpt"
     fake_checkpoint(ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"Cannot read checkpoint {re.escape(str(ckpt))}.*not a torch checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=rf"Cannot read checkpoint {re.escape(str(ckpt))}.*not a torch checkpoint"
+    ):
         train(config(tmp_path, f"ckpt_path={ckpt}"))
     torch.save({"state_dict": {}}, ckpt)
     with pytest.raises(CheckpointError, match=r"is not a cxr-lightning checkpoint"):

@@ -121,7 +121,9 @@ def _write_vindr(out: Path, moved: pd.DataFrame, findings: pd.Series, path_of: p
         for reader, draws in (("R1", True), ("R2", True), ("R3", False)):
             marks = [int(draws and c in classes) for c in _VINDR_COLUMNS[:-1]] + [int(not (draws and classes))]
             labels.append(f"{image_id},{reader}," + ",".join(map(str, marks)))
-            for finding, x, y, w, h in mine[["Finding Label", "x", "y", "w", "h"]].itertuples(index=False) if draws else ():
+            for finding, x, y, w, h in (
+                mine[["Finding Label", "x", "y", "w", "h"]].itertuples(index=False) if draws else ()
+            ):
                 x0, y0, x1, y1 = x * scale, y * scale, (x + w) * scale, (y + h) * scale
                 annotations.append(f"{image_id},{reader},{_VINDR_NAMES[finding]},{x0:.1f},{y0:.1f},{x1:.1f},{y1:.1f}")
                 n_boxes += 1

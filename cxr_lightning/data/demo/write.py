@@ -3,8 +3,8 @@ the cache of complete, marker-checked datasets behind :func:`ensure_demo`."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import math
 import multiprocessing
 import os

@@ -7,8 +7,8 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import compose_config
 from fixtures import make_external as mx
+from helpers import compose_config
 
 from cxr_lightning.tasks.inspect import inspect
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose_config, tiny_overrides
+from helpers import compose_config, tiny_overrides
 
 from cxr_lightning.data import sources
 from cxr_lightning.data.sources import common
@@ -28,8 +28,9 @@ class ToySource(Source):
         path = self.root / TABLE
         raw = common.read_csv(path, ("scan", "person", "words"), "toy table")
         words = raw["words"].fillna("").str.split(";")
-        columns = {f: words.map(lambda w, f=f: float(f in w)) for f in self.harmonisation}
-        findings = pd.DataFrame(columns, index=raw.index)
+        findings = pd.DataFrame(
+            {f: words.map(lambda w, f=f: float(f in w)) for f in self.harmonisation}, index=raw.index
+        )
         table = common.standard_table(
             raw, image=raw["scan"], patient=raw["person"].astype(int), visit=raw.groupby("person").cumcount(),
             age=pd.Series(np.nan, index=raw.index), sex=pd.Series(np.nan, index=raw.index, dtype=object),
