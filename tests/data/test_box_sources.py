@@ -207,3 +207,14 @@ def test_inspect_counts_images_and_boxes_from_the_label_tables_alone(tmp_path, l
     assert v["boxes"] == expected  # majority: the one-reader Nodule/Mass box is not kept
     assert r["boxes"] == {"Pneumonia": 2}
     assert r["labels"]["No Finding"]["unavailable"]  # no class info: not guessed
+
+
+def test_nih_box_protocol_without_an_nih_source_is_refused_before_any_image_is_read(tmp_path):
+    """data.boxes.folds folds NIH's boxed test patients: a run with no NIH source has none to fold."""
+    from cxr_lightning.data.spec import DataSpec
+    from cxr_lightning.data.tables import build_tables
+
+    vindr = write_vindr(tmp_path / "v", vindr_images(), dicoms=False)  # no image on disk: refused first
+    spec = DataSpec.from_options(source="vindr_cxr", root=str(vindr), boxes={"folds": 3, "fold": 0})
+    with pytest.raises(ConfigError, match=r"data.boxes.folds is NIH's boxed-image protocol; data=vindr_cxr has no NIH"):
+        build_tables(spec)
