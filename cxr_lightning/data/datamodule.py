@@ -239,11 +239,14 @@ class CXRDataModule(pl.LightningDataModule):
 
     def training_boxes(self) -> ImageBoxes:
         """The boxes of the training split's images (never of a validation or test patient)."""
-        return image_boxes(self.split_table("train"), self.bbox_table, self.label_names, self.image_size)
+        return image_boxes(
+            self.split_table("train"), self.bbox_table, self.label_names, self.image_size, concepts=self.space.concepts
+        )
 
     @property
     def box_protocol(self) -> dict | None:
-        """NIH's boxed-image protocol as applied to this split (``data.boxes.folds``), else None."""
+        """NIH's boxed-image protocol as applied to this run's split (``data.boxes.folds``), per source
+        that has NIH's layout, else None."""
         return self._tables().box_protocol
 
     @property

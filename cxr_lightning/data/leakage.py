@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 NIH_NAMED = ("nih", "demo", "nih_google")  # Image Index is NIH's own name
 MAPPED = ("rsna_pneumonia",)  # through the publisher's mapping file
 TWIN = "nih_twin"
-LEFT_OUT = "NIH twin in a validation or test split"
+LEFT_OUT = "left out of training: NIH twin in a validation or test split"
+JOINED = "moved to training: NIH twin in the training split"
 
 
 def mapping_file(root: Path | None, options: Mapping | None = None) -> Path | None:
@@ -76,18 +77,30 @@ def nih_twins(table: pd.DataFrame, kinds: Mapping[str, str], mappings: Mapping[s
     return out
 
 
-def leave_out_twins(table: pd.DataFrame, twins: pd.Series, split_col: str = "split",
+def leave_out_twins(table: pd.DataFrame, twins: pd.Series, kinds: Mapping[str, str], split_col: str = "split",
                     source_col: str = "source") -> tuple[pd.DataFrame, dict[str, int]]:
-    """``table`` without the training rows whose NIH patient (from the twin's name) has an image in
-    a validation or test split of the run, in any source; and the count left out per source."""
-    patient = twins.dropna().astype(str).str.extract(r"^(\d{8})_")[0].astype(float)
-    patient = patient.reindex(table.index)
-    held_out = set(patient[table[split_col].isin(("val", "test")) & patient.notna()])
-    leaks = (table[split_col] == "train") & patient.isin(held_out)
-    # An NIH source's own rows are split by patient already; only a twin in another source leaks.
-    counts = {str(k): int(v) for k, v in table.loc[leaks, source_col].value_counts().items()}
+    """``table`` with no image in training whose NIH patient (from its twin's name) validates or is
+    tested, and no evaluated twin of an NIH training patient; and the rows changed, per reason.
+
+    The NIH-named sources' splits decide (NIH's by patient, Google's val/test sets): a training row
+    of another source (RSNA) whose NIH patient is held out there leaves training; an RSNA
+    validation or test row whose NIH patient trains there joins training instead, so no image is
+    evaluated after being trained on. An NIH training row whose patient is in Google's sets leaves
+    training too."""
+    patient = twins.astype(object).where(twins.notna(), "").astype(str).str.extract(r"^(\d{8})_")[0]
+    anchor = table[source_col].map(lambda n: kinds.get(n) in NIH_NAMED).astype(bool)
+    split = table[split_col]
+    known = patient.notna()
+    held = set(patient[anchor & known & split.isin(("val", "test"))])
+    trains = set(patient[anchor & known & (split == "train")]) - held
+    leaks = (split == "train") & known & patient.isin(held)
+    joins = ~anchor & known & split.isin(("val", "test")) & patient.isin(trains)
+    counts = {f"{k}: {LEFT_OUT}": int(v) for k, v in table.loc[leaks, source_col].value_counts().items()}
+    counts |= {f"{k}: {JOINED}": int(v) for k, v in table.loc[joins, source_col].value_counts().items()}
     if counts:
-        log.info("Left out of training, %s: %s", LEFT_OUT, counts)
-    out = table.loc[~leaks]
+        log.info("NIH twins across sources: %s", counts)
+    out = table.copy()
+    out.loc[joins, split_col] = "train"
+    out = out.loc[~leaks]
     out.attrs.update(table.attrs)
     return out, counts

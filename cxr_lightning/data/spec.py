@@ -82,6 +82,8 @@ class DataSpec:
     no_finding_keep: float = 0.5
     sampler_seed: int = 0
     train_boxes: bool = False
+    # NIH's boxed-image protocol: {folds, fold, trained} (cxr_lightning.data.boxes.check_box_folds).
+    boxes: Mapping[str, Any] | None = None
     max_pixels: int = MAX_PIXELS  # the decoder's pixel budget per image (data/images.py)
     boxes: Mapping[str, Any] | None = None  # data.boxes: NIH's boxed-image protocol (data/boxes.py)
 
@@ -113,6 +115,7 @@ class DataSpec:
         label_map: Mapping[str, str] | None = None,
         cache_dir: str | os.PathLike = ".cache",
         demo: Mapping[str, Any] | None = None,
+        reader_vote: str | None = None,
         **options: Any,
     ) -> DataSpec:
         """The spec of a data config's keys (as Hydra composes ``conf/data/<name>.yaml``), checked.
@@ -137,6 +140,7 @@ class DataSpec:
             if not isinstance(sources, Mapping) or not sources:
                 raise ConfigError("data.sources must map a name to {source, root, ...}; see conf/data/pooled.yaml.")
             specs = tuple(_source_spec(str(name), entry, label_table, uncertain) for name, entry in sources.items())
+            specs = tuple(_with_reader_vote(s, reader_vote) for s in specs)
         else:
             if source == POOLED:
                 raise ConfigError(
@@ -153,6 +157,7 @@ class DataSpec:
                     own,
                 ),
             )
+            specs = tuple(_with_reader_vote(s, reader_vote) for s in specs)
         if isinstance(labels, str):  # labels=<space> composed into data.labels by an old config
             label_space, labels = labels, None
         spec = cls(
@@ -202,6 +207,14 @@ class DataSpec:
         mp = self.max_pixels
         if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
             raise ConfigError(f"data.max_pixels={mp!r}: the pixel budget is a positive number of pixels.")
+
+
+def _with_reader_vote(spec: SourceSpec, reader_vote: str | None) -> SourceSpec:
+    """``data.reader_vote`` for a source that has several readers (VinDr-CXR), unless its own
+    ``data.sources.<name>.reader_vote`` says otherwise."""
+    if reader_vote is None or "reader_vote" not in sources.get(spec.source).options or "reader_vote" in spec.options:
+        return spec
+    return dataclasses.replace(spec, options={**spec.options, "reader_vote": reader_vote})
 
 
 def _source_spec(name: str, entry: Any, label_table: str, uncertain: str) -> SourceSpec:

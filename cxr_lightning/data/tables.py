@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_lightning.data import boxes as box_lists
-from cxr_lightning.data import cohort, label_spaces, nih
-from cxr_lightning.data.boxes import check_box_folds
+from cxr_lightning.data import cohort, label_spaces, leakage, nih
+from cxr_lightning.data.boxes import box_fold_split, check_box_folds
 from cxr_lightning.data.dataset import find_unreadable
 from cxr_lightning.data.label_spaces import LabelSpace
 from cxr_lightning.data.sources.base import Source
@@ -87,6 +86,7 @@ class SourceTables:
     unavailable_labels: list[str]
     left_out: dict[str, int]
     bbox_table: pd.DataFrame | None = None
+    # NIH's boxed-image protocol as applied to this source (boxes.BoxFolds.record()), else None.
     box_protocol: dict | None = None
 
 
@@ -115,8 +115,12 @@ class SplitTables:
     left_out: dict[str, int] = field(default_factory=dict)
     label_space: str = "nih14"
     per_source: dict[str, SourceTables] = field(default_factory=dict)
-    # NIH's boxed-image protocol (data.boxes.folds), as applied: boxes.BoxFolds.record().
-    box_protocol: dict | None = None
+
+    @property
+    def box_protocol(self) -> dict | None:
+        """NIH's boxed-image protocol (``data.boxes.folds``) as applied, per source that has it."""
+        applied = {n: p.box_protocol for n, p in self.per_source.items() if p.box_protocol is not None}
+        return applied or None
 
     @property
     def label_cols(self) -> list[str]:
@@ -143,10 +147,21 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
     checkpoint's (scored on other data); ``spec.only_splits`` (evaluate) asks for those splits' rows
     and images only: the others may be empty or absent, and their missing images are no error.
     """
+    kinds = {s.name: s.source for s in spec.sources}
+    # Before any file is read: RSNA pooled with NIH images needs the file that links its twins.
+    mappings = leakage.check_pooling(kinds, {s.name: _root(spec, s) for s in spec.sources},
+                                     {s.name: s.options for s in spec.sources})
     readers = [s.create(_root(spec, s)) for s in spec.sources]
+    if check_box_folds(spec.boxes) is not None and not any(r.nih_layout for r in readers):
+        names = ", ".join(s.source for s in spec.sources)
+        raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={names} has no NIH box list.")
     space = label_space(spec, readers)
     parts = [source_table(spec, s, reader, space, workers) for s, reader in zip(spec.sources, readers)]
     table = pool(parts, spec.pooled)
+    twins_left_out: dict[str, int] = {}
+    if sum(k in leakage.NIH_NAMED + leakage.MAPPED for k in kinds.values()) > 1:
+        twins = leakage.nih_twins(table, kinds, mappings, SOURCE)
+        table, twins_left_out = leakage.leave_out_twins(table, twins, kinds, source_col=SOURCE)
     table, age_fill = add_demographics(table, spec, parts)
     tables = split_tables(table, spec)
     names = list(space.labels)
@@ -159,6 +174,7 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
         for reason, n in p.left_out.items():
             key = f"{p.spec.name}: {reason}" if spec.pooled else reason
             left_out[key] = left_out.get(key, 0) + n
+    left_out.update(twins_left_out)
     boxes = [p.bbox_table for p in parts if p.bbox_table is not None]
     return SplitTables(
         tables=tables,
@@ -174,7 +190,6 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
         left_out=left_out,
         label_space=space.name,
         per_source={p.spec.name: p for p in parts},
-        box_protocol=next((p.box_protocol for p in parts if p.box_protocol is not None), None),
     )
 
 
@@ -223,22 +238,12 @@ def source_table(spec: DataSpec, s: SourceSpec, reader: Source, space: LabelSpac
             full, list(space.labels), encoded=encoded, images_per_visit=not reader.nih_layout
         )
     frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
-    frontal["split"] = assign_splits(frontal, reader, spec)
-    bbox_table = reader.read_boxes()
-    box_protocol = None
-    box_folds = check_box_folds(spec.boxes)
-    if box_folds is not None:
-        if not reader.nih_layout or bbox_table is None:
-            raise ConfigError(f"data.boxes.folds is NIH's boxed-image protocol; data={s.source} has no NIH box list.")
-        # After the train_val folds: the boxed patients it moves train in every one of them.
-        frontal["split"], moved = box_lists.box_fold_split(
-            frontal, frontal["split"], bbox_table, seed=spec.split_seed, **box_folds
-        )
-        box_protocol = moved.record()
-        log.info("NIH boxed-image protocol: %s", box_protocol["test"])
+    split = assign_splits(frontal, reader, spec)
+    frontal["split"] = split
     table = find_images(frontal, reader, spec, workers)
     table[SOURCE] = s.name
-    return SourceTables(s, table, data.label_table, unavailable, left_out, bbox_table, box_protocol)
+    return SourceTables(s, table, data.label_table, unavailable, left_out, reader.read_boxes(),
+                        split.attrs.get("box_protocol"))
 
 
 def frontal_views(full: pd.DataFrame, name: str, left_out: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -267,7 +272,16 @@ def assign_splits(table: pd.DataFrame, reader: Source, spec: DataSpec) -> pd.Ser
         fold_ids = cohort.patient_folds(table[trainval], spec.folds, spec.split_seed)
         split = split.copy()
         split[trainval] = np.where(fold_ids == spec.fold, "val", "train")
+    box_folds = check_box_folds(spec.boxes)
+    protocol = None
+    if box_folds is not None and reader.nih_layout:
+        # After the train_val folds: the boxed patients moved train in every one of them.
+        split, moved = box_fold_split(table, split, reader.read_boxes(), seed=spec.split_seed, **box_folds)
+        protocol = moved.record()
+        log.info("NIH boxed-image protocol (%s): %s", reader.name, protocol["test"])
     cohort.check_patient_disjoint(table.assign(split=split), "split")
+    # Read by source_table into the run's record of the protocol (metrics.json's box_protocol).
+    split.attrs["box_protocol"] = protocol
     return split
 
 

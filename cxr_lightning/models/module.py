@@ -108,6 +108,7 @@ class CXRClassifier(pl.LightningModule):
             raise ConfigError(f"loss.box_fusion={self.box_fusion!r}: expected one of {list(FUSIONS)}.")
         # (image, finding) pairs the box term was computed on, this process: metrics.json reports it.
         self.box_pairs_seen = 0
+        self.box_loss_sum, self.box_loss_steps = 0.0, 0  # the term's mean over the steps with boxes
         self.criterion: nn.Module | None = None
         if pos_frac is not None:
             self._build_criterion(pos_frac)
@@ -242,6 +243,9 @@ class CXRClassifier(pl.LightningModule):
         self.log("train/box_loss", box_loss.detach(), on_step=True, on_epoch=False, sync_dist=False)
         self.log("train/box_weight", weight, on_step=True, on_epoch=False, sync_dist=False)
         self.box_pairs_seen += len(batch["box_pairs"])
+        if len(batch["box_pairs"]):
+            self.box_loss_sum += float(box_loss.detach())
+            self.box_loss_steps += 1
         loss = self.criterion(logits, batch["labels"]) + weight * box_loss
         return self._scored(batch, "train", logits, loss)
 

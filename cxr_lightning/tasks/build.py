@@ -65,7 +65,11 @@ def build_model(cfg: DictConfig, dm: CXRDataModule | None = None) -> CXRClassifi
     labels = expected_label_names(cfg.data)
     stats = {}
     if dm is not None and dm.tables is not None:
-        stats = {"pos_frac": dm.label_stats["pos_frac"].tolist(), "age_fill": float(dm.age_fill), "sampler": dm.sampler_record}
+        stats = {
+            "pos_frac": dm.label_stats["pos_frac"].tolist(),
+            "age_fill": float(dm.age_fill),
+            "sampler": dm.sampler_record,
+        }
     backbone = resolve_backbone(_plain(cfg.backbone))
     backbone["cam_layer"] = cam_layer_of(backbone)
     config = _plain(cfg)
@@ -153,7 +157,9 @@ def _partial(node: Any, key: str, choices: str, drop: tuple[str, ...] = ()):
     try:
         return hydra.utils.instantiate(node)
     except hydra.errors.InstantiationException as exc:
-        raise ConfigError(f"{key}._target_={node._target_}: {exc}. Pick {choices} or a class path that exists.") from None
+        raise ConfigError(
+            f"{key}._target_={node._target_}: {exc}. Pick {choices} or a class path that exists."
+        ) from None
 
 
 def _plain(node: Any) -> Any:
@@ -189,7 +195,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 # Always as trained: these define the split, the labels or the model's inputs.
 SPLIT_DEFINING = frozenset(
     {"source", "sources", "demo", "image_size", "val_fraction", "test_fraction", "split_seed", "fold", "folds",
-     "prior_labels", "drop_no_finding", "labels", "label_space", "age_fill", "only_splits", "boxes"}
+     "prior_labels", "drop_no_finding", "labels", "label_space", "age_fill", "only_splits", "boxes", "reader_vote"}
 )
 # An external source's data config: what its own conf/data/<source>.yaml says (where the files
 # are, how to load them, its split settings); never the model's inputs, which the checkpoint owns.
@@ -199,7 +205,7 @@ EXTERNAL_KEYS = frozenset(
 )
 # Every data.* key a config may give: DataSpec's fields and the keys of one source.
 DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataSpec)) | {
-    "source", "root", "label_table", "uncertain", "labels", "table", "columns", "label_map"}
+    "source", "root", "label_table", "uncertain", "labels", "table", "columns", "label_map", "reader_vote"}
 
 
 def external_choices() -> str:
@@ -301,8 +307,8 @@ def check_compatible(model: CXRClassifier, dm: CXRDataModule) -> None:
     if list(dm.label_names) != list(model.hparams.label_names):
         raise CheckpointError(
             f"The checkpoint predicts {len(model.hparams.label_names)} labels {list(model.hparams.label_names)}, "
-            f"the data gives {len(dm.label_names)} {list(dm.label_names)}; set data.drop_no_finding and labels= to match "
-            "the checkpoint."
+            f"the data gives {len(dm.label_names)} {list(dm.label_names)}; set data.drop_no_finding and labels= "
+            "to match the checkpoint."
         )
     if list(dm.meta_names) != list(model.hparams.meta_names):
         raise CheckpointError(

@@ -61,6 +61,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         dm.save_split(out)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    boxes = dm.training_boxes() if box_weight(cfg) > 0 else None
+    boxes_record = {"count": boxes.count if boxes else 0, "by_source": boxes.by_source if boxes else {}}
 
     # The monitoring ModelCheckpoint: trainer.checkpoint_callback may be another Checkpoint subclass.
     checkpoint = next(
@@ -103,8 +105,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "sampler": dict(model.hparams.get("sampler") or dm.sampler_record),
         "pos_frac": list(model.hparams.pos_frac or []),
         "box_weight": box_weight(cfg),
-        "boxes_trained_on": dm.training_boxes().count if box_weight(cfg) > 0 else 0,
+        "boxes_trained_on": boxes_record["count"],
+        # The same boxes per source and label, the pairs the box term saw, and NIH's protocol.
+        "boxes_trained_on_by_source": boxes_record["by_source"],
         "box_pairs_seen": int(model.box_pairs_seen),
+        "box_loss_mean": model.box_loss_sum / model.box_loss_steps if model.box_loss_steps else None,
+        # Rows of the sources' files no split holds, by reason (laterals, an NIH twin held out...).
+        "left_out": {str(k): int(v) for k, v in dm.tables.left_out.items()},
         "box_protocol": dm.box_protocol,
         "seed": cfg.seed,
         "image_size": dm.image_size,

@@ -48,12 +48,14 @@ def test_vindr_reads_images_as_rows_under_the_readers_vote(tmp_path, layout, vot
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     assert table.at[a, "finding:Pleural effusion"] == 1.0  # 2 of 3 readers
     assert table.at[b, "finding:Nodule/Mass"] == (1.0 if vote == "any" else 0.0)  # 1 of 3
-    assert table.at[c, "finding:No finding"] == 1.0 and table.at[a, "finding:No finding"] == (1.0 if vote == "any" else 0.0)
+    assert table.at[c, "finding:No finding"] == 1.0
+    assert table.at[a, "finding:No finding"] == (1.0 if vote == "any" else 0.0)
     assert table.at[a, "Patient Age"] == 45 and table.at[a, "Patient Gender"] == "F"  # from the DICOM header
     assert np.isnan(table.at[b, "Patient Age"])
     assert table["path"].map(lambda p: Path(p).is_file()).all()
     if layout == "physionet":
-        assert table.at["d" * 32, "official_split"] == "test" and table.at["d" * 32, "finding:Pulmonary fibrosis"] == 1.0
+        assert table.at["d" * 32, "official_split"] == "test"
+        assert table.at["d" * 32, "finding:Pulmonary fibrosis"] == 1.0
         assert table["official_split"].isna().sum() == 3
         assert "finding:Pneumonia" in table.columns  # PhysioNet gives the global labels too
     else:
@@ -63,7 +65,7 @@ def test_vindr_reads_images_as_rows_under_the_readers_vote(tmp_path, layout, vot
     # Every reader's box of a finding the vote calls positive, by concept.
     expected = {(a, "Effusion", "R1", EFFUSION_R1[1:]), (a, "Effusion", "R2", EFFUSION_R2[1:])}
     if vote == "any":
-        expected.add((b, "Nodule/Mass", "R4", NODULE_R1[1:]))
+        expected.add((b, "Nodule or Mass", "R4", NODULE_R1[1:]))
     if layout == "physionet":
         expected.add(("d" * 32, "Fibrosis", "R_consensus", FIBROSIS[1:]))
     got = {(r["Image Index"], r["Finding Label"], r["Reader"], (r.x, r.y, r.x + r.w, r.y + r.h))
@@ -93,7 +95,8 @@ def test_vindr_errors_name_the_file_and_row(tmp_path):
     lines = boxes.read_text().splitlines()
     lines[1] = lines[1].replace(",10.0,", ",wide,")
     boxes.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"annotations_train.csv: 1 row\(s\) with a box that is not four numbers.*line 2"):
+    message = r"annotations_train.csv: 1 row\(s\) with a box that is not four numbers.*line 2"
+    with pytest.raises(DataError, match=message):
         vindr_cxr.read_boxes(root)
     with pytest.raises(DataError, match="no VinDr-CXR label table.*image_labels_train.csv.*train.csv"):
         vindr_cxr.read(tmp_path)
@@ -127,7 +130,8 @@ def test_rsna_reads_one_row_per_image_and_its_boxes(tmp_path, class_info):
 
 
 def test_rsna_mapping_and_errors(tmp_path):
-    root = write_rsna(tmp_path / "r", rsna_images(), mapping={"p1-opacity": "00000003_000.png", "p2-normal": "00000001_000.png"})
+    mapping = {"p1-opacity": "00000003_000.png", "p2-normal": "00000001_000.png"}
+    root = write_rsna(tmp_path / "r", rsna_images(), mapping=mapping)
     mapping = rsna_pneumonia.read_mapping(root / rsna_pneumonia.MAPPING)
     assert mapping.to_dict() == {"p1-opacity": "00000003_000.png", "p2-normal": "00000001_000.png"}
     (tmp_path / "bad.json").write_text('{"img_id": "x"}')
@@ -145,7 +149,7 @@ def test_vindr_boxes_scale_by_each_dicoms_size_and_keep_their_readers(tmp_path):
     root = write_vindr(tmp_path / "v", vindr_images())
     table = vindr_cxr.read(root).table.assign(source="vindr")
     boxes = vindr_cxr.read_boxes(root)
-    got = image_boxes(table, boxes, ["Effusion", "Fibrosis", "Nodule/Mass"], image_size=64)
+    got = image_boxes(table, boxes, ["Effusion", "Fibrosis", "Nodule or Mass"], image_size=64)
     assert got.count == 3 and got.by_source == {"vindr": {"Effusion": 2, "Fibrosis": 1}}
     a = list(table["Image Index"]).index("a" * 32)
     rows, cols = 96, 80  # every fixture image: not square
@@ -183,3 +187,23 @@ def test_demo_box_copies_move_training_boxes_into_vindr_and_rsna(tiny_demo, tmp_
     vindr = vindr_cxr.read_boxes(root / "vindr_cxr")
     assert len(vindr) == 2 * len(local) == counts["vindr_boxes"] > 0
     assert set(vindr["Reader"]) == {"R1", "R2"}
+
+
+@pytest.mark.parametrize("layout", ["physionet", "kaggle"])
+def test_inspect_counts_images_and_boxes_from_the_label_tables_alone(tmp_path, layout):
+    from cxr_lightning.data.spec import DataSpec
+    from cxr_lightning.tasks.inspect import inspect_spec
+
+    ims = vindr_images() if layout == "physionet" else vindr_images()[:3]
+    vindr = write_vindr(tmp_path / "v", ims, layout=layout, dicoms=False)  # Kaggle: train.csv alone
+    rsna = write_rsna(tmp_path / "r", rsna_images(), class_info=False, dicoms=False)  # the labels file alone
+    record = inspect_spec(DataSpec.from_options(sources={"vindr": {"source": "vindr_cxr", "root": str(vindr)},
+                                                         "rsna": {"source": "rsna_pneumonia", "root": str(rsna)}},
+                                                label_space="union"))
+    v, r = record["sources"]["vindr"], record["sources"]["rsna"]
+    # Recount by hand: images (not reads, not box rows), and each label's boxes.
+    assert v["rows"] == len(ims) and r["rows"] == 3
+    expected = {"Effusion": 2} | ({"Fibrosis": 1} if layout == "physionet" else {})
+    assert v["boxes"] == expected  # majority: the one-reader Nodule/Mass box is not kept
+    assert r["boxes"] == {"Pneumonia": 2}
+    assert r["labels"]["No Finding"]["unavailable"]  # no class info: not guessed

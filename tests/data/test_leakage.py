@@ -22,7 +22,7 @@ def pooled_table() -> pd.DataFrame:
         ("nih", "00000001_000.png", "train"), ("nih", "00000002_000.png", "val"), ("nih", "00000003_001.png", "test"),
         # RSNA, all drawn into training: twins of patient 1 (fine), 2 (val) and 3's other image (test patient).
         ("rsna", "r-of-1", "train"), ("rsna", "r-of-2", "train"), ("rsna", "r-of-3", "train"),
-        ("rsna", "r-unmapped", "train"), ("rsna", "r-val-of-2", "val"),
+        ("rsna", "r-unmapped", "train"), ("rsna", "r-val-of-2", "val"), ("rsna", "r-test-of-1", "test"),
         # Google's expert labels: NIH names; its test image of patient 1 leaks patient 1's training rows.
         ("google", "00000001_000.png", "test"),
     ]
@@ -31,7 +31,7 @@ def pooled_table() -> pd.DataFrame:
 
 def test_twins_of_held_out_patients_leave_training(tmp_path):
     mapping = {"r-of-1": "00000001_000.png", "r-of-2": "00000002_000.png", "r-of-3": "00000003_000.png",
-               "r-val-of-2": "00000002_000.png"}
+               "r-val-of-2": "00000002_000.png", "r-test-of-1": "00000001_001.png"}
     root = write_rsna(tmp_path / "rsna", [RSNAImage(p, "Normal") for p in [*mapping, "r-unmapped"]], mapping=mapping,
                       dicoms=False)
     kinds = {"nih": "nih", "rsna": "rsna_pneumonia"}
@@ -42,16 +42,19 @@ def test_twins_of_held_out_patients_leave_training(tmp_path):
     assert twins.iloc[:6].tolist() == ["00000001_000.png", "00000002_000.png", "00000003_001.png",
                                        "00000001_000.png", "00000002_000.png", "00000003_000.png"]
     assert pd.isna(twins.iloc[6]) and twins.iloc[7] == "00000002_000.png"  # unmapped: no twin
-    kept, counts = leakage.leave_out_twins(table, twins)
-    # Counted by hand: r-of-2 (patient 2 validates), r-of-3 (patient 3 is tested).
-    assert counts == {"rsna": 2}
+    kept, counts = leakage.leave_out_twins(table, twins, kinds)
+    # Counted by hand: r-of-2 (patient 2 validates) and r-of-3 (patient 3 is tested) leave training;
+    # r-test-of-1 (patient 1 trains) joins training; r-val-of-2 stays in validation.
+    assert counts == {f"rsna: {leakage.LEFT_OUT}": 2, f"rsna: {leakage.JOINED}": 1}
     assert sorted(set(table["Image Index"]) - set(kept["Image Index"])) == ["r-of-2", "r-of-3"]
+    split = kept.set_index("Image Index")["split"]
+    assert split["r-test-of-1"] == "train" and split["r-val-of-2"] == "val"
 
     # With Google's test image of patient 1, NIH's own training image of patient 1 and its RSNA twin go too.
     table = pooled_table()
     kinds = {"nih": "nih", "rsna": "rsna_pneumonia", "google": "nih_google"}
-    kept, counts = leakage.leave_out_twins(table, leakage.nih_twins(table, kinds, found))
-    assert counts == {"rsna": 3, "nih": 1}
+    kept, counts = leakage.leave_out_twins(table, leakage.nih_twins(table, kinds, found), kinds)
+    assert counts == {f"rsna: {leakage.LEFT_OUT}": 3, f"nih: {leakage.LEFT_OUT}": 1}
 
 
 @pytest.mark.parametrize("other", ["nih", "nih_google", "demo"])

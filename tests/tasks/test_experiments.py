@@ -42,7 +42,13 @@ def _sweep_list(cfg, key: str) -> list[str]:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_resolves_and_validates(name, tiny_demo, tmp_path):
-    cfg = compose_config([f"experiment={name}", f"data.root={tiny_demo}", f"paths.output_dir={tmp_path}"])
+    roots = [f"data.root={tiny_demo}"]
+    if name.startswith("box_study"):  # pooled: each source's root
+        for source in ("vindr", "rsna"):
+            (tmp_path / source).mkdir()
+        roots = [f"data.sources.nih.root={tiny_demo}", f"data.sources.vindr.root={tmp_path / 'vindr'}",
+                 f"data.sources.rsna.root={tmp_path / 'rsna'}"]
+    cfg = compose_config([f"experiment={name}", *roots, f"paths.output_dir={tmp_path}"])
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     validate_config(cfg)
     # What the experiment sets is what the run gets: each plain value of its yaml, at its key.

@@ -20,7 +20,16 @@ README, ``inspect`` and pooled runs all read this registry.
 
 from __future__ import annotations
 
-from cxr_lightning.data.sources import chexpert, csv, mimic_cxr, nih, nih_google, padchest  # noqa: F401  (registers them)
+from cxr_lightning.data.sources import (  # noqa: F401  (registers them)
+    chexpert,
+    csv,
+    mimic_cxr,
+    nih,
+    nih_google,
+    padchest,
+    rsna_pneumonia,
+    vindr_cxr,
+)
 from cxr_lightning.data.sources.base import Source, create, get, harmonisations, names, register
 
 __all__ = ["Source", "create", "get", "harmonisations", "names", "register"]

@@ -24,6 +24,7 @@ import pandas as pd
 
 from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,22 @@ HARMONISATION: dict[str, tuple[str, ...]] = {
     LUNG_OPACITY: ("Pneumonia",),
     NORMAL: ("No Finding",),
 }
+
+
+@register
+class RSNAPneumonia(Source):
+    name = NAME
+    title = "RSNA Pneumonia Detection Challenge"
+    harmonisation = HARMONISATION
+    # mapping: RSNA's mapping file when it is not in data.root (see cxr_lightning.data.leakage).
+    options = ("mapping",)
+    hint = f"Point data.root at the challenge's files ({LABELS}, {CLASS_INFO}, {IMAGES}/<patientId>.dcm)."
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table)
+
+    def read_boxes(self) -> pd.DataFrame | None:
+        return read_boxes(self.root)
 
 
 def read(root: Path, label_table: str = "auto", headers: bool = True) -> common.SourceData:
@@ -78,7 +95,10 @@ def read(root: Path, label_table: str = "auto", headers: bool = True) -> common.
                             "(Lung Opacity is Target 1). Use the files as published.")
         findings[NORMAL] = (cls == NORMAL).astype(float)
     image_paths = str(root) + "/" + IMAGES + "/" + ids + ".dcm"
-    demo = common.dicom_demographics(image_paths, NAME) if headers else pd.DataFrame(index=ids.index, columns=["age", "sex", "view"])
+    if headers:
+        demo = common.dicom_demographics(image_paths, NAME)
+    else:
+        demo = pd.DataFrame(index=ids.index, columns=["age", "sex", "view"])
     view = demo["view"]
     table = common.standard_table(
         pd.DataFrame(index=ids.index),
@@ -124,7 +144,9 @@ def read_mapping(path: Path) -> pd.Series:
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; download {MAPPING} from {MAPPING_URL}.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not RSNA's JSON mapping file ({exc}); download it again from {MAPPING_URL}.") from None
+        raise DataError(
+            f"{path} is not RSNA's JSON mapping file ({exc}); download it again from {MAPPING_URL}."
+        ) from None
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of {{subset_img_id, img_id, ...}} objects as RSNA publishes it.")
     rsna, nih = [], []

@@ -31,6 +31,7 @@ import pandas as pd
 
 from cxr_lightning.data.boxes import DICOM_PIXELS
 from cxr_lightning.data.sources import common
+from cxr_lightning.data.sources.base import Source, register
 from cxr_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ HARMONISATION: dict[str, tuple[str, ...]] = {
     "Lung cavity": ("Lung cavity",),
     "Lung cyst": ("Lung cyst",),
     "Mediastinal shift": ("Mediastinal shift",),
-    # One class for NIH's two: a positive is not known to be a Nodule or a Mass, so neither NIH label.
-    "Nodule/Mass": ("Nodule/Mass",),
+    # One class for NIH's two: a positive is not known to be a Nodule or a Mass, so neither NIH label;
+    # a concept of its own, spelled without the "/" a label name (it names files) may not hold.
+    "Nodule/Mass": ("Nodule or Mass",),
     "Pleural effusion": ("Effusion",),
     "Pleural thickening": ("Pleural_Thickening",),
     "Pneumothorax": ("Pneumothorax",),
@@ -106,8 +108,30 @@ def layout(root: Path) -> str:
     )
 
 
+@register
+class VinDrCXR(Source):
+    name = NAME
+    title = "VinDr-CXR"
+    harmonisation = HARMONISATION
+    options = ("reader_vote",)
+    hint = (f"Point data.root at VinDr-CXR as downloaded: PhysioNet's 1.0.0/ folder ({PHYSIONET_LABELS['train']}, "
+            f"{PHYSIONET_BOXES['train']}, train/<image_id>.dicom) or Kaggle's ({KAGGLE_TABLE}, train/).")
+
+    def __init__(self, root: str | Path, label_table: str = "auto", **options: object) -> None:
+        super().__init__(root, label_table, **options)
+        self.reader_vote = check_vote(str(options.get("reader_vote") or "majority"))
+
+    def read(self) -> common.SourceData:
+        return read(self.root, self.label_table, self.reader_vote)
+
+    def read_boxes(self) -> pd.DataFrame | None:
+        return read_boxes(self.root, self.reader_vote)
+
+
 # --------------------------------------------------------------------------------------------------
-def read(root: Path, label_table: str = "auto", reader_vote: str = "majority", headers: bool = True) -> common.SourceData:
+def read(
+    root: Path, label_table: str = "auto", reader_vote: str = "majority", headers: bool = True
+) -> common.SourceData:
     """Read VinDr-CXR at ``root`` (either layout) into the standard table, one row per image."""
     check_vote(reader_vote)
     if label_table != "auto":
@@ -118,7 +142,10 @@ def read(root: Path, label_table: str = "auto", reader_vote: str = "majority", h
     split = votes["split"]
     ids = votes.index.to_series(index=votes.index)
     path = str(root) + "/" + split.map({"train": "train", "test": "test"}) + "/" + ids + ".dicom"
-    demo = common.dicom_demographics(path, NAME) if headers else pd.DataFrame(index=votes.index, columns=["age", "sex", "view"])
+    if headers:
+        demo = common.dicom_demographics(path, NAME)
+    else:
+        demo = pd.DataFrame(index=votes.index, columns=["age", "sex", "view"])
     view = demo["view"]
     frame = pd.DataFrame(index=votes.index)
     table = common.standard_table(
@@ -150,11 +177,14 @@ def read_boxes(root: Path, reader_vote: str = "majority") -> pd.DataFrame:
     if layout(root) == "kaggle":
         parts.append(_box_rows(_kaggle_table(root / KAGGLE_TABLE), root / KAGGLE_TABLE))
     else:
-        for split, name in PHYSIONET_BOXES.items():
+        for name in PHYSIONET_BOXES.values():
             if (root / name).is_file():
                 raw = common.read_csv(root / name, (IMAGE_ID, CLASS_NAME) + BOX, "VinDr-CXR box table")
                 parts.append(_box_rows(_spelled(raw), root / name))
-    boxes = pd.concat(parts, ignore_index=True) if parts else _box_rows(pd.DataFrame(columns=[IMAGE_ID, CLASS_NAME]), root)
+    if parts:
+        boxes = pd.concat(parts, ignore_index=True)
+    else:
+        boxes = _box_rows(pd.DataFrame(columns=[IMAGE_ID, CLASS_NAME]), root)
     # Only where the image label is positive: a box of a finding the readers voted down guides nothing.
     positive = np.array([
         finding in votes.columns and image in votes.index and votes.at[image, finding] == 1.0
