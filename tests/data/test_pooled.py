@@ -234,3 +234,32 @@ def test_pooled_image_cache_is_one_per_source(tiny_demo, chexpert, tmp_path):
     plain = CXRDataModule(spec.replace(cache=False)).dataset("val")
     for i in (0, len(plain) - 1):
         assert np.array_equal(cached[i]["image"].numpy(), plain[i]["image"].numpy())
+
+
+def test_own_parquet_table_reads_as_its_csv(tiny_demo, tmp_path):
+    from cxr_lightning.data.tables import build_tables
+
+    pytest.importorskip("pyarrow")
+    table, own = _own_table(tiny_demo, "labels")
+    own.to_parquet(tmp_path / "own.parquet", index=False)
+    opts = {
+        "source": "csv",
+        "root": tiny_demo,
+        "columns": {"image": "file", "patient": "subject", "labels": "findings"},
+        "label_map": {"pleural fluid": "Effusion"},
+    }
+    from_csv = build_tables(DataSpec.from_options(**opts, table=str(table)))
+    from_parquet = build_tables(DataSpec.from_options(**opts, table=str(tmp_path / "own.parquet")))
+    assert from_csv.tables.keys() == from_parquet.tables.keys()
+    for split, frame in from_csv.tables.items():
+        other = from_parquet.tables[split]
+        assert len(frame) > 0 or split != "train"
+        assert list(frame["Image Index"]) == list(other["Image Index"])
+        numbers = frame.select_dtypes("number").columns
+        assert len(numbers) > 5  # labels, age, the prior visit's findings
+        pd.testing.assert_frame_equal(
+            frame[numbers].reset_index(drop=True), other[numbers].reset_index(drop=True), check_dtype=False
+        )
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"broken\.parquet is not a readable Parquet file"):
+        build_tables(DataSpec.from_options(**opts, table=str(tmp_path / "broken.parquet")))
