@@ -115,7 +115,8 @@ class CSVTable(Source):
                 raw = pd.read_parquet(path)
             except ImportError:
                 raise DataError(
-                    f"{path}: reading Parquet needs pyarrow (pip install "cxr-lightning[parquet]"), or save the table as CSV."
+                    f"{path}: reading Parquet needs pyarrow (pip install 'cxr-lightning[parquet]'), "
+                    "or save the table as CSV."
                 ) from None
             except Exception as exc:  # pyarrow's errors have no common base class worth naming here
                 raise DataError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}).") from None
