@@ -230,7 +230,9 @@ def test_box_loss_trains_the_backbone_of_a_real_timm_architecture():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["densenet121", "vgg19", "resnet50", "inception_v3", "mobilenetv2_100", "efficientnet_b3"])
+@pytest.mark.parametrize(
+    "name", ["densenet121", "vgg19", "resnet50", "inception_v3", "mobilenetv2_100", "efficientnet_b3"]
+)
 def test_every_studied_backbone_has_a_trainable_box_loss(name):
     from helpers import CONF_DIR
     from omegaconf import OmegaConf
@@ -245,20 +247,34 @@ def test_every_studied_backbone_has_a_trainable_box_loss(name):
         logits = model(torch.randn(1, 1, size, size), torch.zeros(1, 2))
     loss = box_attention_loss(outputs[-1], logits, pairs, masks)
     loss.backward()
-    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert torch.isfinite(loss) and any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters()
+    )
 
 
 def test_box_weight_warms_up_linearly_over_the_configured_epochs():
     assert [warmup_factor(step, 10, 2.0) for step in (0, 5, 10, 15, 20, 35)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor(0, 10, 0.0) == 1.0  # no warm-up: full weight from the first step
     with pytest.raises(ConfigError, match="box_warmup_epochs"):
-        CXRClassifier(backbone={"name": "test_resnet", "cam_layer": "layer4"}, head={"name": "baseline"},
-                      loss={"name": "bce", "box_weight": 1.0, "box_warmup_epochs": -1}, optimizer={},
-                      label_names=LABELS, meta_names=[], image_size=64)
+        CXRClassifier(
+            backbone={"name": "test_resnet", "cam_layer": "layer4"},
+            head={"name": "baseline"},
+            loss={"name": "bce", "box_weight": 1.0, "box_warmup_epochs": -1},
+            optimizer={},
+            label_names=LABELS,
+            meta_names=[],
+            image_size=64,
+        )
     with pytest.raises(ConfigError, match="box_fusion"):
-        CXRClassifier(backbone={"name": "test_resnet", "cam_layer": "layer4"}, head={"name": "baseline"},
-                      loss={"name": "bce", "box_weight": 1.0, "box_fusion": "vote"}, optimizer={},
-                      label_names=LABELS, meta_names=[], image_size=64)
+        CXRClassifier(
+            backbone={"name": "test_resnet", "cam_layer": "layer4"},
+            head={"name": "baseline"},
+            loss={"name": "bce", "box_weight": 1.0, "box_fusion": "vote"},
+            optimizer={},
+            label_names=LABELS,
+            meta_names=[],
+            image_size=64,
+        )
 
 
 def test_box_weight_needs_an_image_head():
@@ -304,12 +320,22 @@ def test_box_guided_fit_records_boxes_sampler_and_weights(tiny_demo, tmp_path):
     from cxr_lightning.tasks.train import train
 
     overrides = tiny_overrides(tiny_demo, tmp_path) + [
-        "loss.box_weight=1.0", "data.sampler=undersample_no_finding", "data.no_finding_keep=0.5", "test_after_fit=false",
+        "loss.box_weight=1.0",
+        "data.sampler=undersample_no_finding",
+        "data.no_finding_keep=0.5",
+        "test_after_fit=false",
     ]
     metrics = train(compose_config(overrides))
     written = json.loads((tmp_path / "metrics.json").read_text())
-    dm = CXRDataModule(source="nih", root=tiny_demo, image_size=64, num_workers=0,
-                       sampler="undersample_no_finding", no_finding_keep=0.5, sampler_seed=42)
+    dm = CXRDataModule(
+        source="nih",
+        root=tiny_demo,
+        image_size=64,
+        num_workers=0,
+        sampler="undersample_no_finding",
+        no_finding_keep=0.5,
+        sampler_seed=42,
+    )
     assert written["boxes_trained_on"] == dm.training_boxes().count > 0
     assert written["sampler"] == {"name": "undersample_no_finding", "seed": 42, "no_finding_keep": 0.5}
     hparams = checkpoint_hparams(metrics["best_checkpoint"])

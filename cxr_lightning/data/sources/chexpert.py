@@ -50,7 +50,9 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         raise ConfigError(f"data.label_table={label_table!r}: CheXpert always reads {TRAIN}, {VALID} and {TEST}; "
                           "leave it at auto.")
     root = common.existing_dir(root, "CheXpert")
-    files = {split: common.find_file(root, (name,), "", required=False) for split, name in (("val", VALID), (None, TRAIN))}
+    files = {
+        split: common.find_file(root, (name,), "", required=False) for split, name in (("val", VALID), (None, TRAIN))
+    }
     if not any(files.values()):
         common.find_file(root, (TRAIN, VALID), "CheXpert label table (train.csv, valid.csv)")
     test = common.find_file(root, (TEST,), "CheXpert test labels", required=False)
@@ -71,15 +73,27 @@ def _read_one(path: Path, split: str | None, root: Path) -> pd.DataFrame:
     common.reject(raw, raw[PATH].isna() | (raw[PATH] == ""), path, "an empty Path", PATH, "Every row names its image.")
     relative = raw[PATH].map(_without_prefix)
     ids = relative.str.extract(_PATH_PATTERN)
-    common.reject(raw, ids[0].isna(), path, "a Path not of the form [CheXpert-v1.0*/]<split>/patientNNNNN/studyN/viewN_<view>.jpg",
-                  PATH, f"Use the file as published at {URL}.")
+    common.reject(
+        raw,
+        ids[0].isna(),
+        path,
+        "a Path not of the form [CheXpert-v1.0*/]<split>/patientNNNNN/studyN/viewN_<view>.jpg",
+        PATH,
+        f"Use the file as published at {URL}.",
+    )
     patient, study = ids[0].astype("int64"), ids[1].astype("int64")
     for col in (SEX, AGE, FRONTAL_LATERAL, AP_PA):
         if col not in raw.columns:
             raw[col] = pd.NA
-    age = pd.to_numeric(raw[AGE].str.strip(), errors="coerce") if raw[AGE].notna().any() else pd.Series(float("nan"), index=raw.index)
+    age = (
+        pd.to_numeric(raw[AGE].str.strip(), errors="coerce")
+        if raw[AGE].notna().any()
+        else pd.Series(float("nan"), index=raw.index)
+    )
     bad_age = age.isna() & raw[AGE].notna() & (raw[AGE].astype(str).str.strip() != "")
-    common.reject(raw, bad_age, path, "an Age that is not a number", PATH, "Fix those cells or leave them blank (missing).")
+    common.reject(
+        raw, bad_age, path, "an Age that is not a number", PATH, "Fix those cells or leave them blank (missing)."
+    )
     lateral = _lateral(raw)
     view = raw[AP_PA].astype("string").str.strip().str.upper().where(~lateral, "LATERAL")
     view = view.where(~view.isin(["LL", "RL"]), "LATERAL")  # a few "Frontal" rows are lateral decubitus views

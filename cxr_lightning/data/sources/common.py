@@ -19,8 +19,8 @@ import gzip
 import logging
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,13 +108,21 @@ def describe_rows(frame: pd.DataFrame, mask: pd.Series, name_col: str) -> str:
 def reject(frame: pd.DataFrame, mask: pd.Series, path: Path, problem: str, name_col: str, fix: str) -> None:
     """DataError naming the file, the rows of ``mask`` and what to do, if any row is in ``mask``."""
     if mask.any():
-        raise DataError(f"{path}: {int(mask.sum())} row(s) with {problem}: {describe_rows(frame, mask, name_col)}. {fix}")
+        raise DataError(
+            f"{path}: {int(mask.sum())} row(s) with {problem}: {describe_rows(frame, mask, name_col)}. {fix}"
+        )
 
 
 def unique_names(frame: pd.DataFrame, col: str, path: Path) -> None:
     duplicated = frame[col].duplicated(keep=False)
-    reject(frame, duplicated, path, f"a {col} that occurs on more than one row", col,
-           "Each image must have exactly one row.")
+    reject(
+        frame,
+        duplicated,
+        path,
+        f"a {col} that occurs on more than one row",
+        col,
+        "Each image must have exactly one row.",
+    )
 
 
 def label_codes(frame: pd.DataFrame, columns: Sequence[str], path: Path, name_col: str) -> pd.DataFrame:
@@ -125,8 +133,14 @@ def label_codes(frame: pd.DataFrame, columns: Sequence[str], path: Path, name_co
         text = frame[col].str.strip()
         values = pd.to_numeric(text, errors="coerce")
         bad = (values.isna() & text.notna() & (text != "")) | (values.notna() & ~values.isin((1.0, 0.0, -1.0)))
-        reject(frame, bad, path, f"a {col!r} that is not 1.0, 0.0, -1.0 or blank (values "
-               f"{frame.loc[bad, col].head(_SHOW).tolist()})", name_col, "Fix those cells or use the file as published.")
+        reject(
+            frame,
+            bad,
+            path,
+            f"a {col!r} that is not 1.0, 0.0, -1.0 or blank (values {frame.loc[bad, col].head(_SHOW).tolist()})",
+            name_col,
+            "Fix those cells or use the file as published.",
+        )
         out[col] = values.fillna(0.0).astype(float)
     return pd.DataFrame(out, index=frame.index)
 
@@ -134,8 +148,9 @@ def label_codes(frame: pd.DataFrame, columns: Sequence[str], path: Path, name_co
 def visit_order(patients: pd.Series, *keys: pd.Series) -> pd.Series:
     """0-based visit number of each row within its patient, by ``keys`` (e.g. date, time): rows with
     equal keys are one visit (one study), so they share a number."""
-    frame = pd.DataFrame({"patient": patients.to_numpy(), **{f"k{i}": k.to_numpy() for i, k in enumerate(keys)}},
-                         index=patients.index)
+    frame = pd.DataFrame(
+        {"patient": patients.to_numpy(), **{f"k{i}": k.to_numpy() for i, k in enumerate(keys)}}, index=patients.index
+    )
     key_cols = [f"k{i}" for i in range(len(keys))]
     studies = frame.drop_duplicates().sort_values(["patient", *key_cols], kind="stable")
     studies["visit"] = studies.groupby("patient", sort=False).cumcount()
@@ -208,14 +223,22 @@ def check_paths(table: pd.DataFrame, root: Path, on_missing: str, hint: str) -> 
     first = table.loc[missing, "path"].head(_SHOW).tolist()
     source = table.attrs.get("source", "the label table")
     if missing.all():
-        raise DataError(f"none of the {len(table)} images listed in {source} were found below {root} (first: {first}). {hint}")
+        raise DataError(
+            f"none of the {len(table)} images listed in {source} were found below {root} (first: {first}). {hint}"
+        )
     if on_missing == "error":
         raise DataError(
             f"{int(missing.sum())} of {len(table)} images listed in {source} were not found below {root} "
             f"(first: {first}). {hint} Or set data.on_missing=skip to use only the images present."
         )
-    log.warning("%d of %d images listed in %s were not found below %s and are skipped (data.on_missing=skip); first: %s",
-                int(missing.sum()), len(table), source, root, first)
+    log.warning(
+        "%d of %d images listed in %s were not found below %s and are skipped (data.on_missing=skip); first: %s",
+        int(missing.sum()),
+        len(table),
+        source,
+        root,
+        first,
+    )
     out = table.loc[exists].reset_index(drop=True)
     out.attrs.update(table.attrs)
     return out
@@ -224,6 +247,7 @@ def check_paths(table: pd.DataFrame, root: Path, on_missing: str, hint: str) -> 
 def dicom_demographics(paths: pd.Series, source: str) -> pd.DataFrame:
     """Age, sex and view from the DICOM headers of the images present (NaN for the others): for
     sources whose label tables carry no demographics (VinDr-CXR, RSNA Pneumonia)."""
+
     def one(path: str) -> dict:
         if not Path(path).is_file():
             return {"age": None, "sex": None, "view": None}

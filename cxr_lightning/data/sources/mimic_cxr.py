@@ -70,7 +70,9 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
     for col in ("subject_id", "study_id"):
         meta[col] = _integers(meta, col, meta_path)
     date = pd.to_datetime(meta["StudyDate"].str.strip(), format="%Y%m%d", errors="coerce")
-    common.reject(meta, date.isna(), meta_path, "a StudyDate that is not YYYYMMDD", "dicom_id", "Use the file as published.")
+    common.reject(
+        meta, date.isna(), meta_path, "a StudyDate that is not YYYYMMDD", "dicom_id", "Use the file as published."
+    )
     time = pd.to_numeric(meta["StudyTime"].str.strip(), errors="coerce").fillna(0.0)
 
     raw_labels = common.read_csv(labels_path, LABEL_COLUMNS, "MIMIC-CXR-JPG labels")
@@ -97,8 +99,12 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
     labelled = meta["study_id"].isin(findings.index)
     left_out = {"no labels for the study": int((~labelled).sum())}
     if left_out["no labels for the study"]:
-        log.info("%s: %d image(s) of studies without a row in %s are left out", meta_path.name,
-                 left_out["no labels for the study"], labels_path.name)
+        log.info(
+            "%s: %d image(s) of studies without a row in %s are left out",
+            meta_path.name,
+            left_out["no labels for the study"],
+            labels_path.name,
+        )
     meta, date, visit, age, sex = (x[labelled] for x in (meta, date, visit, age, sex))
     view = meta["ViewPosition"].astype("string").str.strip().str.upper()
     subject = meta["subject_id"].astype(str)
@@ -110,8 +116,16 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
         age=age,
         sex=sex,
         view=view.astype(object).where(view.notna(), None),
-        path=str(root / "files") + "/p" + subject.str[:2] + "/p" + subject + "/s" + meta["study_id"].astype(str)
-        + "/" + meta["dicom_id"] + ".jpg",
+        path=str(root / "files")
+        + "/p"
+        + subject.str[:2]
+        + "/p"
+        + subject
+        + "/s"
+        + meta["study_id"].astype(str)
+        + "/"
+        + meta["dicom_id"]
+        + ".jpg",
         frontal=view.isin(common.FRONTAL_VIEWS).fillna(False),
         findings=findings.loc[meta["study_id"].to_numpy()].set_axis(meta.index),
         official_split=meta["dicom_id"].map(split_of).map(_SPLITS),
@@ -119,23 +133,34 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
     )
     unsplit = table[common.OFFICIAL_SPLIT].isna()
     if unsplit.any():
-        raise DataError(f"{split_path}: {int(unsplit.sum())} image(s) of {meta_path.name} have no split, e.g. "
-                        f"{table.loc[unsplit, 'Image Index'].head(5).tolist()}; use the two files of one release.")
+        raise DataError(
+            f"{split_path}: {int(unsplit.sum())} image(s) of {meta_path.name} have no split, e.g. "
+            f"{table.loc[unsplit, 'Image Index'].head(5).tolist()}; use the two files of one release."
+        )
     return common.SourceData(table, labels_path, list(CHEXPERT_OBSERVATIONS), left_out)
 
 
 def _integers(frame: pd.DataFrame, col: str, path: Path) -> pd.Series:
     values = pd.to_numeric(frame[col].str.strip(), errors="coerce")
-    common.reject(frame, values.isna() | (values % 1 != 0), path, f"a {col} that is not an integer", frame.columns[0],
-                  "Use the file as published.")
+    common.reject(
+        frame,
+        values.isna() | (values % 1 != 0),
+        path,
+        f"a {col} that is not an integer",
+        frame.columns[0],
+        "Use the file as published.",
+    )
     return values.astype("int64")
 
 
 def _demographics(meta: pd.DataFrame, date: pd.Series, patients_path: Path | None) -> tuple[pd.Series, pd.Series]:
     """Age at the study (``anchor_age + study year - anchor_year``) and sex; NaN without patients.csv."""
     if patients_path is None:
-        log.warning("No %s(.gz) in the MIMIC-CXR-JPG root: ages and sexes are flagged missing "
-                    "(put MIMIC-IV's hosp/patients.csv.gz there to use them).", PATIENTS)
+        log.warning(
+            "No %s(.gz) in the MIMIC-CXR-JPG root: ages and sexes are flagged missing "
+            "(put MIMIC-IV's hosp/patients.csv.gz there to use them).",
+            PATIENTS,
+        )
         nan = pd.Series(np.nan, index=meta.index)
         return nan.astype(float), nan.astype(object)
     patients = common.read_csv(patients_path, PATIENT_COLUMNS, "MIMIC-IV patients table")

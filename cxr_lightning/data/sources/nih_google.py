@@ -70,20 +70,30 @@ def read(root: Path, label_table: str = "auto") -> common.SourceData:
                 part = common.read_csv(path, (nih.IMAGE,) + GOOGLE_COLUMNS, "Google expert labels")
                 parts.append(part.assign(**{SET_ID: split_name}))
         if not parts:
-            common.find_file(root, (VALIDATION, TEST, TORCHXRAYVISION_COPY), f"Google expert labels (NIH-Google, from {URL})")
+            common.find_file(
+                root, (VALIDATION, TEST, TORCHXRAYVISION_COPY), f"Google expert labels (NIH-Google, from {URL})"
+            )
         google = pd.concat(parts, ignore_index=True)
         google[nih.IMAGE] = google[nih.IMAGE].str.strip()
         common.unique_names(google, nih.IMAGE, root / f"{VALIDATION} + {TEST}")
         labels_path = root / (VALIDATION if (root / VALIDATION).is_file() else TEST)
         nih_table = nih.read_label_table(nih.find_label_table(root)).set_index(nih.IMAGE)
         unknown = ~google[nih.IMAGE].isin(nih_table.index)
-        common.reject(google, unknown, labels_path, "an Image Index missing from the NIH label table", nih.IMAGE,
-                      "Put the NIH label table of the same release in the root.")
+        common.reject(
+            google,
+            unknown,
+            labels_path,
+            "an Image Index missing from the NIH label table",
+            nih.IMAGE,
+            "Put the NIH label table of the same release in the root.",
+        )
         table = nih_table.loc[google[nih.IMAGE]].reset_index()
         split, findings_source = google[SET_ID], google.reset_index(drop=True)
     findings = _codes(findings_source, labels_path)
     unsplit = split.isna()
-    common.reject(table, unsplit, labels_path, f"a {SET_ID} other than val or test", nih.IMAGE, "Use the file as published.")
+    common.reject(
+        table, unsplit, labels_path, f"a {SET_ID} other than val or test", nih.IMAGE, "Use the file as published."
+    )
     out = common.standard_table(
         table,
         image=table[nih.IMAGE],
@@ -112,6 +122,8 @@ def _codes(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     for col in GOOGLE_COLUMNS:
         text = frame[col].astype("string").str.strip().str.upper()
         values = text.map(_CODES)
-        common.reject(frame, values.isna(), path, f"a {col!r} other than YES or NO", nih.IMAGE, "Use the file as published.")
+        common.reject(
+            frame, values.isna(), path, f"a {col!r} other than YES or NO", nih.IMAGE, "Use the file as published."
+        )
         out[col] = values.astype(float)
     return pd.DataFrame(out, index=frame.index)

@@ -69,16 +69,26 @@ class PadChest(Source):
 def read(root: Path, label_table: str = "auto") -> common.SourceData:
     """Read the PadChest labels CSV at ``root`` into the standard table."""
     root = common.existing_dir(root, "PadChest")
-    path = common.find_file(root, (LABEL_TABLE if label_table == "auto" else label_table,), f"PadChest labels CSV (from {URL})")
+    path = common.find_file(
+        root, (LABEL_TABLE if label_table == "auto" else label_table,), f"PadChest labels CSV (from {URL})"
+    )
     raw = common.read_csv(path, COLUMNS, "PadChest labels CSV")
     raw["ImageID"] = raw["ImageID"].str.strip()
     common.reject(raw, raw["ImageID"].isna(), path, "an empty ImageID", "ImageID", "Every row names its image.")
     common.unique_names(raw, "ImageID", path)
     folder = pd.to_numeric(raw["ImageDir"].str.strip(), errors="coerce")
-    common.reject(raw, folder.isna() | (folder % 1 != 0), path, "an ImageDir that is not a folder number", "ImageID",
-                  "Use the file as published.")
+    common.reject(
+        raw,
+        folder.isna() | (folder % 1 != 0),
+        path,
+        "an ImageDir that is not a folder number",
+        "ImageID",
+        "Use the file as published.",
+    )
     date = pd.to_datetime(raw["StudyDate_DICOM"].str.strip(), format="%Y%m%d", errors="coerce")
-    common.reject(raw, date.isna(), path, "a StudyDate_DICOM that is not YYYYMMDD", "ImageID", "Use the file as published.")
+    common.reject(
+        raw, date.isna(), path, "a StudyDate_DICOM that is not YYYYMMDD", "ImageID", "Use the file as published."
+    )
 
     unlabelled = raw["Labels"].isna()
     left_out = {"no Labels": int(unlabelled.sum())}
@@ -132,6 +142,12 @@ def _findings(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
                 rows[i, column[finding]] = 1.0
     if bad:
         mask = pd.Series(np.isin(codes, bad), index=raw.index)
-        common.reject(raw, mask, path, "a Labels value that is not a list of strings such as ['normal']", "ImageID",
-                      "Use the file as published.")
+        common.reject(
+            raw,
+            mask,
+            path,
+            "a Labels value that is not a list of strings such as ['normal']",
+            "ImageID",
+            "Use the file as published.",
+        )
     return pd.DataFrame(rows[codes], columns=names, index=raw.index)
