@@ -2,6 +2,7 @@
 as rows, the readers' vote, every reader's box, DICOM headers, and errors that name the row."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -218,3 +219,21 @@ def test_nih_box_protocol_without_an_nih_source_is_refused_before_any_image_is_r
     spec = DataSpec.from_options(source="vindr_cxr", root=str(vindr), boxes={"folds": 3, "fold": 0})
     with pytest.raises(ConfigError, match=r"data.boxes.folds is NIH's boxed-image protocol; data=vindr_cxr has no NIH"):
         build_tables(spec)
+
+
+def test_box_sources_have_their_own_data_configs(tmp_path):
+    """`data=vindr_cxr` and `data=rsna_pneumonia` compose and read their label tables through inspect."""
+    from helpers import compose_config
+
+    from cxr_lightning.tasks.inspect import inspect
+
+    vindr = write_vindr(tmp_path / "v", vindr_images(), layout="physionet", dicoms=False)
+    rsna = write_rsna(tmp_path / "r", rsna_images(), class_info=False, dicoms=False)
+    for name, root, rows in (("vindr_cxr", vindr, len(vindr_images())), ("rsna_pneumonia", rsna, 3)):
+        out = tmp_path / f"{name}.json"
+        cfg = compose_config([f"data={name}", f"data.root={root}", f"output={out}", f"paths.output_dir={tmp_path}"],
+                             "inspect")
+        record = inspect(cfg)
+        (only,) = record["sources"].values()
+        assert only["source"] == name and only["rows"] == rows
+        assert json.loads(out.read_text())["sources"] == record["sources"]
