@@ -571,6 +571,7 @@ def curves_svg(history: pd.DataFrame) -> str:
     matplotlib; inline so the figure scales with the page and is text a test can read."""
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(title, [c for c in columns if c in history.columns], log) for title, columns, log in CURVE_PANELS]
     panels = [p for p in panels if p[1]]
@@ -585,6 +586,7 @@ def curves_svg(history: pd.DataFrame) -> str:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()

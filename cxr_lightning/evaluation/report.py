@@ -217,15 +217,18 @@ def _left_out(summary: Mapping[str, Any]) -> str:
     left_out = summary.get("left_out") or {}
     if not left_out:
         return ""
-    return " (frontal views only; left out of the source: " + ", ".join(f"{why}: {n}" for why, n in left_out.items()) + ")"
+    reasons = ", ".join(f"{why}: {n}" for why, n in left_out.items())
+    return f" (frontal views only; left out of the source: {reasons})"
 
 
 def _threshold_line(summary: Mapping[str, Any]) -> str:
     if summary.get("external") and not summary.get("n_images_val"):
         return f"- Thresholds: {summary['threshold_source']}: `{summary['thresholds_file']}`"
     saved = f", saved to `{summary['thresholds_file']}`" if summary.get("thresholds_file") else " (not saved)"
-    return (f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
-            f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`{saved}")
+    return (
+        f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
+        f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`{saved}"
+    )
 
 
 def _per_class_display(per_class: pd.DataFrame) -> pd.DataFrame:
@@ -270,17 +273,20 @@ def render_model_card(
         "",
         "## Intended use and limits",
         "",
-        "- Research use only: multi-label screening scores for 14 findings and \"No Finding\" on **frontal** (PA/AP) "
+        '- Research use only: multi-label screening scores for 14 findings and "No Finding" on **frontal** (PA/AP) '
         "chest radiographs of adults and children as in NIH ChestX-ray14. Not a medical device; not for diagnosis.",
-        "- Lateral films are refused by predict; other modalities, body parts and paediatric-only populations are out of scope.",
+        "- Lateral films are refused by predict; other modalities, body parts and paediatric-only"
+        " populations are out of scope.",
         "- The NIH labels were text-mined from radiology reports (NLP, estimated accuracy around 90%), so every figure "
         "below is measured against noisy labels, not a radiologist's reading.",
         "- Performance outside the population of the training data (other hospitals, scanners, ages) is unknown until "
         "measured on an external set.",
     ]
     if demo:
-        lines += ["- **These figures come from the constructed demo dataset: they exercise the pipeline and are not "
-                  "evidence of clinical performance.**"]
+        lines += [
+            "- **These figures come from the constructed demo dataset: they exercise the pipeline and are not "
+            "evidence of clinical performance.**"
+        ]
     lines += [
         "",
         "## Data",
@@ -314,18 +320,23 @@ def render_model_card(
         "",
         "| item | where |",
         "| --- | --- |",
-        "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data above; `label_table` |",
+        "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data"
+        " above; `label_table` |",
         "| Data partitions at the patient level, no overlap | Data above (patients per split) |",
         "| Sample size per split and outcome prevalence | Data above |",
-        "| Handling of missing predictors (age imputed with the training median, flagged) | training config `age_fill` |",
+        "| Handling of missing predictors (age imputed with the training median, flagged) | training config"
+        " `age_fill` |",
         "| Model type, architecture, pretraining, input size, preprocessing | Training above |",
-        "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run `metrics.json` `selection` |",
+        "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run"
+        " `metrics.json` `selection` |",
         "| Performance measures with confidence intervals (discrimination) | Results above |",
         "| Calibration before and after post-hoc recalibration | Results above; `reliability.png` |",
         "| Operating points and how thresholds were chosen (validation split only) | Results above |",
         "| Fairness: performance and underdiagnosis by sex, age, view, sex x age | Subgroups, Underdiagnosis above |",
-        "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python -m cxr_lightning.explain` |",
-        "| Not recorded here: external validation, clinical setting and users, reader studies, failure analysis | to be reported by the study |",
+        "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python"
+        " -m cxr_lightning.explain` |",
+        "| Not recorded here: external validation, clinical setting and users, reader studies, failure"
+        " analysis | to be reported by the study |",
         "",
     ]
     return "\n".join(lines)
@@ -340,7 +351,8 @@ def _underdiagnosis_display(audit: pd.DataFrame) -> pd.DataFrame:
             "images": audit["n_images"],
             "with a finding": audit["n_with_finding"],
             "called No Finding": [
-                interval(*v) for v in audit[["underdiagnosis", "underdiagnosis_lower", "underdiagnosis_upper"]].to_numpy()
+                interval(*v)
+                for v in audit[["underdiagnosis", "underdiagnosis_lower", "underdiagnosis_upper"]].to_numpy()
             ],
             "mean FNR": audit[fnr].mean(axis=1, skipna=True),
         }
@@ -404,8 +416,10 @@ def _undefined(ax: Any, name: str, why: str) -> None:
 
 def _column(y: np.ndarray, p: np.ndarray, j: int) -> tuple[torch.Tensor, torch.Tensor]:
     counted = ~np.isnan(y[:, j])  # NaN: the image does not count for this label
-    return (torch.from_numpy(np.ascontiguousarray(p[counted, j])),
-            torch.from_numpy(np.ascontiguousarray(y[counted, j])).long())
+    return (
+        torch.from_numpy(np.ascontiguousarray(p[counted, j])),
+        torch.from_numpy(np.ascontiguousarray(y[counted, j])).long(),
+    )
 
 
 def roc_figure(y_true: np.ndarray, y_prob: np.ndarray, label_names: Sequence[str], auroc: Sequence[float]) -> Figure:
@@ -447,7 +461,9 @@ def reliability_figure(
     """One reliability diagram per label: observed positive rate against mean probability per bin
     (marker area ~ images in the bin), perfect calibration dashed, ECE in the title. ``raw``
     (uncalibrated probabilities and their ECE) adds the curve before calibration, in grey."""
-    fig, axes = _panels(len(label_names), "Reliability diagrams", "mean predicted probability", "observed positive rate")
+    fig, axes = _panels(
+        len(label_names), "Reliability diagrams", "mean predicted probability", "observed positive rate"
+    )
     curves = [("calibrated" if raw is not None else None, y_prob, ece, "C0")]
     if raw is not None:
         curves.append(("raw", raw[0], raw[1], "C7"))
@@ -457,7 +473,9 @@ def reliability_figure(
             _, accuracy, confidence, counts = reliability_curve(y_true[:, j], probs[:, j], n_bins)
             filled = counts > 0
             ax.plot(confidence[filled], accuracy[filled], lw=1.0, color=colour, label=kind)
-            ax.scatter(confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3, color=colour)
+            ax.scatter(
+                confidence[filled], accuracy[filled], s=6 + 50 * counts[filled] / counts.max(), zorder=3, color=colour
+            )
         title = f"ECE {ece[j]:.3f}" if raw is None else f"ECE {ece[j]:.3f} (raw {raw[1][j]:.3f})"
         ax.set_title(f"{name}\n{title}", fontsize=9)
         if raw is not None and j == 0:

@@ -318,7 +318,7 @@ def test_browser_page_fits_1280_px_with_curves_card_and_no_raw_columns(tmp_path:
     probe.write_text(page.read_text().replace("</body>", script))
     dom = _chromium(tmp_path, probe.as_uri(), "--window-size=1280,900", "--dump-dom").stdout
     body = dict(_elements(dom))["body"]
-    assert int(body["data-scrollwidth"]) <= 1280, body["data-scrollwidth"]
+    assert int(body["data-scroll-width"]) <= 1280, body["data-scroll-width"]
     visible = unquote(body["data-visible"])
     assert "Training curves" in visible and "Model card" in visible and "Research only <not clinical>." in visible
     assert "FNR Finding number 13" in visible
@@ -348,10 +348,10 @@ def test_browser_sorts_by_probability_and_filters_by_finding_and_outcome(tmp_pat
 def test_screenshot_shows_the_page(tmp_path: Path) -> None:
     page = html.run_report(_write_run(tmp_path / "run"))
     shot = tmp_path / "report.png"
-    _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars")
+    _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars")
     pixels = np.asarray(Image.open(shot).convert("RGB"))
-    assert pixels.shape[:2] == (900, 1200)
-    # the dark header band and the figures' blue are drawn, not a blank page
+    assert pixels.shape[:2] == (1600, 1200)
+    # the dark header band and the figures' blue (below the training curves) are drawn, not a blank page
     header = pixels[:40].reshape(-1, 3).mean(axis=0)
     assert header[2] < 120 and header.sum() < 300, header
     assert (np.abs(pixels.astype(int) - (90, 140, 200)).sum(axis=2) < 30).sum() > 5000
