@@ -79,8 +79,8 @@ def calibration_path(ckpt_path: str | os.PathLike) -> Path:
 
 
 @dataclass(frozen=True)
-class EvaluationDir:
-    """What evaluate writes into its output directory (``<run>/evaluation`` or ``output_dir=``)."""
+class _OutputDir:
+    """A folder a command writes: its root (any path-like, kept as a Path) and its metrics.json."""
 
     root: Path
 
@@ -90,6 +90,11 @@ class EvaluationDir:
     @property
     def metrics(self) -> Path:
         return self.root / METRICS
+
+
+@dataclass(frozen=True)
+class EvaluationDir(_OutputDir):
+    """What evaluate writes into its output directory (``<run>/evaluation`` or ``output_dir=``)."""
 
     @property
     def report_md(self) -> Path:
@@ -126,17 +131,8 @@ class EvaluationDir:
 
 
 @dataclass(frozen=True)
-class ExplainDir:
+class ExplainDir(_OutputDir):
     """What explain writes into its output directory (``<run>/explain`` or ``output_dir=``)."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
 
     @property
     def overlays(self) -> Path:
@@ -156,17 +152,8 @@ class ExplainDir:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(_OutputDir):
     """A training run directory; each property is the path of one file or folder in it."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
 
     @property
     def config(self) -> Path:
