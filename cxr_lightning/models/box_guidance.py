@@ -10,7 +10,8 @@ differentiable: ``cam = relu(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial m
   for every backbone and every head that sees the image;
 * it is the map ``explain`` scores (pointing game, IoBB), so training moves what is evaluated;
 * it is cheap: the gradient to ``A`` runs through global pooling and the head only (the CAM layer
-  is the backbone's last), once per distinct boxed finding of the batch, on the boxed images only.
+  is the backbone's last), once per round of the batch's boxed pairs (each image's r-th pair in
+  round r), on the boxed images only.
 
 The attention term of one (image, finding) pair works on the map before Grad-CAM's ReLU, in
 logit units: ``z_ij = sum_k (sum_{i'j'} d logit_c / d A_{k,i'j'}) A_{k,ij}``, which for a linear
@@ -102,12 +103,19 @@ def cell_logits(activations: torch.Tensor, logits: torch.Tensor, pairs: torch.Te
     ``activations`` ``(B, C, h, w)`` (the CAM layer's output in the same forward pass), in logit
     units: ``h * w`` times Grad-CAM's weighted sum (module docstring)."""
     maps = activations.new_zeros(len(pairs), *activations.shape[-2:], dtype=torch.float32)
-    for label in pairs[:, 1].unique().tolist():
-        chosen = (pairs[:, 1] == label).nonzero(as_tuple=True)[0]
+    # One backward per round, round r holding each image's r-th pair: image b's logits depend on
+    # A[b] alone, so a sum over distinct images gives each its own gradient. Rounds number the most
+    # pairs any image has, fewer than the batch's distinct findings (each a backward through every
+    # layer above the CAM layer, twice with the second-order pass).
+    order = torch.argsort(pairs[:, 0], stable=True)
+    images = pairs[order, 0]
+    first = torch.searchsorted(images, images, side="left")
+    rounds = torch.empty_like(order)
+    rounds[order] = torch.arange(len(order), device=order.device) - first
+    for r in range(int(rounds.max()) + 1 if len(rounds) else 0):
+        chosen = (rounds == r).nonzero(as_tuple=True)[0]
         rows = pairs[chosen, 0]
-        # One backward per finding: image b's logit depends on A[b] alone, so a sum over images
-        # gives each image its own gradient.
-        (grad,) = torch.autograd.grad(logits[rows, label].sum(), activations, create_graph=True)
+        (grad,) = torch.autograd.grad(logits[rows, pairs[chosen, 1]].sum(), activations, create_graph=True)
         weight = grad[rows].float().sum(dim=(2, 3), keepdim=True)
         maps = maps.index_copy(0, chosen, (weight * activations[rows].float()).sum(dim=1))
     return maps
