@@ -88,6 +88,26 @@ def image_boxes(
     return ImageBoxes(boxes, labels, len(mine), readers, by_source)
 
 
+def with_image_sizes(bbox_table: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The boxes of ``bbox_table`` on the images of ``table`` (``Image Index``, ``path``), each with
+    the size of the pixels it is measured in as ``OriginalImage Width`` / ``Height`` (what the
+    localisation scores rescale from): a DICOM-pixel box (``pixel_space`` ``dicom``) its image's
+    header's, read once per image; any other box keeps none (NIH's 1024-px originals)."""
+    boxes = bbox_table[bbox_table[nih.IMAGE].isin(set(table[nih.IMAGE]))].copy()
+    if "pixel_space" not in boxes.columns or boxes.empty:
+        return boxes
+    dicom = (boxes["pixel_space"] == DICOM_PIXELS).to_numpy()
+    if dicom.any():
+        path_of = table.drop_duplicates(nih.IMAGE).set_index(nih.IMAGE)["path"].astype(str)
+        sizes = _dicom_sizes(path_of.loc[boxes.loc[dicom, nih.IMAGE]].tolist())
+        for column in ("OriginalImage Width", "OriginalImage Height"):
+            if column not in boxes.columns:
+                boxes[column] = np.nan
+        boxes.loc[dicom, "OriginalImage Height"] = sizes[:, 0]
+        boxes.loc[dicom, "OriginalImage Width"] = sizes[:, 1]
+    return boxes
+
+
 def _dicom_sizes(paths: Sequence[str]) -> np.ndarray:
     """``(n, 2)`` rows and columns of each DICOM in ``paths`` (each file read once, header only)."""
     unique = sorted(set(paths))

@@ -22,7 +22,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_lightning.data.augment import BatchAugment
-from cxr_lightning.data.boxes import ImageBoxes, check_training_boxes, image_boxes
+from cxr_lightning.data.boxes import ImageBoxes, check_training_boxes, image_boxes, with_image_sizes
 from cxr_lightning.data.cache import ImageCache, SourceCaches, cache_root, compute_fingerprint
 from cxr_lightning.data.dataset import CXRDataset, collate_readable
 from cxr_lightning.data.demo import demo_dir, ensure_demo
@@ -256,6 +256,29 @@ class CXRDataModule(pl.LightningDataModule):
     @property
     def bbox_table(self) -> pd.DataFrame | None:
         return self._tables().bbox_table
+
+    @property
+    def localization_sources(self) -> list[str]:
+        """The sources whose boxes localisation is scored on (explain): those in NIH's layout (NIH,
+        the demo) when the run has one, else every source. A pooled box source (VinDr-CXR, RSNA)
+        brings its boxes as training material; its validation or test boxes are another dataset's
+        readers (and RSNA's images NIH's own), so scores mixing them would be comparable neither
+        with NIH's published localisation figures nor across runs pooling other sources."""
+        per_source = self._tables().per_source
+        nih_like = [name for name, part in per_source.items() if part.spec.nih_layout]
+        return nih_like or list(per_source)
+
+    def localization_boxes(self, table: pd.DataFrame) -> pd.DataFrame | None:
+        """The boxes of :attr:`localization_sources` on the rows of ``table`` (split-table rows:
+        ``Image Index``, ``path``, ``source``), each carrying the size it is measured in
+        (:func:`~cxr_lightning.data.boxes.with_image_sizes`); None when those sources have no boxes."""
+        tables = self._tables()
+        names = self.localization_sources
+        parts = [tables.per_source[n].bbox_table for n in names if tables.per_source[n].bbox_table is not None]
+        if not parts:
+            return None
+        rows = table[table[SOURCE].isin(names)] if SOURCE in table.columns else table
+        return with_image_sizes(pd.concat(parts, ignore_index=True), rows)
 
     @property
     def label_table_name(self) -> str:

@@ -1,6 +1,6 @@
 """Rendering of an evaluation: markdown tables, ``report.md`` and the ROC, PR and reliability figures.
 
-Pure presentation: the numbers come from :mod:`.statistics` (via :mod:`.job`); this
+Pure presentation: the numbers come from :mod:`.statistics` (via the evaluate task); this
 module only lays them out. Figures use matplotlib's object API on an Agg canvas (no pyplot, no
 display, no global state), one small panel per label so that fifteen curves stay readable.
 """
@@ -112,6 +112,8 @@ def per_source_lines(summary: Mapping[str, Any], level: int) -> list[str]:
             markdown_table(frame, index=False),
         ]
     return lines
+
+
 def _settings_table(config: Mapping[str, Any]) -> str:
     settings = pd.DataFrame({"setting": list(config), "value": [str(v) for v in config.values()]})
     return markdown_table(settings, index=False)
@@ -132,10 +134,25 @@ def render_report(
     ``subgroups`` the tables ``evaluate`` writes as CSV.
     """
     settings = _settings_table(config)
-    summary, config = md_values(summary), md_values(config)
+    summary = md_values(summary)
     level = round(100 * (1 - float(summary["alpha"])))
-    boot = f"{summary['n_boot']} patient-level bootstrap resamples (seed {summary['seed']})"
     lines = [
+        *_report_facts(summary, level),
+        "## Model",
+        "",
+        settings,
+        *_report_results(summary, level, per_class, subgroups),
+        *per_source_lines(summary, level),
+        *_report_notes(summary, level, underdiagnosis),
+        *_report_figures(figures),
+    ]
+    return "\n".join(lines)
+
+
+def _report_facts(summary: Mapping[str, Any], level: int) -> list[str]:
+    """The title and what was evaluated how: checkpoint, data, split, thresholds, calibration, intervals."""
+    boot = f"{summary['n_boot']} patient-level bootstrap resamples (seed {summary['seed']})"
+    return [
         "# Evaluation report",
         "",
         f"- Checkpoint: `{summary['checkpoint']}` (sha256 `{str(summary['checkpoint_sha256'])[:12]}…`)",
@@ -150,9 +167,13 @@ def render_report(
         f"- Intervals: {level}% percentile intervals over {boot}: all images of a drawn patient are "
         "resampled together.",
         "",
-        "## Model",
-        "",
-        settings,
+    ]
+
+
+def _report_results(
+    summary: Mapping[str, Any], level: int, per_class: pd.DataFrame, subgroups: pd.DataFrame
+) -> list[str]:
+    return [
         "## Per-label results",
         "",
         f"AUROC and AUPRC with {level}% intervals; sensitivity, specificity, precision and F1 at the "
@@ -166,7 +187,12 @@ def render_report(
         "",
         markdown_table(_subgroup_display(subgroups), index=False),
     ]
-    lines += per_source_lines(summary, level)
+
+
+def _report_notes(summary: Mapping[str, Any], level: int, underdiagnosis: pd.DataFrame | None) -> list[str]:
+    """Labels the checkpoint has but the data lacks, the underdiagnosis table, labels without an AUROC
+    and labels given the fallback threshold; each only when there is something to say."""
+    lines: list[str] = []
     unavailable = summary.get("unavailable_labels") or []
     if unavailable:
         lines += [f"Labels of the checkpoint without a counterpart in {summary.get('data_source')} (unavailable, not "
@@ -192,7 +218,11 @@ def render_report(
             f"0.5: {', '.join(fallback)}.",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _report_figures(figures: Mapping[str, str]) -> list[str]:
+    return [
         "## Figures",
         "",
         f"![ROC curves]({figures['roc']})",
@@ -202,7 +232,6 @@ def render_report(
         f"![Reliability diagrams]({figures['reliability']})",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _data_line(summary: Mapping[str, Any]) -> str:
@@ -263,14 +292,25 @@ def render_model_card(
     and ``patients`` rows, one column per split (counts) and ``<split> prevalence`` columns."""
     settings = _settings_table(config)
     summary, config = md_values(summary), md_values(config)
-    level = round(100 * (1 - float(summary["alpha"])))
-    mean = per_class.loc["mean"]
-    demo = str(config.get("data_source")) == "demo"
     lines = [
         "# Model card",
         "",
         f"Checkpoint `{summary['checkpoint']}` (sha256 `{summary['checkpoint_sha256']}`).",
         "",
+        *_card_intended_use(demo=str(config.get("data_source")) == "demo"),
+        "",
+        *_card_data(summary, config, data),
+        *_card_results(summary, per_class, subgroups, underdiagnosis),
+        "## Training",
+        "",
+        settings,
+        *CARD_CHECKLIST,
+    ]
+    return "\n".join(lines)
+
+
+def _card_intended_use(demo: bool) -> list[str]:
+    lines = [
         "## Intended use and limits",
         "",
         '- Research use only: multi-label screening scores for 14 findings and "No Finding" on **frontal** (PA/AP) '
@@ -287,14 +327,26 @@ def render_model_card(
             "- **These figures come from the constructed demo dataset: they exercise the pipeline and are not "
             "evidence of clinical performance.**"
         ]
-    lines += [
-        "",
+    return lines
+
+
+def _card_data(summary: Mapping[str, Any], config: Mapping[str, Any], data: pd.DataFrame) -> list[str]:
+    return [
         "## Data",
         "",
         f"Label table `{summary['label_table']}` under `{summary['data_root']}`; patient-level split (seed "
         f"{config.get('split_seed')}): no patient appears in two splits. Counts and label prevalences:",
         "",
         markdown_table(data),
+    ]
+
+
+def _card_results(
+    summary: Mapping[str, Any], per_class: pd.DataFrame, subgroups: pd.DataFrame, underdiagnosis: pd.DataFrame
+) -> list[str]:
+    level = round(100 * (1 - float(summary["alpha"])))
+    mean = per_class.loc["mean"]
+    return [
         "## Results",
         "",
         f"On the **{summary['split']}** split ({summary['n_images']} images, {summary['n_patients']} patients), "
@@ -313,33 +365,34 @@ def render_model_card(
         "### Underdiagnosis",
         "",
         markdown_table(_underdiagnosis_display(underdiagnosis), index=False),
-        "## Training",
-        "",
-        settings,
-        "## Reporting checklists (TRIPOD+AI, CLAIM): items this framework records",
-        "",
-        "| item | where |",
-        "| --- | --- |",
-        "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data"
-        " above; `label_table` |",
-        "| Data partitions at the patient level, no overlap | Data above (patients per split) |",
-        "| Sample size per split and outcome prevalence | Data above |",
-        "| Handling of missing predictors (age imputed with the training median, flagged) | training config"
-        " `age_fill` |",
-        "| Model type, architecture, pretraining, input size, preprocessing | Training above |",
-        "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run"
-        " `metrics.json` `selection` |",
-        "| Performance measures with confidence intervals (discrimination) | Results above |",
-        "| Calibration before and after post-hoc recalibration | Results above; `reliability.png` |",
-        "| Operating points and how thresholds were chosen (validation split only) | Results above |",
-        "| Fairness: performance and underdiagnosis by sex, age, view, sex x age | Subgroups, Underdiagnosis above |",
-        "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python"
-        " -m cxr_lightning.explain` |",
-        "| Not recorded here: external validation, clinical setting and users, reader studies, failure"
-        " analysis | to be reported by the study |",
-        "",
     ]
-    return "\n".join(lines)
+
+
+# The TRIPOD+AI and CLAIM items this framework records, and where the card or the run holds each.
+CARD_CHECKLIST = (
+    "## Reporting checklists (TRIPOD+AI, CLAIM): items this framework records",
+    "",
+    "| item | where |",
+    "| --- | --- |",
+    "| Source of data, eligibility (frontal views), label definition (text-mined NIH labels) | Data"
+    " above; `label_table` |",
+    "| Data partitions at the patient level, no overlap | Data above (patients per split) |",
+    "| Sample size per split and outcome prevalence | Data above |",
+    "| Handling of missing predictors (age imputed with the training median, flagged) | training config"
+    " `age_fill` |",
+    "| Model type, architecture, pretraining, input size, preprocessing | Training above |",
+    "| Training procedure: loss, optimizer, epochs, seed, selection metric | Training above; run"
+    " `metrics.json` `selection` |",
+    "| Performance measures with confidence intervals (discrimination) | Results above |",
+    "| Calibration before and after post-hoc recalibration | Results above; `reliability.png` |",
+    "| Operating points and how thresholds were chosen (validation split only) | Results above |",
+    "| Fairness: performance and underdiagnosis by sex, age, view, sex x age | Subgroups, Underdiagnosis above |",
+    "| Explainability (Grad-CAM) and localisation against boxes, beside a fair random baseline | `python"
+    " -m cxr_lightning.explain` |",
+    "| Not recorded here: external validation, clinical setting and users, reader studies, failure"
+    " analysis | to be reported by the study |",
+    "",
+)
 
 
 def _underdiagnosis_display(audit: pd.DataFrame) -> pd.DataFrame:

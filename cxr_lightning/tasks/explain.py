@@ -9,6 +9,8 @@ From a checkpoint (or a training run directory) alone it writes, into the output
 * ``localization.csv``: per-finding pointing game, IoU and IoBB accuracy with the random-heatmap
   baseline (``random_*``; named in ``localization.random_baseline``) and ``box_share``, the hit
   rate of a uniformly placed point, over every image of the chosen split that has boxes (when the data has boxes);
+  in a pooled run, the boxes of its NIH-layout sources only (``localization.sources``: a box source's
+  boxes are training material, see ``CXRDataModule.localization_sources``);
 * ``metrics.json``: counts of uninformative CAMs and the pooled localisation scores.
 
 With ``run_dir=`` of an evaluated run, the run's ``report.html`` is rendered again with the
@@ -35,7 +37,7 @@ from cxr_lightning.checkpoints import load_model, resolve_checkpoint
 from cxr_lightning.data import nih
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
-from cxr_lightning.data.tables import SPLITS
+from cxr_lightning.data.tables import SOURCE, SPLITS
 from cxr_lightning.errors import ConfigError, DataError
 from cxr_lightning.evaluation import html
 from cxr_lightning.explain.cams import CAM_METHODS, CamResult
@@ -82,7 +84,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         )
     findings = _finding_indices(cfg.get("findings"), model.label_names)
     dm = _datamodule(model, cfg.get("data"), required=split is not None)
-    boxes = dm.bbox_table if dm is not None else None
 
     if split is not None:
         table = dm.split_table(split)
@@ -93,6 +94,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         shown = load_named(
             entries, model.hparams.image_size, model.meta_names, table, model.hparams.get("age_fill"), csv
         )
+        if table is not None:
+            table = table.reset_index()
+            table = table[table[nih.IMAGE].isin(set(shown.names))]
+    # The boxes drawn and scored: the localisation sources' (NIH's test boxes in a pooled box study).
+    boxes = dm.localization_boxes(table) if dm is not None else None
     log.info("Explaining %d image(s) of %s with %s at %s", len(shown), split or "images=[...]", method, ckpt)
 
     targets = [findings] * len(shown) if findings is not None else None
@@ -120,6 +126,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "tensorboard": str(ExplainDir(out).tensorboard),
     }
     if cfg.localization:
+        metrics["localization.sources"] = ", ".join(dm.localization_sources) if dm is not None else ""
         metrics |= _localization(model, dm, split, shown, boxes, out, method, batch_size, int(cfg.seed))
     files.write_json(ExplainDir(out).metrics, metrics)
     _log_summary(out, metrics, overlays)
@@ -276,7 +283,9 @@ def _localization(
         return {"localization.n_images": 0, "localization.n_boxes": 0}
     boxed_names = set(boxes[nih.IMAGE])
     if split is not None:
-        rows = np.flatnonzero(dm.split_table(split)[nih.IMAGE].isin(boxed_names).to_numpy())
+        table = dm.split_table(split)
+        boxed = table[nih.IMAGE].isin(boxed_names) & _of_sources(table, dm.localization_sources)
+        rows = np.flatnonzero(boxed.to_numpy())
         images = load_split(dm, split, rows)
     else:
         images = shown.take([i for i, n in enumerate(shown.names) if n in boxed_names])
@@ -287,7 +296,8 @@ def _localization(
                  split or "images=[...]")
         return {"localization.n_images": 0, "localization.n_boxes": 0}
     images, targets = images.take(scored), [targets[i] for i in scored]
-    log.info("Localisation: %d boxed image(s) of %s", len(images), split or "images=[...]")
+    log.info("Localisation: %d boxed image(s) of %s, the boxes of %s", len(images), split or "images=[...]",
+             ", ".join(dm.localization_sources) if dm is not None else "the data")
 
     result = image_set_cams(model, images, targets, top_k=1, method=method, batch_size=batch_size)
     scores = localization_scores(
@@ -307,6 +317,13 @@ def _localization(
     summary["localization.zero_gradient"] = result.n_zero_gradient
     summary["localization.empty"] = result.n_empty
     return summary
+
+
+def _of_sources(table: pd.DataFrame, names: Sequence[str]) -> pd.Series:
+    """Which rows of a split table come from the sources ``names``."""
+    if SOURCE not in table.columns:
+        return pd.Series(True, index=table.index)
+    return table[SOURCE].isin(names)
 
 
 def _log_summary(out: Path, metrics: dict[str, Any], overlays: pd.DataFrame) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,61 +45,95 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
     settings = _settings(cfg)
     check_data_root(cfg.data)
     check_backbone(cfg.backbone, int(cfg.data.image_size))
+    run, config_text = _start_run(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    backbone_cfg = resolve_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
+    features, feature_record, n_params = _features(cfg, dm, backbone_cfg, preprocessing(backbone_cfg), settings)
+
+    labels = list(dm.label_names)
+    data = {s: _split_arrays(dm, s, features[s], settings["metadata"]) for s in SPLITS}
+    masks = nested_patient_subsets(data["train"]["patients"], settings["fractions"], int(cfg.seed))
+    results = [_probe_at(fraction, mask, data, labels, settings, int(cfg.seed)) for fraction, mask in masks.items()]
+    curve_rows = [r.curve_row for r in results]
+    curve = pd.DataFrame(curve_rows)
+    per_label = pd.DataFrame([row for r in results for row in r.label_rows])
+    largest = results[-1]
+
+    files.write_text(run.label_efficiency, curve.to_csv(index=False))
+    files.write_text(run.probe_per_label, per_label.to_csv(index=False))
+    _write_predictions(run.probe_predictions, dm, labels, data["test"]["y"], largest.test_prob)
+    demo = str(cfg.data.get("source", "demo")) == "demo"
+    title = f"linear probe of {backbone_cfg.get('name')}" + (" (demo data: not evidence)" if demo else "")
+    label_efficiency_figure(curve, title, run.label_efficiency_figure)
+
+    metrics = _probe_metrics(cfg, dm, settings, labels, largest, curve_rows, backbone_cfg, n_params, feature_record,
+                             n_features=int(data["train"]["x"].shape[1]))
+    files.write_json(run.metrics, metrics)
+    render_probe_report(metrics, curve, per_label, run.label_efficiency_figure, run.report_html, demo, config_text)
+    log.info("Run directory: %s (metrics.json, label_efficiency.csv, report.html)", run.root)
+    return metrics
+
+
+def _start_run(cfg: DictConfig) -> tuple[RunDir, str]:
+    """The run directory with its ``config.yaml`` written (the text is returned for the report), and
+    the seed set."""
     run = RunDir(Path(cfg.paths.output_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     files.write_text(run.config, config_text)
     pl.seed_everything(int(cfg.seed), workers=True)
+    return run, config_text
 
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    backbone_cfg = resolve_backbone(OmegaConf.to_container(cfg.backbone, resolve=True))
-    prep = preprocessing(backbone_cfg)
-    features, feature_record, n_params = _features(cfg, dm, backbone_cfg, prep, settings)
 
-    labels = list(dm.label_names)
-    data = {s: _split_arrays(dm, s, features[s], settings["metadata"]) for s in SPLITS}
-    masks = nested_patient_subsets(data["train"]["patients"], settings["fractions"], int(cfg.seed))
-    curve_rows, label_rows, largest = [], [], None
-    for fraction, mask in masks.items():
-        train = data["train"]
-        fit = fit_probe(train["x"][mask], train["y"][mask], data["val"]["x"], data["val"]["y"], labels,
-                        settings["C"], settings["max_iter"], int(cfg.seed))
-        test_prob = fit.predict(data["test"]["x"])
-        ci = bootstrap_ci(data["test"]["y"], test_prob, data["test"]["patients"], n_boot=settings["n_boot"],
-                          alpha=settings["alpha"], seed=int(cfg.seed), label_names=labels)
-        chosen = fit.table()
-        val_mean = float(np.nanmean(chosen["val_auroc"])) if chosen["fitted"].any() else float("nan")
-        curve_rows.append({
-            "fraction": fraction, "n_patients": int(pd.Series(train["patients"][mask]).nunique()),
-            "n_images": int(mask.sum()), "test_auroc_mean": float(ci.loc["mean", "estimate"]),
-            "test_auroc_lower": float(ci.loc["mean", "lower"]), "test_auroc_upper": float(ci.loc["mean", "upper"]),
-            "val_auroc_mean": val_mean, "labels_fitted": int(chosen["fitted"].sum()),
-        })
-        for label in labels:
-            label_rows.append({"fraction": fraction, "label": label, "test_auroc": ci.loc[label, "estimate"],
-                               "test_auroc_lower": ci.loc[label, "lower"], "test_auroc_upper": ci.loc[label, "upper"],
-                               "n_test_pos": int(ci.loc[label, "n_pos"]), **chosen.loc[label].to_dict()})
-        largest = (fit, test_prob, ci, val_mean)
-        log.info("probe at %g%% of training patients: test mean AUROC %.3f (%.3f-%.3f)", fraction * 100,
-                 *(curve_rows[-1][k] for k in ("test_auroc_mean", "test_auroc_lower", "test_auroc_upper")))
+class _FractionResult(NamedTuple):
+    """The probe fitted on one share of the training patients, scored on test."""
 
-    curve, per_label = pd.DataFrame(curve_rows), pd.DataFrame(label_rows)
-    files.write_text(run.label_efficiency, curve.to_csv(index=False))
-    files.write_text(run.probe_per_label, per_label.to_csv(index=False))
-    fit, test_prob, ci, val_mean = largest
-    _write_predictions(run.probe_predictions, dm, labels, data["test"]["y"], test_prob)
-    demo = str(cfg.data.get("source", "demo")) == "demo"
-    title = f"linear probe of {backbone_cfg.get('name')}" + (" (demo data: not evidence)" if demo else "")
-    label_efficiency_figure(curve, title, run.label_efficiency_figure)
+    curve_row: dict[str, Any]
+    label_rows: list[dict[str, Any]]
+    test_prob: np.ndarray
+    ci: pd.DataFrame
+    val_mean: float
 
-    metrics = {
+
+def _probe_at(fraction: float, mask: np.ndarray, data: dict[str, dict[str, np.ndarray]], labels: list[str],
+              settings: dict[str, Any], seed: int) -> _FractionResult:
+    """Fit the per-label probes on the training images of ``mask``, choose C on val, score on test."""
+    train = data["train"]
+    fit = fit_probe(train["x"][mask], train["y"][mask], data["val"]["x"], data["val"]["y"], labels,
+                    settings["C"], settings["max_iter"], seed)
+    test_prob = fit.predict(data["test"]["x"])
+    ci = bootstrap_ci(data["test"]["y"], test_prob, data["test"]["patients"], n_boot=settings["n_boot"],
+                      alpha=settings["alpha"], seed=seed, label_names=labels)
+    chosen = fit.table()
+    val_mean = float(np.nanmean(chosen["val_auroc"])) if chosen["fitted"].any() else float("nan")
+    curve_row = {
+        "fraction": fraction, "n_patients": int(pd.Series(train["patients"][mask]).nunique()),
+        "n_images": int(mask.sum()), "test_auroc_mean": float(ci.loc["mean", "estimate"]),
+        "test_auroc_lower": float(ci.loc["mean", "lower"]), "test_auroc_upper": float(ci.loc["mean", "upper"]),
+        "val_auroc_mean": val_mean, "labels_fitted": int(chosen["fitted"].sum()),
+    }
+    label_rows = [{"fraction": fraction, "label": label, "test_auroc": ci.loc[label, "estimate"],
+                   "test_auroc_lower": ci.loc[label, "lower"], "test_auroc_upper": ci.loc[label, "upper"],
+                   "n_test_pos": int(ci.loc[label, "n_pos"]), **chosen.loc[label].to_dict()} for label in labels]
+    log.info("probe at %g%% of training patients: test mean AUROC %.3f (%.3f-%.3f)", fraction * 100,
+             *(curve_row[k] for k in ("test_auroc_mean", "test_auroc_lower", "test_auroc_upper")))
+    return _FractionResult(curve_row, label_rows, test_prob, ci, val_mean)
+
+
+def _probe_metrics(cfg: DictConfig, dm: Any, settings: dict[str, Any], labels: list[str], largest: _FractionResult,
+                   curve_rows: list[dict[str, Any]], backbone_cfg: dict[str, Any], n_params: int,
+                   feature_record: dict[str, Any], n_features: int) -> dict[str, Any]:
+    """The content of ``metrics.json``, shaped as a training run's (``compare`` reads both): the test
+    figures of the largest share, the selection, the data, and the probe's own settings and curve."""
+    ci = largest.ci
+    return {
         **{f"test.auroc.{label}": float(ci.loc[label, "estimate"]) for label in labels},
         "test.auroc_mean": float(ci.loc["mean", "estimate"]),
         "test.auroc_mean_lower": float(ci.loc["mean", "lower"]),
         "test.auroc_mean_upper": float(ci.loc["mean", "upper"]),
-        "selection": {"metric": SELECTION_METRIC, "mode": "max", "best": val_mean},
+        "selection": {"metric": SELECTION_METRIC, "mode": "max", "best": largest.val_mean},
         "params": n_params,
         "label_table": dm.label_table_name,
         "label_names": labels,
@@ -112,15 +146,11 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
         "image_size": int(cfg.data.image_size),
         "probe": {
             "train_fractions": settings["fractions"], "C": settings["C"], "metadata": settings["metadata"],
-            "n_boot": settings["n_boot"], "alpha": settings["alpha"], "n_features": int(data["train"]["x"].shape[1]),
+            "n_boot": settings["n_boot"], "alpha": settings["alpha"], "n_features": n_features,
             "curve": curve_rows,
         },
         "features": feature_record,
     }
-    files.write_json(run.metrics, metrics)
-    render_probe_report(metrics, curve, per_label, run.label_efficiency_figure, run.report_html, demo, config_text)
-    log.info("Run directory: %s (metrics.json, label_efficiency.csv, report.html)", run.root)
-    return metrics
 
 
 def _settings(cfg: DictConfig) -> dict[str, Any]:

@@ -29,55 +29,100 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint and write ``metrics.json``; returns the metrics."""
-    # Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check.
+    cfg, ckpt_path = _resolve_and_check(cfg)
+    run = _run_dir(cfg)
+    dm, model = build_datamodule(cfg), build_model(cfg)
+    throughput = FitThroughput()
+    trainer = _build_trainer(cfg, run, [*build_callbacks(cfg), throughput])
+    if trainer.is_global_zero:
+        files.write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
+    fit_metrics = _fit(trainer, model, dm, ckpt_path, run)
+    checkpoint = _monitoring_checkpoint(trainer)
+    test_metrics = _test_best(trainer, model, dm, cfg, checkpoint)
+    metrics = _run_metrics(cfg, run, trainer, model, dm, throughput, checkpoint, fit_metrics, test_metrics)
+    if trainer.is_global_zero:
+        _write_metrics(run, metrics)
+    return metrics
+
+
+def _resolve_and_check(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """Which run directory and checkpoint (resume=auto|PATH, ckpt_path=FILE), then every cheap check,
+    then the seed."""
     # The CAM layer by name first: a run's config.yaml names it, and resume=auto compares configs.
     cfg = with_cam_layer(cfg)
     cfg, ckpt_path = resolve_resume(cfg)
     validate_config(cfg, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
+    return cfg, ckpt_path
+
+
+def _run_dir(cfg: DictConfig) -> RunDir:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = RunDir(out)
+    return RunDir(out)
 
-    dm = build_datamodule(cfg)
-    model = build_model(cfg)
-    throughput = FitThroughput()
-    callbacks = [*build_callbacks(cfg), throughput]
+
+def _build_trainer(cfg: DictConfig, run: RunDir, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The configured Trainer with its loggers and the atomic, trust-checking checkpoint IO."""
     # A progress bar redrawn in a file (nohup, SLURM, CI) is noise; EpochLog's lines say it there.
     bar = {} if sys.stdout.isatty() else {"enable_progress_bar": False}
     if bar:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    trainer: pl.Trainer = hydra.utils.instantiate(
+    return hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=[hydra.utils.instantiate(c) for c in cfg.get("logger", {}).values()],
-        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=out)],
+        plugins=[AtomicCheckpointIO(trust=bool(cfg.get("trust_checkpoint", False)), run_dir=run.root)],
         **bar,
     )
-    if trainer.is_global_zero:
-        files.write_text(run.config, OmegaConf.to_yaml(cfg, resolve=True))
 
+
+def _fit(
+    trainer: pl.Trainer, model: pl.LightningModule, dm: Any, ckpt_path: str | None, run: RunDir
+) -> dict[str, float]:
+    """Fit (resuming from ``ckpt_path``), save the split, and return the metrics the fit ended with."""
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
-        dm.save_split(out)
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    boxes = dm.training_boxes() if box_weight(cfg) > 0 else None
-    boxes_record = {"count": boxes.count if boxes else 0, "by_source": boxes.by_source if boxes else {}}
+        dm.save_split(run.root)
+    # Read before testing: trainer.test replaces the callback metrics.
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    # The monitoring ModelCheckpoint: trainer.checkpoint_callback may be another Checkpoint subclass.
-    checkpoint = next(
+
+def _monitoring_checkpoint(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | None:
+    # trainer.checkpoint_callback may be another Checkpoint subclass than the monitoring one.
+    return next(
         (c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor), None
     )
-    best = checkpoint.best_model_path if checkpoint is not None else ""
-    test_metrics: dict[str, float] = {}
-    if cfg.get("test_after_fit", True):
-        results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
-        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
-    per_source = pooled_test_figures(model, dm, cfg) if test_metrics and dm.spec.pooled else {}
 
-    metrics = {
+
+def _best_path(checkpoint: pl.callbacks.ModelCheckpoint | None) -> str:
+    return checkpoint.best_model_path if checkpoint is not None else ""
+
+
+def _test_best(
+    trainer: pl.Trainer, model: pl.LightningModule, dm: Any, cfg: DictConfig,
+    checkpoint: pl.callbacks.ModelCheckpoint | None,
+) -> dict[str, float]:
+    """The test metrics of the best checkpoint (of the last weights without one); empty with
+    ``test_after_fit=false``."""
+    if not cfg.get("test_after_fit", True):
+        return {}
+    results = trainer.test(model, datamodule=dm, ckpt_path=_best_path(checkpoint) or None)
+    return {k: float(v) for k, v in results[0].items()} if results else {}
+
+
+def _run_metrics(
+    cfg: DictConfig, run: RunDir, trainer: pl.Trainer, model: pl.LightningModule, dm: Any,
+    throughput: FitThroughput, checkpoint: pl.callbacks.ModelCheckpoint | None,
+    fit_metrics: dict[str, float], test_metrics: dict[str, float],
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: test figures, checkpoints, selection, throughput, data and setup."""
+    per_source = pooled_test_figures(model, dm, cfg) if test_metrics and dm.spec.pooled else {}
+    boxes = dm.training_boxes() if box_weight(cfg) > 0 else None
+    boxes_record = {"count": boxes.count if boxes else 0, "by_source": boxes.by_source if boxes else {}}
+    return {
         **{k.replace("/", "."): v for k, v in test_metrics.items()},
-        "best_checkpoint": best,
+        "best_checkpoint": _best_path(checkpoint),
         "last_checkpoint": str(run.last_checkpoint),
         "selection": {
             "metric": cfg.selection.metric,
@@ -120,14 +165,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "images_skipped_files": sorted(getattr(dm, "skipped_images", ()))[:100],
         "final_val": {k.replace("/", "."): v for k, v in fit_metrics.items() if k.startswith("val/")},
     }
-    if trainer.is_global_zero:
-        files.write_json(run.metrics, metrics)
-        log.info("Run directory: %s", out)
-        log.info("  metrics:     %s", run.metrics)
-        log.info("  checkpoint:  %s", best or run.checkpoints)
-        log.info("  TensorBoard: tensorboard --logdir %s", out)
-    return metrics
 
+
+def _write_metrics(run: RunDir, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` and log where the run's files are."""
+    files.write_json(run.metrics, metrics)
+    log.info("Run directory: %s", run.root)
+    log.info("  metrics:     %s", run.metrics)
+    log.info("  checkpoint:  %s", metrics["best_checkpoint"] or run.checkpoints)
+    log.info("  TensorBoard: tensorboard --logdir %s", run.root)
 
 
 def pooled_test_figures(model: pl.LightningModule, dm: Any, cfg: DictConfig) -> dict[str, Any]:

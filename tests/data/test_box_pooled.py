@@ -83,3 +83,73 @@ def test_a_pooled_demo_and_vindr_run_trains_on_vindr_boxes(box_demo, tmp_path):
     assert written["boxes_trained_on"] > 0 and set(written["boxes_trained_on_by_source"]) == {"vindr"}
     assert written["boxes_trained_on"] == sum(written["boxes_trained_on_by_source"]["vindr"].values())
     assert written["box_pairs_seen"] > 0 and written["box_loss_mean"] > 0  # the box term was not zero
+
+
+def _published_boxed_names(root) -> dict[str, set[str]]:
+    """Per box source, the images its published files box (read independently of the readers)."""
+    vindr = pd.read_csv(root / "vindr_cxr" / "annotations" / "annotations_train.csv").dropna(subset=["x_min"])
+    rsna = pd.read_csv(root / "rsna_pneumonia" / "stage_2_train_labels.csv")
+    return {"vindr": set(vindr["image_id"]), "rsna": set(rsna.loc[rsna["Target"] == 1, "patientId"])}
+
+
+def test_localisation_boxes_of_a_pooled_run_are_nih_test_boxes_only(box_demo):
+    dm = CXRDataModule(DataSpec.from_options(sources=sources(box_demo), image_size=64, num_workers=0,
+                                             val_fraction=0.15))
+    test = dm.split_table("test")
+    boxed = _published_boxed_names(box_demo)
+    # The trap: the box sources have boxed images in the test split, which the pooled table holds.
+    other = test[test["source"].isin(boxed)]
+    assert any(other.loc[other["source"] == s, "Image Index"].isin(boxed[s]).any() for s in boxed)
+    assert set(dm.bbox_table["Image Index"]) & set(other["Image Index"])
+    assert dm.localization_sources == ["nih"]
+    scored = dm.localization_boxes(test)
+    nih_boxes = nih.read_bbox_table(box_demo / nih.BBOX_TABLE)
+    nih_test = set(test.loc[test["source"] == "nih", "Image Index"])
+    expected = nih_boxes[nih_boxes["Image Index"].isin(nih_test)]
+    assert len(scored) == len(expected) > 0
+    assert sorted(map(tuple, scored[["Image Index", "Finding Label", "x", "y", "w", "h"]].to_numpy())) == sorted(
+        map(tuple, expected[["Image Index", "Finding Label", "x", "y", "w", "h"]].to_numpy()))
+
+
+def test_localisation_boxes_without_an_nih_source_carry_their_dicoms_size(box_demo):
+    import pydicom
+
+    dm = CXRDataModule(DataSpec.from_options(
+        sources={"vindr": {"source": "vindr_cxr", "root": str(box_demo / "vindr_cxr")}}, image_size=64,
+        num_workers=0, val_fraction=0.15))
+    assert dm.localization_sources == ["vindr"]
+    test = dm.split_table("test")
+    scored = dm.localization_boxes(test)
+    assert len(scored) and set(scored["Image Index"]) <= set(test["Image Index"])
+    path_of = test.set_index("Image Index")["path"]
+    for name, width, height in scored[["Image Index", "OriginalImage Width", "OriginalImage Height"]].to_numpy():
+        header = pydicom.dcmread(path_of[name], stop_before_pixels=True)
+        assert (width, height) == (header.Columns, header.Rows)
+
+
+@pytest.mark.slow
+def test_explain_of_a_pooled_run_scores_the_nih_test_boxes_only(box_demo, tmp_path):
+    from cxr_lightning.tasks.explain import explain
+    from cxr_lightning.tasks.train import train
+
+    base = [o for o in tiny_overrides(box_demo, tmp_path) if not o.startswith(("data=", "data.root="))]
+    srcs = ", ".join(f"{n}: {{source: {s['source']}, root: {s['root']}}}" for n, s in sources(box_demo).items())
+    train(compose_config(base + ["data=pooled", f"data.sources={{{srcs}}}", "test_after_fit=false",
+                                 "data.val_fraction=0.15", "callbacks.cam_grid=null"]))
+    out = tmp_path / "explain"
+    metrics = explain(compose_config([f"run_dir={tmp_path}", "split=test", "n=2", f"output_dir={out}"],
+                                     config_name="explain"))
+    dm = CXRDataModule(DataSpec.from_options(sources=sources(box_demo), image_size=64, num_workers=0,
+                                             val_fraction=0.15))
+    test = dm.split_table("test")
+    nih_boxes = nih.read_bbox_table(box_demo / nih.BBOX_TABLE)
+    expected = nih_boxes[nih_boxes["Image Index"].isin(set(test.loc[test["source"] == "nih", "Image Index"]))]
+    boxed = _published_boxed_names(box_demo)
+    assert test[test["source"].isin(boxed)]["Image Index"].isin(set().union(*boxed.values())).any()
+    assert metrics["localization.sources"] == "nih"
+    assert metrics["localization.n_boxes"] == len(expected) > 0
+    assert metrics["localization.n_images"] == expected["Image Index"].nunique()
+    assert metrics["localization.n_pairs"] == len(expected.drop_duplicates(["Image Index", "Finding Label"]))
+    scores = pd.read_csv(out / "localization.csv", index_col="finding")
+    assert scores.loc["All", "n_boxes"] == len(expected)
+    assert json.loads((out / "metrics.json").read_text())["localization.sources"] == "nih"
