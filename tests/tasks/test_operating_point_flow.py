@@ -34,9 +34,8 @@ def run_evaluate(*overrides: str):
 
 
 def run_predict(model_file: Path, image: Path, output: Path) -> pd.DataFrame:
-    cfg = compose_config(
-        [f"ckpt_path={model_file}", f"input={image}", f"output={output}", "raw_probabilities=true"], config_name="predict"
-    )
+    overrides = [f"ckpt_path={model_file}", f"input={image}", f"output={output}", "raw_probabilities=true"]
+    cfg = compose_config(overrides, config_name="predict")
     return predict(cfg).predictions
 
 
@@ -65,6 +64,7 @@ def test_evaluate_keeps_the_runs_operating_point_unless_asked(fitted, tmp_path, 
     for name in labels:  # the figures are computed at this evaluation's thresholds
         assert second.per_class.at[name, "threshold"] == pytest.approx(own["thresholds"][name])
     assert second.metrics["run_files_kept"] and not second.metrics["written_to_run"]
+    assert "the checkpoint keeps the thresholds" in (tmp_path / "youden" / "report.md").read_text()
 
     replaced = run_evaluate(f"run_dir={run_dir}", "threshold_method=youden", "write_to_run=true")
     assert replaced.written_to_run and replaced.output_dir == run.evaluation.root
