@@ -79,6 +79,15 @@ class Calibration:
                 out[:, j] = np.interp(p[:, j], par["x"], par["y"])
         return out
 
+    def over(self, names: Sequence[str]) -> Calibration:
+        """The same maps for ``names`` in that order: a label fitted here keeps its map, any other is
+        unfitted (identity). Selects the scored labels of an external source, or widens a fit over
+        those labels to the whole checkpoint."""
+        names = [str(n) for n in names]
+        params = {n: dict(self.params[n]) for n in names if self.params.get(n)}
+        unfitted = [n for n in names if n not in params]
+        return Calibration(self.method, names, params, self.n_images, unfitted)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON files and export metadata."""
         return {

@@ -13,9 +13,8 @@
 - :class:`AtomicCheckpointIO` writes every checkpoint Lightning saves to a temporary file beside it
   and renames it into place, and refuses to write a model whose weights are no longer finite.
 - :func:`resolve_checkpoint` turns ``ckpt_path=`` / ``run_dir=`` into a file.
-- Thresholds and the probability calibration fitted by evaluate live beside their checkpoint
-  (``<stem>.thresholds.json``, ``<stem>.calibration.json``) with the checkpoint's sha256, so a
-  retrained checkpoint never inherits stale ones.
+- The thresholds and calibration evaluate writes beside a checkpoint, or into a bundle, are
+  :mod:`cxr_lightning.operating_point`'s.
 """
 from __future__ import annotations
 
@@ -25,26 +24,21 @@ import logging
 import os
 import pickle
 import re
-import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from cxr_lightning import schema
-from cxr_lightning.calibration import Calibration
 from cxr_lightning.errors import CheckpointError, ConfigError, TrainingError
-from cxr_lightning.files import atomic_path, file_digest, write_json
+from cxr_lightning.files import atomic_path
 from cxr_lightning.models.module import CXRClassifier
-from cxr_lightning.run_dir import RunDir, calibration_path, thresholds_path
+from cxr_lightning.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-# The decision threshold of a label without one chosen on the validation split.
-DEFAULT_THRESHOLD = 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,134 +444,3 @@ def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
         for name, value in state_dict.items()
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
     ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Thresholds beside the checkpoint (written by evaluate, read by predict)
-def save_thresholds(
-    ckpt_path: str | os.PathLike,
-    label_names: Sequence[str],
-    thresholds: Sequence[float],
-    method: str,
-    n_images: int,
-    fallback: Sequence[str] = (),
-    calibrated: bool = False,
-) -> Path:
-    """Write the per-label thresholds with the checkpoint's fingerprint; ``calibrated`` says they
-    apply to calibrated probabilities (the calibration file beside them)."""
-    ckpt = Path(ckpt_path)
-    return write_json(
-        thresholds_path(ckpt),
-        {
-            "thresholds": {name: float(t) for name, t in zip(label_names, thresholds)},
-            "method": method,
-            "chosen_on": "val",
-            "scale": "calibrated" if calibrated else "raw",
-            "n_images": int(n_images),
-            "fallback_labels": list(fallback),
-            **_fingerprint(ckpt),
-        },
-    )
-
-
-def load_thresholds(ckpt_path: str | os.PathLike, label_names: Sequence[str]) -> tuple[np.ndarray, Path | None]:
-    """The thresholds ``evaluate`` saved for this checkpoint, in ``label_names`` order, and their file.
-
-    A bundle carries the thresholds of the checkpoint it was made from; a thresholds file beside it
-    (evaluate run on the bundle itself) takes precedence. Without either every label gets
-    :data:`DEFAULT_THRESHOLD` (with a warning) and the file is ``None``; a file written for another
-    checkpoint, or for other labels, is a :class:`CheckpointError`.
-    """
-    ckpt, path = Path(ckpt_path), thresholds_path(ckpt_path)
-    if not path.is_file() and is_bundle(ckpt) and read_bundle_metadata(ckpt).get("thresholds"):
-        saved = read_bundle_metadata(ckpt)["thresholds"]
-        return _in_order(saved["thresholds"], label_names, ckpt), ckpt
-    if not path.is_file():
-        warnings.warn(
-            f"No thresholds file {path}: calling findings at probability >= {DEFAULT_THRESHOLD} for every label. "
-            f"Run `python -m cxr_lightning.evaluate ckpt_path={ckpt}` to choose them on the validation split.",
-            stacklevel=2,
-        )
-        return np.full(len(label_names), DEFAULT_THRESHOLD), None
-    return _in_order(_read_thresholds_file(path, ckpt)["thresholds"], label_names, path), path
-
-
-def matching_thresholds(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The thresholds file's content when it was written for this very checkpoint, else None."""
-    path = thresholds_path(ckpt_path)
-    if not path.is_file():
-        return None
-    try:
-        return _read_thresholds_file(path, Path(ckpt_path))
-    except CheckpointError:
-        return None
-
-
-def _read_thresholds_file(path: Path, ckpt: Path) -> dict[str, Any]:
-    saved = _read_sidecar(path, ckpt, "Thresholds")
-    saved["thresholds"] = schema.thresholds(saved.get("thresholds"), schema.Checker(f"Thresholds file {path}"))
-    return saved
-
-
-def _in_order(by_label: Mapping[str, float], label_names: Sequence[str], source: Path) -> np.ndarray:
-    missing = [n for n in label_names if n not in by_label]
-    if missing:
-        raise CheckpointError(f"Thresholds in {source} have no threshold for {missing}; rerun evaluate.")
-    return np.array([float(by_label[n]) for n in label_names])
-
-
-# --------------------------------------------------------------------------------------------------
-# Calibration beside the checkpoint (fitted by evaluate; applied by predict, explain and export)
-def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> Path:
-    """Write the fitted calibration with the checkpoint's fingerprint."""
-    ckpt = Path(ckpt_path)
-    return write_json(calibration_path(ckpt), {**calibration.to_dict(), **_fingerprint(ckpt)})
-
-
-def load_calibration(
-    ckpt_path: str | os.PathLike, label_names: Sequence[str],
-) -> tuple[Calibration | None, Path | None]:
-    """The calibration ``evaluate`` fitted for this checkpoint and its file.
-
-    Without a file: ``(None, None)`` and a warning that probabilities stay raw. A file written for
-    another checkpoint, or for other labels, is a :class:`CheckpointError`.
-    """
-    ckpt, path = Path(ckpt_path), calibration_path(ckpt_path)
-    if not path.is_file() and is_bundle(ckpt) and read_bundle_metadata(ckpt).get("calibration"):
-        # A bundle carries the calibration of the checkpoint it was made from.
-        return Calibration.from_dict(read_bundle_metadata(ckpt)["calibration"], f"bundle {ckpt}"), ckpt
-    if not path.is_file():
-        warnings.warn(
-            f"No calibration file {path}: probabilities are the model's raw outputs, which the class-weighted "
-            f"losses push up. Run `python -m cxr_lightning.evaluate ckpt_path={ckpt}` to fit a calibration "
-            "on the validation split.",
-            stacklevel=2,
-        )
-        return None, None
-    check = schema.Checker(f"Calibration file {path}")
-    saved = schema.calibration_data(_read_sidecar(path, ckpt, "Calibration"), check)
-    calibration = Calibration.from_dict(saved, f"Calibration file {path}")
-    if calibration.label_names != list(label_names):
-        raise CheckpointError(
-            f"Calibration file {path} is for labels {calibration.label_names}, the checkpoint predicts "
-            f"{list(label_names)}; rerun evaluate."
-        )
-    return calibration, path
-
-
-def _fingerprint(ckpt: Path) -> dict[str, Any]:
-    return {"checkpoint": ckpt.name, "checkpoint_sha256": file_digest(ckpt), "checkpoint_size": ckpt.stat().st_size}
-
-
-def _read_sidecar(path: Path, ckpt: Path, kind: str) -> dict[str, Any]:
-    """A JSON file kept beside ``ckpt``, refused unless it is plain data (:mod:`cxr_lightning.schema`)
-    written for exactly this checkpoint."""
-    check = schema.Checker(f"{kind} file {path}")
-    saved = schema.mapping(schema.read_json(path, check, allow_nan=False), check, "")
-    size, digest = schema.fingerprint(saved, check)
-    if size != ckpt.stat().st_size or digest != file_digest(ckpt):
-        raise CheckpointError(
-            f"{kind} file {path} was computed for a different checkpoint than {ckpt} (sha256 {digest[:12]}…); "
-            f"rerun `python -m cxr_lightning.evaluate ckpt_path={ckpt}` or delete the file."
-        )
-    return saved

@@ -8,8 +8,11 @@ A training run directory (``outputs/<task>/<time>/``)::
     history.csv                 one row per epoch (callbacks.EpochHistory)
     checkpoints/last.ckpt       and the monitored checkpoints; resume=auto starts from last.ckpt
     checkpoints/<stem>.thresholds.json, <stem>.calibration.json
-                                chosen / fitted by evaluate beside their checkpoint
-    evaluation/                 evaluate run_dir=RUN (an :class:`EvaluationDir`)
+                                the run's operating point, chosen / fitted by its first evaluate
+                                (or one with write_to_run=true) beside their checkpoint; a bundle's
+                                are <name>.thresholds.json (best.safetensors.thresholds.json)
+    evaluation/                 the run's evaluation (an :class:`EvaluationDir`): evaluate run_dir=RUN
+                                the first time, or with write_to_run=true; later ones write their own folder
     explain/                    explain run_dir=RUN (an :class:`ExplainDir`)
     report.html                 the browser page over evaluation/ and explain/
     error.txt                   the exception of a failed sweep job
@@ -50,6 +53,8 @@ SUBGROUPS = "subgroups.csv"
 UNDERDIAGNOSIS = "underdiagnosis.csv"
 PREDICTIONS = "predictions.csv"  # also predict's default output name
 FIGURES = {"roc": "roc.png", "pr": "pr.png", "reliability": "reliability.png"}
+EVALUATION_THRESHOLDS = "thresholds.json"
+EVALUATION_CALIBRATION = "calibration.json"
 # In the explain directory
 OVERLAYS = "overlays"
 TENSORBOARD = "tensorboard"
@@ -62,20 +67,26 @@ LABEL_EFFICIENCY_FIGURE = "label_efficiency.png"
 PROBE_PER_LABEL = "probe_per_label.csv"  # one row per (fraction, label)
 PROBE_PREDICTIONS = "probe_predictions.csv"  # test probabilities of the largest fraction's probe
 # Beside a checkpoint
+CHECKPOINT_SUFFIX = ".ckpt"
 THRESHOLDS_SUFFIX = ".thresholds.json"
 CALIBRATION_SUFFIX = ".calibration.json"
 
 
-def thresholds_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.thresholds.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + THRESHOLDS_SUFFIX)
+def thresholds_path(model_file: str | os.PathLike) -> Path:
+    """``<stem>.thresholds.json`` beside a checkpoint, ``<name>.thresholds.json`` beside a bundle."""
+    return _sidecar(model_file, THRESHOLDS_SUFFIX)
 
 
-def calibration_path(ckpt_path: str | os.PathLike) -> Path:
-    """``<checkpoint dir>/<checkpoint stem>.calibration.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.with_name(ckpt.stem + CALIBRATION_SUFFIX)
+def calibration_path(model_file: str | os.PathLike) -> Path:
+    """``<stem>.calibration.json`` beside a checkpoint, ``<name>.calibration.json`` beside a bundle."""
+    return _sidecar(model_file, CALIBRATION_SUFFIX)
+
+
+def _sidecar(model_file: str | os.PathLike, suffix: str) -> Path:
+    # A bundle exported beside its checkpoint shares its stem; naming the bundle's sidecars after its
+    # whole name keeps the two files' thresholds apart.
+    path = Path(model_file)
+    return path.with_name((path.stem if path.suffix == CHECKPOINT_SUFFIX else path.name) + suffix)
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,16 @@ class EvaluationDir(_OutputDir):
     def report_html(self) -> Path:
         """The page beside report.md when the evaluation is not a run's own."""
         return self.root / REPORT_HTML
+
+    @property
+    def thresholds(self) -> Path:
+        """This evaluation's thresholds, in the sidecar format (the run's own are beside its checkpoint)."""
+        return self.root / EVALUATION_THRESHOLDS
+
+    @property
+    def calibration(self) -> Path:
+        """This evaluation's calibration, in the sidecar format."""
+        return self.root / EVALUATION_CALIBRATION
 
     def figure(self, name: str) -> Path:
         """``roc``, ``pr`` or ``reliability``."""

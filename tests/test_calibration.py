@@ -10,9 +10,10 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from cxr_lightning.calibration import Calibration, fit_calibration
-from cxr_lightning.checkpoints import calibration_path, load_calibration, save_calibration
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation.statistics import expected_calibration_error
+from cxr_lightning.operating_point import load_calibration, save_calibration
+from cxr_lightning.run_dir import calibration_path
 
 NAMES = ["Nodule", "Effusion", "Mass"]
 

@@ -254,6 +254,9 @@ def _threshold_line(summary: Mapping[str, Any]) -> str:
     if summary.get("external") and not summary.get("n_images_val"):
         return f"- Thresholds: {summary['threshold_source']}: `{summary['thresholds_file']}`"
     saved = f", saved to `{summary['thresholds_file']}`" if summary.get("thresholds_file") else " (not saved)"
+    if summary.get("run_files_kept"):
+        saved += (" (this evaluation's own: the checkpoint keeps the thresholds and calibration predict applies, "
+                  "and `write_to_run=true` replaces them with these)")
     return (
         f"- Thresholds: chosen per label on the **val** split ({summary['n_images_val']} images of "
         f"{summary['n_patients_val']} patients) by `{summary['threshold_method']}`{saved}"

@@ -37,15 +37,7 @@ from omegaconf import DictConfig
 from cxr_lightning import files, inference
 from cxr_lightning.calibration import METHODS as CALIBRATION_METHODS
 from cxr_lightning.calibration import Calibration, fit_calibration
-from cxr_lightning.checkpoints import (
-    DEFAULT_THRESHOLD,
-    load_calibration,
-    load_model,
-    load_thresholds,
-    resolve_checkpoint,
-    save_calibration,
-    save_thresholds,
-)
+from cxr_lightning.checkpoints import load_model, resolve_checkpoint
 from cxr_lightning.data import nih
 from cxr_lightning.data.label_spaces import COMPETITION
 from cxr_lightning.data.nih import PATIENT
@@ -63,6 +55,15 @@ from cxr_lightning.evaluation.statistics import (
     underdiagnosis,
 )
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.operating_point import (
+    DEFAULT_THRESHOLD,
+    OperatingPoint,
+    calibration_record,
+    load_operating_point,
+    save_calibration,
+    save_thresholds,
+    thresholds_record,
+)
 from cxr_lightning.run_dir import EvaluationDir, RunDir, calibration_path, thresholds_path
 from cxr_lightning.tasks.build import datamodule_for, external_source
 
@@ -77,7 +78,12 @@ SUBGROUP_COLUMNS = {"sex": nih.SEX, "age": nih.AGE, "view": nih.VIEW}
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate` wrote, and the tables behind it."""
+    """What :func:`evaluate` wrote, and the tables behind it.
+
+    ``thresholds_file`` / ``calibration_file`` hold the operating point the figures were computed
+    at: the run's own beside the checkpoint when this evaluation wrote them there (or carried
+    them over), else this evaluation's copies in ``output_dir``. ``written_to_run`` says whether
+    the checkpoint's thresholds and calibration (and the run's ``evaluation/``) are this one's."""
 
     output_dir: Path
     metrics: dict[str, Any]
@@ -86,16 +92,119 @@ class Evaluation:
     thresholds_file: Path | None
     calibration_file: Path | None
     underdiagnosis: pd.DataFrame
+    written_to_run: bool = False
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """The checkpoint, its model and the data it is scored on."""
+
+    ckpt: Path
+    model: CXRClassifier
+    dm: Any
+    external: str | None
+    refit: bool
+    split: str
+    device: str
+    scored: list[str]  # the checkpoint's labels this data scores, in its order
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.model.hparams.label_names)
+
+    @property
+    def columns(self) -> list[int]:
+        return [self.labels.index(n) for n in self.scored]
+
+    @property
+    def own_val(self) -> bool:
+        """Whether the operating point is chosen here, on a val split (else carried over)."""
+        return self.external is None or self.refit
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where the evaluation goes, and whether it becomes the run's operating point."""
+
+    out: Path
+    to_run: bool
+    kept: list[Path]  # the run's files this evaluation leaves as they are
+
+
+@dataclass
+class _OperatingPoint:
+    """The calibration and thresholds the figures are computed at, over the scored labels."""
+
+    calibration: Calibration | None
+    thresholds: np.ndarray
+    method: str
+    source: str
+    fallback: list[str]
+    n_val: int = 0
+    n_patients_val: int = 0
+    carried: OperatingPoint | None = None  # read from the checkpoint's files (external, no refit)
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """The evaluated split: its table, labels, raw and calibrated probabilities."""
+
+    table: pd.DataFrame
+    y: np.ndarray
+    raw: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def patients(self) -> np.ndarray:
+        return self.table[PATIENT].to_numpy()
+
+
+@dataclass(frozen=True)
+class _Tables:
+    per_class: pd.DataFrame
+    subgroups: pd.DataFrame
+    underdiagnosis: pd.DataFrame
+    per_source: dict[str, Any]
+    competition: dict[str, Any]
+    ece: pd.Series
+    ece_raw: pd.Series
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Score the checkpoint named by ``cfg`` on ``cfg.split`` and write the report files."""
     _check_settings(cfg)
+    subject = _open(cfg)
+    placement = _placement(cfg, subject)
+    point = _operating_point(cfg, subject)
+    scores = _score(subject, point)
+    tables = _tables(cfg, subject, scores, point)
+    written = EvaluationDir(placement.out)
+    own = _write_own_operating_point(written, subject, point)
+    run_files = _write_to_run(subject, point) if placement.to_run else {}
+    applied = run_files or own
+    if point.carried is not None:
+        applied = {"thresholds": point.carried.thresholds_file, "calibration": point.carried.calibration_file}
+    summary = _summary(cfg, subject, scores, point, tables, applied, placement)
+    _write_report(written, subject, scores, tables, summary)
+    page = _render_page(cfg, placement.out)
+    _log_outcome(written, scores, tables, placement, page)
+    return Evaluation(
+        placement.out,
+        summary["metrics"],
+        tables.per_class,
+        tables.subgroups,
+        applied.get("thresholds"),
+        applied.get("calibration"),
+        tables.underdiagnosis,
+        placement.to_run,
+    )
+
+
+def _open(cfg: DictConfig) -> _Subject:
+    """The checkpoint, its model, and a data module with only the splits this job reads."""
     split = SPLIT_ALIASES.get(cfg.split, cfg.split)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg.get("run_dir"))
-    out = _output_dir(cfg)
     model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False)))
-    labels = list(model.hparams.label_names)
     external = external_source(model, cfg.get("data"))
     refit = bool(cfg.get("refit_thresholds", False))
     if refit and external is None:
@@ -103,147 +212,260 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                           "data the thresholds are always chosen on its val split.")
     if split != "test" and (external is None or refit):
         log.warning("Evaluating on the %s split: thresholds are chosen on val, so val numbers are optimistic.", split)
-    # Only what this job reads must be on disk: the split, and val where thresholds are chosen on it.
     needed = (split, "val") if external is None or refit else (split,)
     dm = datamodule_for(model, cfg.get("data"), cache_dir=_cache_dir(cfg), splits=tuple(dict.fromkeys(needed)))
     device = inference.default_device() if cfg.device == "auto" else cfg.device
-    log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
-
+    labels = list(model.hparams.label_names)
     # An external source scores only the labels it maps to; the rest are unavailable, not guessed.
-    unavailable = list(dm.tables.unavailable_labels)
-    scored = [n for n in labels if n not in unavailable]
+    scored = [n for n in labels if n not in set(dm.tables.unavailable_labels)]
     if not scored:
         raise ConfigError(f"data={external}: none of the checkpoint's labels {labels} has a counterpart in {external}.")
-    columns = [labels.index(n) for n in scored]
-    label_cols = [f"label:{n}" for n in scored]
-    raw_full, table = predict_split(model, dm, split, device)
-    raw_probs = raw_full[:, columns]
-    y = table[label_cols].to_numpy(dtype=float)
-    patients = table[PATIENT].to_numpy()
+    log.info("Evaluating %s on the %s split of %s (%s)", ckpt, split, dm.root, device)
+    return _Subject(ckpt, model, dm, external, refit, split, str(device), scored)
 
-    method = cfg.threshold_method
-    if external is None or refit:
-        raw_val_full, val_table = predict_split(model, dm, "val", device)
-        raw_val_probs = raw_val_full[:, columns]
-        y_val = val_table[label_cols].to_numpy(dtype=float)
-        if external is None:
-            calibration, calibration_file = _calibrate(ckpt, y_val, raw_val_probs, scored, cfg.calibration_method)
-        else:  # refitted on the external val split: never written over the source's files
-            calibration = None if cfg.calibration_method == "none" else fit_calibration(
-                y_val, raw_val_probs, cfg.calibration_method, scored
-            )
-            calibration_file = None
-        val_probs = calibration.apply(raw_val_probs) if calibration else raw_val_probs
-        probs = calibration.apply(raw_probs) if calibration else raw_probs
-        with warnings.catch_warnings():
-            # Labels without val positives/negatives are listed in the report instead.
-            warnings.filterwarnings("ignore", message="choose_thresholds: labels")
-            thresholds = choose_thresholds(y_val, val_probs, method, DEFAULT_THRESHOLD, scored)
-        fallback = [n for n, ok in zip(scored, _both_classes(y_val)) if not ok]
-        if fallback:
-            log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
-        n_val, n_patients_val = len(val_table), int(val_table[PATIENT].nunique())
-        if external is None:
-            thresholds_file = save_thresholds(
-                ckpt, labels, thresholds, method, n_images=len(y_val), fallback=fallback,
-                calibrated=calibration is not None,
-            )
-            threshold_source = f"chosen on the val split by {method}"
-        else:
-            thresholds_file = None
-            threshold_source = f"refitted on the {external} val split by {method} (refit_thresholds=true)"
-    else:
-        # Calibration and thresholds chosen on the checkpoint's own val split: how they transfer is the point.
-        calibration, calibration_file = load_calibration(ckpt, labels)
-        probs = (calibration.apply(raw_full) if calibration else raw_full)[:, columns]
-        thresholds, thresholds_file = _source_thresholds(ckpt, labels)
-        thresholds = thresholds[columns]
-        fallback, n_val, n_patients_val = [], 0, 0
-        threshold_source = "carried over from the checkpoint's own val split"
 
-    boot = {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": scored}
-    auroc = bootstrap_ci(y, probs, patients, "auroc", **boot)
-    auprc = bootstrap_ci(y, probs, patients, "auprc", **boot)
-    operating = operating_point_metrics(y, probs, thresholds, scored)
+def _placement(cfg: DictConfig, subject: _Subject) -> _Placement:
+    """The output folder, and whether the checkpoint's thresholds and calibration (and the run's
+    ``evaluation/`` and report.html, with ``run_dir=``) become this evaluation's.
+
+    They do on the first evaluation (there is nothing to replace) or with ``write_to_run=true``.
+    Otherwise the run keeps its own, this evaluation goes to its own folder, and a line says so:
+    choosing other thresholds never changes what predict calls a finding without being asked."""
+    write = cfg.get("write_to_run")
+    if write is not None and not isinstance(write, bool):
+        raise ConfigError(f"write_to_run={write!r}: expected true, false or null (the default: first evaluation only).")
+    run = RunDir(cfg.run_dir) if cfg.get("run_dir") else None
+    existing = [p for p in (thresholds_path(subject.ckpt), calibration_path(subject.ckpt)) if p.is_file()]
+    if run is not None and run.evaluation.metrics.is_file():
+        existing.append(run.evaluation.root)
+    if subject.external is not None:
+        if write:
+            raise ConfigError(
+                f"write_to_run=true with data={subject.external}: the run's thresholds and calibration are chosen on "
+                "its own val split; an external evaluation never replaces them. Drop write_to_run."
+            )
+        return _Placement(_job_output_dir(cfg), to_run=False, kept=[])
+    to_run = (not existing) if write is None else bool(write)
+    if to_run and run is not None and not cfg.get("output_dir"):
+        return _Placement(run.evaluation.root, to_run=True, kept=[])
+    return _Placement(_job_output_dir(cfg), to_run=to_run, kept=[] if to_run else existing)
+
+
+def _operating_point(cfg: DictConfig, subject: _Subject) -> _OperatingPoint:
+    """Calibration and thresholds chosen on the val split, or the checkpoint's own carried over to
+    an external source (how they transfer is the point)."""
+    if not subject.own_val:
+        carried = load_operating_point(subject.ckpt, subject.labels, warn_defaults=False)
+        if carried.thresholds_file is None:
+            raise CheckpointError(
+                f"No thresholds chosen on the checkpoint's own val split ({thresholds_path(subject.ckpt)} is absent). "
+                "Evaluate it on its own data first (python -m cxr_lightning.evaluate ckpt_path=... without data=), "
+                "which saves them, or pass refit_thresholds=true to choose them on this source's val split."
+            )
+        calibration = carried.calibration
+        if calibration is not None:
+            calibration = calibration.over(subject.scored)
+        return _OperatingPoint(calibration, carried.thresholds[subject.columns], str(carried.method),
+                               "carried over from the checkpoint's own val split", [], carried=carried)
+    raw_val, val_table = predict_split(subject.model, subject.dm, "val", subject.device)
+    raw_val = raw_val[:, subject.columns]
+    y_val = val_table[[f"label:{n}" for n in subject.scored]].to_numpy(dtype=float)
+    method = cfg.calibration_method
+    calibration = None if method == "none" else fit_calibration(y_val, raw_val, method, subject.scored)
+    val_probs = calibration.apply(raw_val) if calibration else raw_val
+    with warnings.catch_warnings():
+        # Labels without val positives/negatives are listed in the report instead.
+        warnings.filterwarnings("ignore", message="choose_thresholds: labels")
+        thresholds = choose_thresholds(y_val, val_probs, cfg.threshold_method, DEFAULT_THRESHOLD, subject.scored)
+    fallback = [n for n, ok in zip(subject.scored, _both_classes(y_val)) if not ok]
+    if fallback:
+        log.warning("No val positives or negatives for %s: threshold %.1f", ", ".join(fallback), DEFAULT_THRESHOLD)
+    source = (f"chosen on the val split by {cfg.threshold_method}" if subject.external is None else
+              f"refitted on the {subject.external} val split by {cfg.threshold_method} (refit_thresholds=true)")
+    return _OperatingPoint(calibration, np.asarray(thresholds, dtype=float), str(cfg.threshold_method), source,
+                           fallback, len(val_table), int(val_table[PATIENT].nunique()))
+
+
+def _score(subject: _Subject, point: _OperatingPoint) -> _Scores:
+    raw, table = predict_split(subject.model, subject.dm, subject.split, subject.device)
+    raw = raw[:, subject.columns]
+    y = table[[f"label:{n}" for n in subject.scored]].to_numpy(dtype=float)
+    return _Scores(table, y, raw, point.calibration.apply(raw) if point.calibration else raw)
+
+
+def _tables(cfg: DictConfig, subject: _Subject, scores: _Scores, point: _OperatingPoint) -> _Tables:
+    """Every figure of the report: per label, per subgroup, the underdiagnosis audit, per source."""
+    y, probs, scored = scores.y, scores.probs, subject.scored
+    boot = _boot(cfg, scored)
+    auroc = bootstrap_ci(y, probs, scores.patients, "auroc", **boot)
+    auprc = bootstrap_ci(y, probs, scores.patients, "auprc", **boot)
+    operating = operating_point_metrics(y, probs, point.thresholds, scored)
     bins = int(cfg.calibration_bins)
     ece = pd.Series(expected_calibration_error(y, probs, bins), index=scored)
-    ece_raw = pd.Series(expected_calibration_error(y, raw_probs, bins), index=scored)
-    per_class = _per_class_table(auroc, auprc, operating, ece, ece_raw)
-    subgroups = _subgroup_table(table, y, probs, scored, cfg, boot)
-    audit = _underdiagnosis_table(table, y, probs, thresholds, scored, cfg, boot)
-    per_source = _per_source(dm, table, y, probs, scored, cfg) if dm.spec.pooled else {}
-    headline = _competition(dm, y, probs, patients, scored, boot)
+    ece_raw = pd.Series(expected_calibration_error(y, scores.raw, bins), index=scored)
+    return _Tables(
+        per_class=_per_class_table(auroc, auprc, operating, ece, ece_raw),
+        subgroups=_subgroup_table(scores.table, y, probs, scored, cfg, boot),
+        underdiagnosis=_underdiagnosis_table(scores.table, y, probs, point.thresholds, scored, cfg, boot),
+        per_source=_per_source(subject.dm, scores.table, y, probs, scored, cfg) if subject.dm.spec.pooled else {},
+        competition=_competition(subject.dm, y, probs, scores.patients, scored, boot),
+        ece=ece,
+        ece_raw=ece_raw,
+    )
 
-    config = config_summary(model)
+
+def _boot(cfg: DictConfig, labels: list[str]) -> dict[str, Any]:
+    return {"n_boot": int(cfg.n_boot), "alpha": float(cfg.alpha), "seed": int(cfg.seed), "label_names": labels}
+
+
+def _write_own_operating_point(written: EvaluationDir, subject: _Subject, point: _OperatingPoint) -> dict[str, Path]:
+    """This evaluation's thresholds and calibration in its own folder, in the sidecar format (a
+    user can put them beside the checkpoint by hand, or rerun with ``write_to_run=true``)."""
+    written.root.mkdir(parents=True, exist_ok=True)
+    for stale in (written.thresholds, written.calibration):
+        stale.unlink(missing_ok=True)
+    if point.carried is not None:
+        return {}
+    record = thresholds_record(subject.ckpt, subject.scored, point.thresholds, point.method, point.n_val,
+                               point.fallback, point.calibration)
+    own = {"thresholds": files.write_json(written.thresholds, record)}
+    if point.calibration is not None:
+        own["calibration"] = files.write_json(written.calibration, calibration_record(subject.ckpt, point.calibration))
+    return own
+
+
+def _write_to_run(subject: _Subject, point: _OperatingPoint) -> dict[str, Path]:
+    """The checkpoint's thresholds and calibration replaced by this evaluation's; with
+    ``calibration_method=none`` the calibration file goes, so predict reports raw probabilities."""
+    # Predict calls every label of the checkpoint: one the data scores none of keeps the default.
+    labels = subject.labels
+    chosen = dict(zip(subject.scored, point.thresholds))
+    thresholds = [chosen.get(n, DEFAULT_THRESHOLD) for n in labels]
+    fallback = [n for n in labels if n in point.fallback or n not in chosen]
+    calibration = point.calibration.over(labels) if point.calibration is not None else None
+    run_files = {"thresholds": save_thresholds(subject.ckpt, labels, thresholds, point.method, point.n_val,
+                                               fallback, calibration)}
+    if calibration is not None:
+        run_files["calibration"] = save_calibration(subject.ckpt, calibration)
+    elif calibration_path(subject.ckpt).is_file():
+        calibration_path(subject.ckpt).unlink()
+        log.info("calibration_method=none: removed %s, so predict reports raw probabilities", calibration_path(
+            subject.ckpt))
+    return run_files
+
+
+def _summary(
+    cfg: DictConfig,
+    subject: _Subject,
+    scores: _Scores,
+    point: _OperatingPoint,
+    tables: _Tables,
+    applied: dict[str, Path],
+    placement: _Placement,
+) -> dict[str, Any]:
+    """What report.md and model_card.md say of the job, and (``metrics``) all metrics.json holds."""
+    dm, table, calibration = subject.dm, scores.table, point.calibration
+    config = config_summary(subject.model)
+    thresholds_file, calibration_file = applied.get("thresholds"), applied.get("calibration")
     summary = {
-        "checkpoint": str(ckpt),
-        "checkpoint_sha256": files.file_digest(ckpt),
+        "checkpoint": str(subject.ckpt),
+        "checkpoint_sha256": files.file_digest(subject.ckpt),
         "data_source": dm.source,
         "trained_on": config["data_source"],
-        "external": external is not None,
+        "external": subject.external is not None,
         "data_root": str(dm.root),
         "label_table": dm.label_table_name,
-        "split": split,
+        "split": subject.split,
         "n_images": len(table),
         "n_patients": int(table[PATIENT].nunique()),
-        "n_images_val": n_val,
-        "n_patients_val": n_patients_val,
+        "n_images_val": point.n_val,
+        "n_patients_val": point.n_patients_val,
         "uncertain": dm.uncertain,
         "label_space": dm.tables.label_space,
-        "scored_labels": scored,
-        "per_source": per_source,
-        "competition": headline,
-        "unavailable_labels": unavailable,
+        "scored_labels": subject.scored,
+        "per_source": tables.per_source,
+        "competition": tables.competition,
+        "unavailable_labels": list(dm.tables.unavailable_labels),
         "left_out": dict(dm.tables.left_out),
-        "threshold_method": method,
-        "threshold_source": threshold_source,
+        "threshold_method": point.method,
+        "threshold_source": point.source,
         "thresholds_file": str(thresholds_file) if thresholds_file else None,
-        "fallback_threshold_labels": fallback,
-        "undefined_labels": [n for n in scored if np.isnan(auroc.at[n, "estimate"])],
+        "written_to_run": placement.to_run,
+        "run_files_kept": [str(p) for p in placement.kept],
+        "fallback_threshold_labels": point.fallback,
+        "undefined_labels": [n for n in subject.scored if np.isnan(tables.per_class.at[n, "auroc"])],
         "n_boot": int(cfg.n_boot),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),
         "min_patients": int(cfg.get("min_patients", html.DEFAULT_MIN_PATIENTS)),
-        "calibration_bins": bins,
+        "calibration_bins": int(cfg.calibration_bins),
         "calibration_method": calibration.method if calibration else "none",
         "calibration_file": str(calibration_file) if calibration_file else None,
         "calibration_n_images": calibration.n_images if calibration else 0,
         "calibration_unfitted_labels": calibration.unfitted if calibration else [],
         "calibration": calibration.describe() if calibration else "none (raw model probabilities)",
     }
-    metrics = {**summary, **_flat_metrics(per_class, subgroups), **_flat_underdiagnosis(audit), "config": config}
+    metrics = {
+        **summary,
+        **_flat_metrics(tables.per_class, tables.subgroups),
+        **_flat_underdiagnosis(tables.underdiagnosis),
+        "config": config,
+    }
+    return {**summary, "config": config, "metrics": metrics}
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = EvaluationDir(out)
+
+def _write_report(
+    written: EvaluationDir, subject: _Subject, scores: _Scores, tables: _Tables, summary: dict[str, Any]
+) -> None:
+    """metrics.json, the CSV tables, the figures, report.md and model_card.md."""
+    y, probs, scored, per_class = scores.y, scores.probs, subject.scored, tables.per_class
+    config = summary["config"]
+    report_summary = {k: v for k, v in summary.items() if k not in ("config", "metrics")}
     _write_csv(per_class, written.per_class, index=True)
-    _write_csv(subgroups, written.subgroups, index=False)
-    _write_csv(audit, written.underdiagnosis, index=False)
-    _write_csv(predictions_table(table, y, probs, scored), written.predictions, index=False)
-    files.write_json(written.metrics, metrics)
+    _write_csv(tables.subgroups, written.subgroups, index=False)
+    _write_csv(tables.underdiagnosis, written.underdiagnosis, index=False)
+    _write_csv(predictions_table(scores.table, y, probs, scored), written.predictions, index=False)
+    files.write_json(written.metrics, summary["metrics"])
     per_label = per_class.drop(index="mean")
+    bins = int(report_summary["calibration_bins"])
+    calibrated = report_summary["calibration_method"] != "none"
     figures = {
         "roc": report.roc_figure(y, probs, scored, per_label["auroc"].to_numpy()),
         "pr": report.pr_figure(y, probs, scored, per_label["auprc"].to_numpy()),
         "reliability": report.reliability_figure(
-            y, probs, scored, ece.to_numpy(), bins, raw=(raw_probs, ece_raw.to_numpy()) if calibration else None
+            y, probs, scored, tables.ece.to_numpy(), bins,
+            raw=(scores.raw, tables.ece_raw.to_numpy()) if calibrated else None,
         ),
     }
     for name, fig in figures.items():
         report.save_figure(fig, written.figure(name))
-    files.write_text(written.report_md, report.render_report(summary, config, per_class, subgroups, audit))
+    audit = tables.underdiagnosis
+    files.write_text(written.report_md,
+                     report.render_report(report_summary, config, per_class, tables.subgroups, audit))
     files.write_text(
         written.model_card,
-        report.render_model_card(summary, config, data_table(dm, scored), per_class, subgroups, audit),
+        report.render_model_card(report_summary, config, data_table(subject.dm, scored), per_class,
+                                 tables.subgroups, audit),
     )
-    page = _render_page(cfg, out)
+
+
+def _log_outcome(
+    written: EvaluationDir, scores: _Scores, tables: _Tables, placement: _Placement, page: Path
+) -> None:
     log.info(
         "Mean AUROC %s on %d images; report: %s (in a browser: %s)",
-        report.interval(*per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
-        len(table),
+        report.interval(*tables.per_class.loc["mean", ["auroc", "auroc_lower", "auroc_upper"]]),
+        len(scores.table),
         written.report_md,
         page,
     )
-    return Evaluation(out, metrics, per_class, subgroups, thresholds_file, calibration_file, audit)
+    if placement.kept:
+        log.warning(
+            "Kept the run's own thresholds, calibration and evaluation (%s): predict goes on using them. This "
+            "evaluation's are in %s; write_to_run=true replaces the run's with them and rebuilds its report.html.",
+            ", ".join(str(p) for p in placement.kept),
+            written.root,
+        )
 
 
 def _per_source(dm, table: pd.DataFrame, y: np.ndarray, probs: np.ndarray, scored: list[str], cfg: DictConfig) -> dict:
@@ -293,20 +515,6 @@ def _render_page(cfg: DictConfig, out: Path) -> Path:
     return html.render_report(out)
 
 
-def _calibrate(
-    ckpt: Path, y_val: np.ndarray, raw_val_probs: np.ndarray, labels: list[str], method: str
-) -> tuple[Calibration | None, Path | None]:
-    """Fit and save the calibration on val; ``none`` removes a stale file so predict stays raw."""
-    if method == "none":
-        stale = calibration_path(ckpt)
-        if stale.is_file():
-            stale.unlink()
-            log.info("calibration_method=none: removed %s, so predict reports raw probabilities", stale)
-        return None, None
-    calibration = fit_calibration(y_val, raw_val_probs, method, labels)
-    return calibration, save_calibration(ckpt, calibration)
-
-
 def config_summary(model: CXRClassifier) -> dict[str, Any]:
     """The training settings a reader of the report needs, from the checkpoint's hyperparameters."""
     hp = model.hparams
@@ -331,18 +539,6 @@ def config_summary(model: CXRClassifier) -> dict[str, Any]:
     }
 
 
-def _source_thresholds(ckpt: Path, labels: list[str]) -> tuple[np.ndarray, Path]:
-    """The thresholds chosen on the checkpoint's own val split; an external score never guesses them."""
-    if not thresholds_path(ckpt).is_file():
-        raise CheckpointError(
-            f"No thresholds chosen on the checkpoint's own val split ({thresholds_path(ckpt)} is absent). Evaluate it "
-            "on its own data first (python -m cxr_lightning.evaluate ckpt_path=... without data=), which saves them, "
-            "or pass refit_thresholds=true to choose them on this source's val split."
-        )
-    thresholds, path = load_thresholds(ckpt, labels)
-    return np.asarray(thresholds, dtype=float), path
-
-
 def _check_settings(cfg: DictConfig) -> None:
     split = SPLIT_ALIASES.get(cfg.split, cfg.split)
     if cfg.threshold_method not in THRESHOLD_METHODS:
@@ -362,13 +558,15 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"min_patients={min_patients!r}: must be a whole number of patients >= 0 (30 by default).")
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir") or cfg.get("run_dir"):
-        return Path(cfg.output_dir) if cfg.get("output_dir") else RunDir(cfg.run_dir).evaluation.root
+def _job_output_dir(cfg: DictConfig) -> Path:
+    """``output_dir=``, else this command's own Hydra run directory (outputs/evaluate/<time>)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
     try:
-        return Path(cfg.paths.output_dir)  # Hydra's run directory
+        return Path(cfg.paths.output_dir)
     except Exception:  # composed outside a Hydra run: ${hydra:...} cannot resolve
-        raise ConfigError("Pass output_dir=DIR (or run_dir=DIR) for the evaluation outputs.") from None
+        raise ConfigError("Pass output_dir=DIR for the evaluation outputs (a run's files are kept as they are: "
+                          "write_to_run=true replaces them).") from None
 
 
 def _cache_dir(cfg: DictConfig) -> str | None:

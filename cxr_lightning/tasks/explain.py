@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import load_calibration, load_model, resolve_checkpoint
+from cxr_lightning.checkpoints import load_model, resolve_checkpoint
 from cxr_lightning.data import nih
 from cxr_lightning.data.datamodule import CXRDataModule
 from cxr_lightning.data.nih import ORIGINAL_SIZE
@@ -60,6 +60,7 @@ from cxr_lightning.explain.sets import GRID_TAG, image_set_cams, result_grid
 from cxr_lightning.inference import default_device
 from cxr_lightning.inputs import read_demographics_csv
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.operating_point import load_calibration
 from cxr_lightning.run_dir import ExplainDir, RunDir
 from cxr_lightning.schema import safe_file_stem
 from cxr_lightning.tasks.build import datamodule_for

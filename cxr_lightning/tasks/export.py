@@ -40,19 +40,10 @@ import torch
 from omegaconf import DictConfig
 
 from cxr_lightning import files, inference
-from cxr_lightning.checkpoints import (
-    BUNDLE_SUFFIX,
-    is_bundle,
-    load_calibration,
-    load_model,
-    load_thresholds,
-    matching_thresholds,
-    read_bundle_metadata,
-    resolve_checkpoint,
-    save_bundle,
-)
+from cxr_lightning.checkpoints import BUNDLE_SUFFIX, is_bundle, load_model, resolve_checkpoint, save_bundle
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.operating_point import OperatingPoint, fingerprint, load_operating_point
 from cxr_lightning.tasks.build import datamodule_for
 
 log = logging.getLogger(__name__)
@@ -90,7 +81,8 @@ def export(cfg: DictConfig) -> ExportResult:
         raise ConfigError(f"{ckpt} is a bundle already; export it to format=onnx or torchscript.")
     output = Path(cfg.output) if cfg.get("output") else ckpt.with_name(ckpt.stem + SUFFIXES[fmt])
     model = load_model(ckpt, trust=bool(cfg.get("trust_checkpoint", False))).float().eval()
-    metadata = export_metadata(model, ckpt)
+    point = load_operating_point(ckpt, list(model.hparams.label_names))
+    metadata = export_metadata(model, ckpt, point)
 
     check, described = parity_inputs(model, how, n, int(cfg.seed), cfg.get("data"))
     with torch.no_grad():
@@ -100,10 +92,7 @@ def export(cfg: DictConfig) -> ExportResult:
         model.float()
     with files.atomic_path(output) as tmp:
         if fmt == "bundle":
-            extra = {"source_checkpoint": metadata["checkpoint"], "source_sha256": metadata["checkpoint_sha256"]}
-            extra["thresholds"] = _thresholds_of(ckpt)
-            # The thresholds are on the calibrated scale when evaluate calibrated: both travel.
-            extra["calibration"] = json.loads(metadata["calibration"]) if metadata["calibration"] != "none" else None
+            extra = _bundle_extra(ckpt, point)
             save_bundle(model, tmp, extra)
             with torch.no_grad():
                 actual = load_model(tmp)(*check).numpy()
@@ -221,12 +210,16 @@ def _first_rows(model: CXRClassifier, dm: Any, n: int) -> tuple[torch.Tensor, to
     return torch.cat(images), torch.cat(meta)
 
 
-def _thresholds_of(ckpt: Path) -> dict[str, Any] | None:
-    """The thresholds evaluate chose for ``ckpt`` (its matching file, or a bundle's own), else None."""
-    saved = matching_thresholds(ckpt)
-    if saved is None and is_bundle(ckpt):
-        return read_bundle_metadata(ckpt).get("thresholds")
-    return saved
+def _bundle_extra(ckpt: Path, point: OperatingPoint) -> dict[str, Any]:
+    """What a bundle carries besides the model: where it came from, and the checkpoint's thresholds
+    with the calibration they were chosen on (named by the checkpoint's sha256, the thresholds
+    naming the calibration by its own), so a bundle predicts as its checkpoint does wherever it lies."""
+    thresholds, calibration = point.records()
+    source = fingerprint(ckpt)
+    if calibration is not None:
+        calibration = {**calibration, **source}
+    return {"source_checkpoint": source["checkpoint"], "source_sha256": source["checkpoint_sha256"],
+            "thresholds": thresholds, "calibration": calibration}
 
 
 def _record_parity(fmt: str, path: Path, metadata: dict[str, str], extra: dict | None, model: CXRClassifier) -> None:
@@ -243,13 +236,16 @@ def _record_parity(fmt: str, path: Path, metadata: dict[str, str], extra: dict |
         save_bundle(model, path, {**extra, "parity": json.loads(metadata["parity"])})
 
 
-def export_metadata(model: CXRClassifier, ckpt: str | os.PathLike) -> dict[str, str]:
+def export_metadata(
+    model: CXRClassifier, ckpt: str | os.PathLike, point: OperatingPoint | None = None
+) -> dict[str, str]:
     """What a deployment needs to feed the exported graph and read its output, as strings (ONNX
-    metadata_props are); ``calibration`` is ``"none"`` when evaluate has not fitted one."""
+    metadata_props are); ``calibration`` is ``"none"`` when the thresholds apply to raw probabilities
+    or evaluate has not fitted one."""
     hp = model.hparams
     labels = list(hp.label_names)
-    calibration, _ = load_calibration(ckpt, labels)
-    thresholds, thresholds_file = load_thresholds(ckpt, labels)
+    point = point or load_operating_point(ckpt, labels)
+    calibration, thresholds, thresholds_file = point.calibration, point.thresholds, point.thresholds_file
     return {
         "label_names": json.dumps(list(hp.label_names)),
         # nih14 for checkpoints from before label spaces (their labels are NIH's).

@@ -33,8 +33,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 
 from cxr_lightning import inference
-from cxr_lightning.calibration import Calibration
-from cxr_lightning.checkpoints import load_calibration, load_model, load_thresholds, resolve_checkpoint
+from cxr_lightning.checkpoints import load_model, resolve_checkpoint
 from cxr_lightning.data import images
 from cxr_lightning.errors import ConfigError
 from cxr_lightning.files import write_csv
@@ -47,6 +46,7 @@ from cxr_lightning.inputs import (
     relative_key,
 )
 from cxr_lightning.models.module import CXRClassifier
+from cxr_lightning.operating_point import OperatingPoint, load_operating_point
 from cxr_lightning.run_dir import PREDICTIONS
 from cxr_lightning.schema import safe_file_stem
 
@@ -84,8 +84,7 @@ def predict(cfg: DictConfig) -> PredictionRun:
     if cfg.cam and model.backbone is None:
         raise ConfigError("cam=true: this checkpoint's head (metadata_only) has no image branch to explain.")
     labels = list(model.hparams.label_names)
-    thresholds, thresholds_file = load_thresholds(ckpt, labels)
-    calibration, _ = load_calibration(ckpt, labels)  # the thresholds are on its scale
+    point = load_operating_point(ckpt, labels)  # the thresholds with the calibration they were chosen on
 
     root, files = collect_inputs(cfg.input)
     keys = [relative_key(f, root) for f in files]
@@ -121,11 +120,12 @@ def predict(cfg: DictConfig) -> PredictionRun:
                 model, batch["input"][on], batch["meta"][on], batch["image"][on].cpu(), names, cfg, cam_dir
             )
 
-    predictions = _prediction_table(rows, labels, thresholds, kept, calibration, bool(cfg.raw_probabilities))
+    predictions = _prediction_table(rows, labels, point, kept, bool(cfg.raw_probabilities))
     write_csv(predictions, output, index=False)
     log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
     return PredictionRun(
-        predictions, dict(sorted(failures.items())), output, thresholds_file, cam_files, dict(sorted(scaling.items()))
+        predictions, dict(sorted(failures.items())), output, point.thresholds_file, cam_files,
+        dict(sorted(scaling.items())),
     )
 
 
@@ -135,18 +135,18 @@ def predict(cfg: DictConfig) -> PredictionRun:
 def _prediction_table(
     rows: list[pd.DataFrame],
     labels: list[str],
-    thresholds: np.ndarray,
+    point: OperatingPoint,
     demographics: pd.DataFrame,
-    calibration: Calibration | None,
     with_raw: bool,
 ) -> pd.DataFrame:
-    """``file``, one (calibrated) probability column per label, ``findings``, the demographics, and
-    ``raw:<label>`` columns of the model's own outputs when asked for."""
+    """``file``, one probability column per label on the thresholds' scale (calibrated when they were
+    chosen on a calibration), ``findings``, the demographics, and ``raw:<label>`` columns of the
+    model's own outputs when asked for."""
     raw = pd.concat(rows) if rows else pd.DataFrame(columns=labels, dtype=float)
     probs = raw
-    if calibration is not None and len(raw):
-        probs = pd.DataFrame(calibration.apply(raw.to_numpy()), index=raw.index, columns=raw.columns)
-    positive = probs.to_numpy() >= thresholds
+    if len(raw):
+        probs = pd.DataFrame(point.probabilities(raw.to_numpy()), index=raw.index, columns=raw.columns)
+    positive = probs.to_numpy() >= point.thresholds
     findings = ["|".join(np.asarray(labels)[row]) for row in positive]
     used = demographics.reindex(probs.index)
     return pd.concat(

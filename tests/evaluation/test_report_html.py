@@ -381,7 +381,7 @@ def test_evaluate_then_explain_render_the_run_page(tiny_demo: Path, tmp_path: Pa
     assert 'id="model-card"' in before and "fnr." not in before
 
     # predictions.csv holds the split's labels and the model's calibrated probabilities, computed again here
-    from cxr_lightning.checkpoints import load_calibration
+    from cxr_lightning.operating_point import load_calibration
 
     model = load_model(ckpt)
     raw, table = predict_split(model, datamodule_for(model, {"num_workers": 0}), "test")

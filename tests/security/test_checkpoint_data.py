@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import compose_config
 
-from cxr_lightning import checkpoints
+from cxr_lightning import checkpoints, operating_point, run_dir
 from cxr_lightning.errors import CheckpointError
 from security.hostile import assert_one_error_line, edited_checkpoint
 
@@ -144,8 +144,9 @@ def evaluated(trained_run, tmp_path_factory):
     labels = checkpoints.checkpoint_hparams(ckpt)["label_names"]
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, (40, len(labels))), rng.random((40, len(labels)))
-    checkpoints.save_thresholds(ckpt, labels, [0.4] * len(labels), "f1", 40)
-    checkpoints.save_calibration(ckpt, fit_calibration(y, p, "platt", labels))
+    calibration = fit_calibration(y, p, "platt", labels)
+    operating_point.save_calibration(ckpt, calibration)
+    operating_point.save_thresholds(ckpt, labels, [0.4] * len(labels), "f1", 40, calibration=calibration)
     return ckpt, labels
 
 
@@ -157,11 +158,11 @@ def test_a_hostile_sidecar_is_one_error(attack, kind, evaluated, tmp_path):
     source, labels = evaluated
     ckpt = tmp_path / source.name
     shutil.copy(source, ckpt)
-    path = {"thresholds": checkpoints.thresholds_path, "calibration": checkpoints.calibration_path}[kind](ckpt)
-    sidecar = {"thresholds": checkpoints.thresholds_path, "calibration": checkpoints.calibration_path}[kind]
+    sidecar = {"thresholds": run_dir.thresholds_path, "calibration": run_dir.calibration_path}[kind]
+    path = sidecar(ckpt)
     genuine = sidecar(source).read_text()
     path.write_text(SIDECARS[attack](genuine))
-    read = {"thresholds": checkpoints.load_thresholds, "calibration": checkpoints.load_calibration}[kind]
+    read = {"thresholds": operating_point.load_operating_point, "calibration": operating_point.load_calibration}[kind]
     with pytest.raises(CheckpointError) as info:
         read(ckpt, labels)
     assert "\n" not in str(info.value) and str(path) in str(info.value)

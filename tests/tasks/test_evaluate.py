@@ -14,16 +14,11 @@ from helpers import compose_config, fit_tiny
 from torchmetrics.functional.classification import binary_auroc
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import (
-    calibration_path,
-    load_calibration,
-    load_model,
-    load_thresholds,
-    save_thresholds,
-    thresholds_path,
-)
+from cxr_lightning.checkpoints import load_model
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.evaluation.statistics import expected_calibration_error
+from cxr_lightning.operating_point import load_calibration, load_operating_point, save_thresholds
+from cxr_lightning.run_dir import calibration_path, thresholds_path
 from cxr_lightning.tasks.build import datamodule_for
 from cxr_lightning.tasks.evaluate import evaluate, predict_split
 
@@ -202,21 +197,21 @@ def test_load_thresholds_rejects_another_checkpoint_and_falls_back_without_file(
     shutil.copy(ckpt, copy)
     labels = load_model(copy).hparams.label_names
     with pytest.warns(UserWarning, match="No thresholds file"):
-        values, source = load_thresholds(copy, labels)
-    assert source is None and (values == 0.5).all()
+        point = load_operating_point(copy, labels)
+    assert point.thresholds_file is None and (point.thresholds == 0.5).all()
 
     wanted = np.linspace(0.1, 0.9, len(labels))
     save_thresholds(copy, labels, wanted, "youden", n_images=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        values, source = load_thresholds(copy, labels)
-    np.testing.assert_allclose(values, wanted)
-    assert source == tmp_path / "model.thresholds.json"
+        point = load_operating_point(copy, labels)
+    np.testing.assert_allclose(point.thresholds, wanted)
+    assert point.thresholds_file == tmp_path / "model.thresholds.json"
 
     with open(copy, "ab") as fh:  # the checkpoint changes (retrained) after evaluate
         fh.write(b"\0")
     with pytest.raises(CheckpointError, match="different checkpoint"):
-        load_thresholds(copy, labels)
+        load_operating_point(copy, labels)
 
 
 def test_bad_settings_fail_before_any_work(fitted):

@@ -11,8 +11,10 @@ import torch
 from helpers import compose_config, fit_tiny
 
 from cxr_lightning.calibration import Calibration
-from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration
+from cxr_lightning.checkpoints import load_model
 from cxr_lightning.errors import CheckpointError, ConfigError
+from cxr_lightning.operating_point import save_calibration
+from cxr_lightning.run_dir import calibration_path
 from cxr_lightning.tasks import export as export_module
 from cxr_lightning.tasks.export import export, read_onnx_metadata, read_torchscript_metadata
 
@@ -124,7 +126,8 @@ def test_exported_files_say_how_they_were_checked(ckpt, tmp_path):
 
 
 def test_a_bundle_predicts_what_its_checkpoint_predicts_and_carries_its_thresholds(ckpt, tiny_demo, tmp_path):
-    from cxr_lightning.checkpoints import read_bundle_metadata, save_thresholds
+    from cxr_lightning.checkpoints import read_bundle_metadata
+    from cxr_lightning.operating_point import save_thresholds
     from cxr_lightning.tasks.predict import predict
 
     copy = tmp_path / "model.ckpt"

@@ -14,10 +14,10 @@ from fixtures.make_external import nih_as_chexpert
 from helpers import compose_config, tiny_overrides
 
 from cxr_lightning import files
-from cxr_lightning.checkpoints import thresholds_path
 from cxr_lightning.data.sources.chexpert import HARMONISATION
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.labels import ALL_LABELS
+from cxr_lightning.run_dir import thresholds_path
 from cxr_lightning.tasks.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -108,7 +108,12 @@ def test_refit_thresholds_on_the_external_val_split_leaves_the_source_file(both,
             "evaluate",
         )
     )
-    assert refit.thresholds_file is None and "refitted" in refit.metrics["threshold_source"]
+    assert "refitted" in refit.metrics["threshold_source"] and not refit.written_to_run
+    # the refitted thresholds are this evaluation's, in its own folder; the checkpoint's stay
+    assert refit.thresholds_file == tmp_path / "thresholds.json"
+    own = json.loads(refit.thresholds_file.read_text())["thresholds"]
+    for name in refit.metrics["scored_labels"]:
+        assert refit.per_class.at[name, "threshold"] == pytest.approx(own[name]), name
     assert files.file_digest(thresholds_path(ckpt)) == before
 
 

@@ -14,9 +14,11 @@ from helpers import REPO, compose_config, fit_tiny, write_dicom
 from PIL import Image
 
 from cxr_lightning.calibration import Calibration
-from cxr_lightning.checkpoints import calibration_path, load_model, save_calibration, save_thresholds
+from cxr_lightning.checkpoints import load_model
 from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.errors import DataError
+from cxr_lightning.operating_point import save_calibration, save_thresholds
+from cxr_lightning.run_dir import calibration_path
 from cxr_lightning.tasks.build import datamodule_for
 from cxr_lightning.tasks.evaluate import predict_split
 from cxr_lightning.tasks.predict import predict
@@ -187,7 +189,7 @@ def test_probability_columns_are_calibrated_and_raw_ones_come_on_request(fitted,
     thresholds = expected - 1e-6  # every label called, on the calibrated scale
     try:
         save_calibration(ckpt, calibration)
-        save_thresholds(ckpt, labels, thresholds, "f1", n_images=10, calibrated=True)
+        save_thresholds(ckpt, labels, thresholds, "f1", n_images=10, calibration=calibration)
         run = run_predict(ckpt, tmp_path / "x.png", tmp_path / "cal.csv", "raw_probabilities=true")
     finally:
         calibration_path(ckpt).unlink()
