@@ -107,18 +107,10 @@ def calibration_record(model_file: str | os.PathLike, calibration: Calibration) 
     return {**calibration.to_dict(), **fingerprint(model_file)}
 
 
-def save_thresholds(
-    ckpt_path: str | os.PathLike,
-    label_names: Sequence[str],
-    thresholds: Sequence[float],
-    method: str,
-    n_images: int,
-    fallback: Sequence[str] = (),
-    calibration: Calibration | None = None,
-) -> Path:
-    """Write the thresholds sidecar beside ``ckpt_path`` (see :func:`thresholds_record`)."""
-    record = thresholds_record(ckpt_path, label_names, thresholds, method, n_images, fallback, calibration)
-    return write_json(thresholds_path(ckpt_path), record)
+def save_thresholds(ckpt_path: str | os.PathLike, *choice: Any, **options: Any) -> Path:
+    """Write the thresholds sidecar beside ``ckpt_path``: ``choice`` and ``options`` are
+    :func:`thresholds_record`'s (labels, thresholds, method, n_images; fallback, calibration)."""
+    return write_json(thresholds_path(ckpt_path), thresholds_record(ckpt_path, *choice, **options))
 
 
 def save_calibration(ckpt_path: str | os.PathLike, calibration: Calibration) -> Path:

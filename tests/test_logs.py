@@ -68,3 +68,27 @@ def test_a_short_loop_stays_silent(monkeypatch, caplog):
         bar.advance(10)
         bar.done()
     assert not caplog.records
+
+
+def test_the_frameworks_own_warnings_become_log_lines_of_their_module(caplog):
+    import warnings
+    from pathlib import Path
+
+    import cxr_lightning
+    from cxr_lightning.cli import log_own_warnings
+
+    own = str(Path(cxr_lightning.__file__).parent / "tasks" / "predict.py")
+    shown_by_python = []
+    with warnings.catch_warnings():  # restores Python's showwarning afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, *rest: shown_by_python.append(
+            (str(message), filename, lineno)
+        )
+        log_own_warnings()
+        log_own_warnings()  # once only: a second call does not wrap the first
+        with caplog.at_level(logging.WARNING):
+            warnings.warn_explicit("no demographics file", UserWarning, own, 94)
+            warnings.warn_explicit("a library's own", UserWarning, "/elsewhere/lib.py", 3)
+    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert records == [("cxr_lightning.tasks.predict", "WARNING", "no demographics file")]
+    assert shown_by_python == [("a library's own", "/elsewhere/lib.py", 3)]

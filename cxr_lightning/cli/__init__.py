@@ -85,12 +85,36 @@ def quiet_known_warnings() -> None:
     )
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def log_own_warnings() -> None:
+    """The framework's own warnings (a missing thresholds file, no demographics, labels left raw)
+    become WARNING lines of the module's logger: one readable line on the console and in the job's
+    log file, instead of Python's ``path:line: UserWarning: ...`` on stderr alone. Other libraries'
+    warnings keep Python's format."""
+    shown = warnings.showwarning
+    if getattr(shown, "routes_own_warnings", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        try:
+            relative = Path(filename).resolve().relative_to(_PACKAGE_DIR)
+        except (ValueError, OSError):
+            return shown(message, category, filename, lineno, file, line)
+        logging.getLogger(".".join((_PACKAGE_DIR.name, *relative.with_suffix("").parts))).warning("%s", message)
+
+    show.routes_own_warnings = True
+    warnings.showwarning = show
+
+
 def run_task(task: Callable[[Any], Any], *args: Any) -> Any:
     """Call ``task(*args)`` with the exit-status contract above."""
     from omegaconf.errors import OmegaConfBaseException
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     quiet_known_warnings()
+    log_own_warnings()
     try:
         return task(*args)
     except SIGTERMException:

@@ -166,6 +166,10 @@ def _read_run(root: Path, run_dir: Path, by: Sequence[str]) -> dict[str, Any]:
                 log.warning("ignoring unreadable %s: %s", job_metrics, exc)
     numeric = {k: _number(v) for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith(AUROC_PREFIX)}
     per_source = metrics.get("per_source") if isinstance(metrics.get("per_source"), dict) else {}
+    if not per_source and metrics.get("evaluation.split") == "test" and not metrics.get("evaluation.external"):
+        # trained with test_after_fit=false, then evaluated: the same per-source test figures
+        evaluated = metrics.get("evaluation.per_source")
+        per_source = evaluated if isinstance(evaluated, dict) else {}
     numeric |= {f"{SOURCE_PREFIX}{name}": _number(v.get("auroc_mean")) for name, v in per_source.items()
                 if isinstance(v, dict)}
     selection = metrics.get("selection") or {"metric": "val/loss"}  # runs before selection.metric chose by loss

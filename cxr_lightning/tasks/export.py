@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from cxr_lightning import files, inference
 from cxr_lightning.checkpoints import BUNDLE_SUFFIX, is_bundle, load_model, resolve_checkpoint, save_bundle
+from cxr_lightning.data.cohort import new_patient_metadata
 from cxr_lightning.errors import CheckpointError, ConfigError
 from cxr_lightning.models.module import CXRClassifier
 from cxr_lightning.operating_point import OperatingPoint, fingerprint, load_operating_point
@@ -162,15 +164,34 @@ def parity_inputs(
     trained = dict((model.hparams.get("config") or {}).get("data") or {})
     layout = (bool(trained.get("prior_labels", True)), bool(trained.get("drop_no_finding", False)))
     pixels, meta, labels, meta_names = _demo_rows(int(model.hparams.image_size), n, seed, *layout)
+    rows = "their metadata rows"
     if labels != list(model.hparams.label_names) or meta_names != list(model.hparams.meta_names):
-        raise CheckpointError(
-            "The demo's labels or metadata layout differ from the checkpoint's; pass check_inputs=data."
-        )
+        # Another label space (a pooled or CheXpert-trained checkpoint): the demo's pixels, with metadata
+        # built as predict builds a new patient's, in the checkpoint's own layout.
+        meta = torch.from_numpy(_new_patient_rows(model, len(pixels), seed))
+        rows = "generated demographics (no prior visit) in the checkpoint's metadata layout"
     image = model.preprocess(pixels)
     return (image, meta.clone()), (
-        f"{len(image)} generated demo X-rays (seed {seed}) with their metadata rows, "
-        "through the model's preprocessing"
+        f"{len(image)} generated demo X-rays (seed {seed}) with {rows}, through the model's preprocessing"
     )
+
+
+def _new_patient_rows(model: CXRClassifier, n: int, seed: int) -> np.ndarray:
+    """``n`` metadata rows of varied ages, sexes and views (one of each unknown), encoded for ``model``."""
+
+    rng = np.random.default_rng(seed)
+    demographics = pd.DataFrame(
+        {
+            "age": rng.integers(18, 90, n).astype(float),
+            "sex": [("M", "F", None)[i % 3] for i in range(n)],
+            "view": [("PA", "AP", None)[i % 3] for i in range(n)],
+        },
+        index=[f"demo-{i}" for i in range(n)],
+    )
+    demographics.loc[demographics.index[-1], "age"] = np.nan
+    age_fill = model.hparams.get("age_fill")
+    age_fill = float(50.0 if age_fill is None else age_fill)
+    return new_patient_metadata(demographics, list(model.hparams.meta_names), age_fill)
 
 
 @functools.lru_cache(maxsize=4)

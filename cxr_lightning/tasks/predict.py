@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 RAW_PREFIX = "raw:"
 # The exit status when some input files could not be predicted (the CSV holds the others).
 EXIT_SOME_FAILED = 1
+# The exit status when none could be (nothing is written): the commands' error status.
+EXIT_NONE_PREDICTED = 2
 
 
 @dataclass
@@ -121,8 +123,9 @@ def predict(cfg: DictConfig) -> PredictionRun:
             )
 
     predictions = _prediction_table(rows, labels, point, kept, bool(cfg.raw_probabilities))
-    write_csv(predictions, output, index=False)
-    log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
+    if len(predictions) or not failures:
+        write_csv(predictions, output, index=False)
+        log.info("Predicted %d of %d file(s): %s", len(predictions), len(files), output)
     return PredictionRun(
         predictions, dict(sorted(failures.items())), output, point.thresholds_file, cam_files,
         dict(sorted(scaling.items())),
@@ -192,12 +195,17 @@ def _save_cams(
 
 def report_failures(run: PredictionRun) -> None:
     """List every failed file on stderr, one line each, and exit with :data:`EXIT_SOME_FAILED` if there
-    was any (the CSV of the others is already written)."""
+    was any (the CSV of the others is already written), or :data:`EXIT_NONE_PREDICTED` with one
+    ``error:`` line when no file could be predicted (and no CSV was written)."""
     if not run.failures:
         return
     print(f"{len(run.failures)} file(s) could not be predicted:", file=sys.stderr)
     for file, reason in run.failures.items():
         print(f"failed: {file}: {' '.join(str(reason).split())}", file=sys.stderr)
+    if run.predictions.empty:
+        print(f"error: none of the {len(run.failures)} file(s) could be predicted (reasons above); {run.output} was "
+              "not written.", file=sys.stderr)
+        raise SystemExit(EXIT_NONE_PREDICTED)
     print(f"The other {len(run.predictions)} file(s) are in {run.output}.", file=sys.stderr)
     raise SystemExit(EXIT_SOME_FAILED)
 

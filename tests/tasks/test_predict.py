@@ -225,6 +225,19 @@ def test_corrupt_and_lateral_files_are_named_others_predicted_exit_status_one(fi
     written = pd.read_csv(output)
     assert sorted(Path(f).name for f in written["file"]) == ["good1.png", "good2.png"]
 
+    # every file refused: nothing written, one error line, the error status
+    for name in ("good1.png", "good2.png"):
+        (folder / name).unlink()
+    none = tmp_path / "none.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr_lightning.predict", f"ckpt_path={ckpt}", f"input={folder}",
+         f"output={none}", f"hydra.run.dir={tmp_path / 'hydra2'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("error:") == 1 and "none of the 2 file(s) could be predicted" in done.stderr
+    assert "broken.png" in done.stderr and not none.exists() and "Predicted 0" not in done.stdout + done.stderr
+
 
 def test_cam_overlays_for_the_top_labels_of_every_image(fitted, gray, tmp_path):
     _, ckpt = fitted
