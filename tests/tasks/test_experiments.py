@@ -106,7 +106,7 @@ def test_demo_comparison_fits_every_backbone_at_one_small_size():
 
 
 RECIPES = {"plain": ("random", 0.0), "undersample_no_finding": ("undersample_no_finding", 0.0),
-           "balanced": ("balanced", 0.0), "box_guided": ("random", 1.0)}
+           "balanced": ("balanced", 0.0), "box_guided": ("random", 0.3)}
 
 
 @pytest.mark.parametrize("name", ["sampling_study", "sampling_study_demo"])
