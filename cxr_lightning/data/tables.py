@@ -16,8 +16,9 @@ built before any image is read and checked against the tables later.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,9 @@ class SourceTables:
     bbox_table: pd.DataFrame | None = None
     # NIH's boxed-image protocol as applied to this source (boxes.BoxFolds.record()), else None.
     box_protocol: dict | None = None
+    # Every frontal row with its split, before only the needed splits' images are looked for
+    # (``spec.only_splits``): what the cross-source leakage rule is decided on.
+    all_splits: pd.DataFrame | None = None
 
 
 @dataclass
@@ -160,8 +164,7 @@ def build_tables(spec: DataSpec, workers: int = 1) -> SplitTables:
     table = pool(parts, spec.pooled)
     twins_left_out: dict[str, int] = {}
     if sum(k in leakage.NIH_NAMED + leakage.MAPPED for k in kinds.values()) > 1:
-        twins = leakage.nih_twins(table, kinds, mappings, SOURCE)
-        table, twins_left_out = leakage.leave_out_twins(table, twins, kinds, source_col=SOURCE)
+        table, twins_left_out = without_twins(table, parts, kinds, mappings, spec)
     table, age_fill = add_demographics(table, spec, parts)
     tables = split_tables(table, spec)
     names = list(space.labels)
@@ -240,10 +243,10 @@ def source_table(spec: DataSpec, s: SourceSpec, reader: Source, space: LabelSpac
     frontal, left_out = frontal_views(full, s.name, dict(data.left_out))
     split = assign_splits(frontal, reader, spec)
     frontal["split"] = split
+    frontal[SOURCE] = s.name
     table = find_images(frontal, reader, spec, workers)
-    table[SOURCE] = s.name
     return SourceTables(s, table, data.label_table, unavailable, left_out, reader.read_boxes(),
-                        split.attrs.get("box_protocol"))
+                        split.attrs.get("box_protocol"), all_splits=frontal[[nih.IMAGE, nih.PATIENT, "split", SOURCE]])
 
 
 def frontal_views(full: pd.DataFrame, name: str, left_out: dict[str, int]) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -311,6 +314,30 @@ def find_images(table: pd.DataFrame, reader: Source, spec: DataSpec, workers: in
     if spec.verify_images:
         found = _drop_unreadable(found, spec.on_missing, workers, spec.max_pixels)
     return found
+
+
+def without_twins(
+    table: pd.DataFrame,
+    parts: Sequence[SourceTables],
+    kinds: Mapping[str, str],
+    mappings: Mapping[str, Path],
+    spec: DataSpec,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``table`` after the cross-source leakage rule (:func:`leakage.leave_out_twins`), decided on
+    every split's rows even when this job reads only some (evaluate reads test and val): an RSNA
+    test image whose NIH twin trains must leave the test split the same way training saw it go."""
+    if spec.only_splits is None:
+        return leakage.leave_out_twins(table, leakage.nih_twins(table, kinds, mappings, SOURCE), kinds,
+                                       source_col=SOURCE)
+    everything = pool([dataclasses.replace(p, table=p.all_splits) for p in parts], spec.pooled)
+    decided, counts = leakage.leave_out_twins(everything, leakage.nih_twins(everything, kinds, mappings, SOURCE),
+                                              kinds, source_col=SOURCE)
+    split = decided.set_index([SOURCE, nih.IMAGE])["split"]
+    now = split.reindex(pd.MultiIndex.from_frame(table[[SOURCE, nih.IMAGE]])).to_numpy()
+    kept = pd.notna(now) & np.isin(now.astype(str), needed_splits(spec))
+    out = table.loc[kept].assign(split=now[kept])
+    out.attrs.update(table.attrs)
+    return out.reset_index(drop=True), counts
 
 
 def pool(parts: Sequence[SourceTables], pooled: bool) -> pd.DataFrame:

@@ -153,3 +153,21 @@ def test_explain_of_a_pooled_run_scores_the_nih_test_boxes_only(box_demo, tmp_pa
     scores = pd.read_csv(out / "localization.csv", index_col="finding")
     assert scores.loc["All", "n_boxes"] == len(expected)
     assert json.loads((out / "metrics.json").read_text())["localization.sources"] == "nih"
+
+
+def test_a_job_reading_some_splits_sees_the_twins_rule_as_training_did(box_demo):
+    """evaluate reads the test and val splits only: an RSNA test image whose NIH twin trains must
+    still have moved to training, and the left-out counts must be training's."""
+    options = dict(sources=sources(box_demo), image_size=64, num_workers=0, val_fraction=0.15)
+    full = CXRDataModule(DataSpec.from_options(**options))
+    full.setup()
+    moved = full.tables.left_out.get(f"rsna: {leakage.JOINED}", 0)
+    assert moved > 0  # the fixture exercises the rule
+    for only in (("test",), ("test", "val")):
+        some = CXRDataModule(DataSpec.from_options(**options, only_splits=only))
+        some.setup()
+        for split in only:
+            keys = ["source", "Image Index"]
+            assert some.split_table(split)[keys].sort_values(keys).values.tolist() == (
+                full.split_table(split)[keys].sort_values(keys).values.tolist()), (only, split)
+        assert dict(some.tables.left_out) == dict(full.tables.left_out)
