@@ -9,9 +9,10 @@ differentiable: ``cam = relu(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial m
   disease identification and localization with limited supervision") from; Grad-CAM's map exists
   for every backbone and every head that sees the image;
 * it is the map ``explain`` scores (pointing game, IoBB), so training moves what is evaluated;
-* it is cheap: the gradient to ``A`` runs through global pooling and the head only (the CAM layer
-  is the backbone's last), once per round of the batch's boxed pairs (each image's r-th pair in
-  round r), on the boxed images only.
+* it is cheap: the gradient to ``A`` runs through the layers after the CAM layer, global pooling
+  and the head only (nothing when the CAM layer is the backbone's last; the backbone's last stage
+  at ``backbone.cam_stride: 16``, as in ``experiment=box_study_demo``), once per round of the
+  batch's boxed pairs (each image's r-th pair in round r), on the boxed images only.
 
 The attention term of one (image, finding) pair works on the map before Grad-CAM's ReLU, in
 logit units: ``z_ij = sum_k (sum_{i'j'} d logit_c / d A_{k,i'j'}) A_{k,ij}``, which for a linear
