@@ -22,6 +22,7 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
+from cxr_lightning.evaluation.html.page import cell_text
 from cxr_lightning.evaluation.statistics import reliability_curve
 from cxr_lightning.files import atomic_path
 from cxr_lightning.run_dir import FIGURES
@@ -47,11 +48,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3, index: bool = True) -> 
 
 
 def _cell(value: Any, digits: int) -> str:
-    if value is None or (np.isscalar(value) and pd.isna(value)):
-        return "n/a"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}"
-    return md(value)
+    return md(cell_text(value, digits))
 
 
 # What a Markdown viewer would read as HTML (a <script>, an <img onerror>), a link or an image (a

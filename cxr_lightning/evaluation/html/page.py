@@ -88,13 +88,15 @@ def table(frame: pd.DataFrame, digits: int = 3, index: bool = False) -> str:
     shown = frame.reset_index() if index else frame
     head = "".join(f"<th>{esc(c)}</th>" for c in shown.columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(_cell(v, digits))}</td>" for v in row) + "</tr>"
+        "<tr>" + "".join(f"<td>{esc(cell_text(v, digits))}</td>" for v in row) + "</tr>"
         for row in shown.itertuples(index=False)
     )
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
-def _cell(value: Any, digits: int) -> str:
+def cell_text(value: Any, digits: int) -> str:
+    """A table cell's text, in report.html and report.md alike: ``n/a`` for a missing value, floats
+    to ``digits`` places."""
     if value is None or (np.isscalar(value) and pd.isna(value)):
         return "n/a"
     if isinstance(value, (float, np.floating)):
