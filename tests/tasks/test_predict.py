@@ -202,6 +202,15 @@ def test_probability_columns_are_calibrated_and_raw_ones_come_on_request(fitted,
     assert not [c for c in plain.columns if c.startswith("raw:")]
 
 
+def predict_command(ckpt: Path, folder: Path, output: Path, hydra_dir: Path) -> subprocess.CompletedProcess:
+    """``python -m cxr_lightning.predict`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_lightning.predict", f"ckpt_path={ckpt}", f"input={folder}",
+         f"output={output}", f"hydra.run.dir={hydra_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_corrupt_and_lateral_files_are_named_others_predicted_exit_status_one(fitted, gray, tmp_path):
     """The real command line: the summary names each failure, the CSV holds the rest, exit status 1."""
     _, ckpt = fitted
@@ -212,11 +221,7 @@ def test_corrupt_and_lateral_files_are_named_others_predicted_exit_status_one(fi
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
     write_dicom(folder / "side.dcm", gray.astype(np.uint16) * 16, "MONOCHROME2", ViewPosition="LL")
     output = tmp_path / "preds.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "cxr_lightning.predict", f"ckpt_path={ckpt}", f"input={folder}",
-         f"output={output}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    done = predict_command(ckpt, folder, output, tmp_path / "hydra")
     log = done.stdout + done.stderr
     assert done.returncode == 1, log
     assert "2 file(s) could not be predicted" in log
@@ -229,11 +234,7 @@ def test_corrupt_and_lateral_files_are_named_others_predicted_exit_status_one(fi
     for name in ("good1.png", "good2.png"):
         (folder / name).unlink()
     none = tmp_path / "none.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "cxr_lightning.predict", f"ckpt_path={ckpt}", f"input={folder}",
-         f"output={none}", f"hydra.run.dir={tmp_path / 'hydra2'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    done = predict_command(ckpt, folder, none, tmp_path / "hydra2")
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("error:") == 1 and "none of the 2 file(s) could be predicted" in done.stderr
     assert "broken.png" in done.stderr and not none.exists() and "Predicted 0" not in done.stdout + done.stderr
