@@ -326,12 +326,13 @@ def without_twins(
     """``table`` after the cross-source leakage rule (:func:`leakage.leave_out_twins`), decided on
     every split's rows even when this job reads only some (evaluate reads test and val): an RSNA
     test image whose NIH twin trains must leave the test split the same way training saw it go."""
-    if spec.only_splits is None:
-        return leakage.leave_out_twins(table, leakage.nih_twins(table, kinds, mappings, SOURCE), kinds,
+    def decide(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+        return leakage.leave_out_twins(frame, leakage.nih_twins(frame, kinds, mappings, SOURCE), kinds,
                                        source_col=SOURCE)
-    everything = pool([dataclasses.replace(p, table=p.all_splits) for p in parts], spec.pooled)
-    decided, counts = leakage.leave_out_twins(everything, leakage.nih_twins(everything, kinds, mappings, SOURCE),
-                                              kinds, source_col=SOURCE)
+
+    if spec.only_splits is None:
+        return decide(table)
+    decided, counts = decide(pool([dataclasses.replace(p, table=p.all_splits) for p in parts], spec.pooled))
     split = decided.set_index([SOURCE, nih.IMAGE])["split"]
     now = split.reindex(pd.MultiIndex.from_frame(table[[SOURCE, nih.IMAGE]])).to_numpy()
     kept = pd.notna(now) & np.isin(now.astype(str), needed_splits(spec))
